@@ -1,0 +1,222 @@
+"""The `gleaner` command line: the agent, and the tools that talk to it.
+
+Every command prints a readable table by default and one JSON document with
+``--json``. Errors are one line on stderr and a non-zero exit: 2 for bad usage
+or configuration, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from node import __version__, config
+from node.control import ControlError, call
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure to report as one line; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        return _load_config(args).control_socket
+    if args.state_dir:
+        return Path(args.state_dir) / "control.sock"
+    return config.load(None).control_socket
+
+
+def _load_config(args: argparse.Namespace) -> config.Config:
+    try:
+        loaded = config.load(args.config)
+        if getattr(args, "state_dir", None):
+            loaded = loaded.replace(node__state_dir=args.state_dir)
+    except config.ConfigError as exc:
+        raise CliError(f"config error: {exc}", EXIT_USAGE) from None
+    return loaded
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {seconds}s"
+    return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import trio
+
+    from node.agent import run_agent
+    from node.identity import IdentityError
+    from node.state import StateError
+
+    loaded = _load_config(args)
+    logging.basicConfig(
+        level=getattr(logging, loaded["log.level"].upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(run_agent, loaded)
+    except (IdentityError, StateError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"agent failed to start: {exc}") from None
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _rpc(args, "status")
+    if args.json:
+        _print_json(status)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("node id", status["node_id"]),
+        ("name", status["name"] or "-"),
+        ("version", status["version"]),
+        ("swarm", status["swarm_id"]),
+        ("uptime", _format_duration(status["uptime_s"])),
+        ("underlay", ", ".join(status["underlay"]) or status["listen"]),
+        ("overlay", status["overlay_address"]),
+        ("peers", str(status["peer_count"])),
+        ("protocol errors", str(status["protocol_errors"])),
+        ("state", status["state_dir"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+    return 0
+
+
+def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        return call(_socket_path(args), method, params)
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from node import testbed
+
+    try:
+        if args.testbed_command == "up":
+            hosts = testbed.up(args.hosts, root=Path(args.root))
+            if args.json:
+                _print_json(hosts)
+            else:
+                for host in hosts:
+                    print(f"{host['name']}  {host['netns']}  {host['underlay']}  {host['node_id']}")
+        elif args.testbed_command == "down":
+            removed = testbed.down(root=Path(args.root))
+            if args.json:
+                _print_json(removed)
+            else:
+                print(
+                    f"testbed down: stopped {len(removed['stopped'])} agents, "
+                    f"removed {len(removed['namespaces'])} namespaces"
+                )
+        else:
+            status = testbed.status(root=Path(args.root))
+            _print_json(status) if args.json else print(json.dumps(status, indent=2))
+    except testbed.TestbedError as exc:
+        raise CliError(f"testbed: {exc}") from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node import demo
+
+    return demo.run(hosts=args.hosts, root=Path(args.root))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gleaner", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gleaner {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    def add_target(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", help="the agent's config file")
+        command.add_argument("--state-dir", help="the agent's state directory")
+        command.add_argument("--socket", help="the agent's control socket")
+        command.add_argument("--json", action="store_true", help="print JSON")
+
+    agent = add("agent", cmd_agent, "run the agent in the foreground")
+    agent.add_argument("--config", help="TOML config file (defaults for every field)")
+    agent.add_argument("--state-dir", help="override node.state_dir")
+
+    add_target(add("status", cmd_status, "show this node's agent: id, addresses, uptime, peers"))
+
+    from node.testbed import DEFAULT_ROOT
+
+    testbed = add("testbed", cmd_testbed, "a local multi-host swarm in network namespaces")
+    testbed.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="where the testbed keeps its state"
+    )
+    testbed_sub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
+    up = testbed_sub.add_parser("up", help="start N hosts, each with an agent")
+    up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--json", action="store_true")
+    down = testbed_sub.add_parser("down", help="stop every agent and remove every namespace")
+    down.add_argument("--json", action="store_true")
+    show = testbed_sub.add_parser("status", help="the running testbed's hosts")
+    show.add_argument("--json", action="store_true")
+
+    demo = add("demo", cmd_demo, "run the main demo on a local testbed swarm")
+    demo.add_argument("--hosts", type=int, default=3)
+    demo.add_argument("--root", default=str(DEFAULT_ROOT))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"gleaner: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Agent configuration: one TOML file, every field defaulted and validated at start.
+
+Every setting is declared once in ``SETTINGS`` with its section, type, default and
+check. Loading reads the file, refuses unknown sections and keys (a typo must not
+silently fall back to a default), checks each value, and returns a frozen
+``Config``. Any problem raises ``ConfigError`` whose message is one line naming
+the field (``network.listen: …``), which the CLI prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.records import parse_endpoint
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the field and the reason."""
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/gleaner"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "gleaner")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    section: str
+    name: str
+    kind: type
+    default: Callable[[], Any]
+    check: Callable[[Any], str | None] = lambda value: None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _endpoint(allow_port_zero: bool) -> Callable[[Any], str | None]:
+    def check(value: str) -> str | None:
+        probe = value
+        if allow_port_zero and value.endswith(":0"):
+            probe = value[:-2] + ":1"
+        try:
+            parse_endpoint(probe)
+        except ValueError:
+            return f"expected an IP address and port like 198.51.100.1:7946, got {value!r}"
+        return None
+
+    return check
+
+
+def _endpoint_list(value: list[Any]) -> str | None:
+    for item in value:
+        if not isinstance(item, str):
+            return f"expected a list of host:port strings, found {item!r}"
+        problem = _endpoint(False)(item)
+        if problem:
+            return problem
+    return None
+
+
+def _range(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: int) -> str | None:
+        if not low <= value <= high:
+            return f"must be between {low} and {high}, got {value}"
+        return None
+
+    return check
+
+
+def _nonempty(limit: int) -> Callable[[Any], str | None]:
+    def check(value: str) -> str | None:
+        if not value or len(value) > limit:
+            return f"must be 1 to {limit} characters"
+        return None
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("node", "state_dir", str, default_state_dir, _nonempty(4096)),
+    Setting("node", "swarm_id", str, lambda: "gleaner", _nonempty(64)),
+    Setting("node", "name", str, lambda: "", lambda v: None if len(v) <= 64 else "too long"),
+    Setting("network", "listen", str, lambda: "0.0.0.0:7946", _endpoint(True)),
+    Setting("network", "advertise", list, list, _endpoint_list),
+    Setting("network", "bootstrap", list, list, _endpoint_list),
+    Setting("network", "mdns", bool, lambda: True),
+    Setting("network", "wireguard_port", int, lambda: 51820, _range(1, 65535)),
+    Setting("control", "socket", str, lambda: ""),
+    Setting("record", "lifetime_s", int, lambda: 3600, _range(60, 7 * 86400)),
+    Setting("log", "level", str, lambda: "info", _one_of(LOG_LEVELS)),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    values: dict[str, Any]
+    source: str
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["node.state_dir"])
+
+    @property
+    def control_socket(self) -> Path:
+        explicit = self.values["control.socket"]
+        return Path(explicit) if explicit else self.state_dir / "control.sock"
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with some fields set, by dotted key with '.' written as '__'."""
+        values = dict(self.values)
+        for name, value in overrides.items():
+            key = name.replace("__", ".")
+            if key not in values:
+                raise ConfigError(f"{key}: no such setting")
+            values[key] = value
+        return validate(values, self.source)
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a config file; `None` gives all defaults."""
+    if path is None:
+        return validate({}, "defaults")
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return from_document(document, source)
+
+
+def from_document(document: dict[str, Any], source: str) -> Config:
+    known_sections = {s.section for s in SETTINGS}
+    flat: dict[str, Any] = {}
+    for section, table in document.items():
+        if section not in known_sections:
+            raise ConfigError(
+                f"{section}: unknown section (known: {', '.join(sorted(known_sections))})"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table like [{section}]")
+        for name, value in table.items():
+            flat[f"{section}.{name}"] = value
+    return validate(flat, source)
+
+
+def validate(flat: dict[str, Any], source: str) -> Config:
+    by_key = {s.key: s for s in SETTINGS}
+    for key in flat:
+        if key not in by_key:
+            raise ConfigError(f"{key}: unknown setting")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = flat[setting.key] if setting.key in flat else setting.default()
+        if not _has_kind(value, setting.kind):
+            raise ConfigError(
+                f"{setting.key}: expected {_kind_name(setting.kind)}, "
+                f"got {_kind_name(type(value))} "
+                f"{value!r}"
+            )
+        problem = setting.check(value)
+        if problem:
+            raise ConfigError(f"{setting.key}: {problem}")
+        values[setting.key] = value
+    return Config(values, source)
+
+
+def _has_kind(value: Any, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, kind)
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}.get(
+        kind, kind.__name__
+    )

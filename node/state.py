@@ -1,0 +1,127 @@
+"""Durable node state: one SQLite database in WAL mode, versioned by migrations.
+
+What must survive a crash is committed here before anything that depends on it
+leaves the process (persist before you promise). The database runs with
+``journal_mode=WAL`` and ``synchronous=FULL``: a commit that returned is on disk.
+
+The schema version is SQLite's ``user_version``. ``MIGRATIONS[i]`` takes the
+schema from version ``i`` to ``i + 1``; each runs in its own transaction, so a
+crash mid-migration leaves the previous version intact. A database newer than
+this code knows is refused rather than guessed at.
+
+The class is synchronous; the agent calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: counters, known peers.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE peers (
+        node_id BLOB PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        record BLOB NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateError(Exception):
+    """The state database cannot be opened or used."""
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {path}: {exc}") from exc
+        path.chmod(0o600)
+        self._lock = threading.Lock()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"schema version {version} is newer than this gleaner knows ({SCHEMA_VERSION})"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            script = MIGRATIONS[target - 1]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={target}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def next_counter(self, key: str) -> int:
+        """Increment the durable counter `key` and return its new value, committed."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                value = (row[0] if row else 0) + 1
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return int(value)
+
+    def counter(self, key: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def save_peer(self, node_id: bytes, seq: int, expires: int, record: bytes) -> None:
+        """Remember a peer's record unless we hold a newer one."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO peers (node_id, seq, expires, record) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(node_id) DO UPDATE SET seq = excluded.seq, "
+                "expires = excluded.expires, record = excluded.record "
+                "WHERE excluded.seq > peers.seq",
+                (node_id, seq, expires, record),
+            )
+
+    def peer_records(self) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM peers ORDER BY node_id").fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    def forget_expired_peers(self, now: float) -> int:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM peers WHERE expires <= ?", (int(now),))
+        return cursor.rowcount
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

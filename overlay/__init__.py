@@ -1,0 +1,1 @@
+"""Gleaner overlay: address plan, route table, WireGuard desired state and backends."""

@@ -1,0 +1,1 @@
+"""Gleaner segments: jobs, checkpoints, block store and VM runtime."""

@@ -1,0 +1,32 @@
+"""Cores are sans-IO: they import no I/O, clock or randomness modules."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORES = ["node/wire.py", "node/records.py", "overlay/addressing.py"]
+FORBIDDEN = {
+    "trio",
+    "socket",
+    "time",
+    "random",
+    "zeroconf",
+    "libvirt",
+    "subprocess",
+    "asyncio",
+    "os",
+}
+
+
+@pytest.mark.parametrize("module", CORES)
+def test_core_imports_no_io(module):
+    tree = ast.parse((ROOT / module).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & FORBIDDEN, f"{module} imports {sorted(imported & FORBIDDEN)}"
