@@ -67,6 +67,7 @@ class MessageType(enum.IntEnum):
     JOIN = 4
     JOIN_REPLY = 5
     RECORD = 6
+    GOSSIP = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ SPECS: dict[MessageType, MessageSpec] = {
         MessageSpec(MessageType.JOIN, {"record": Field(bytes)}),
         MessageSpec(MessageType.JOIN_REPLY, {"records": Field(list, True, bytes)}),
         MessageSpec(MessageType.RECORD, {"record": Field(bytes)}),
+        MessageSpec(MessageType.GOSSIP, {"updates": Field(list, True, bytes)}),
     )
 }
 
