@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(libvirt-daemon-system libvirt-dev pkg-config qemu-system-x86 qemu-utils
-          wireguard-go wireguard-tools busybox-static iproute2 iputils-ping rsync gcc python3-venv)
+          wireguard-go wireguard-tools busybox-static iproute2 iputils-ping procps rsync gcc python3-venv)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

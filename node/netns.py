@@ -83,3 +83,31 @@ def root_snapshot() -> dict[str, list[str]]:
         json.dumps(route, sort_keys=True) for route in json.loads(ip("-j", "-6", "route") or "[]")
     )
     return {"links": links, "routes": routes + routes6}
+
+
+def sysctl(netns: str, key: str, value: str) -> None:
+    """Set a per-namespace sysctl (net.* keys are per network namespace)."""
+    result = subprocess.run(
+        exec_command(netns, ["sysctl", "-q", "-w", f"{key}={value}"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        raise NetnsError(f"sysctl {key}={value} in {netns}: {result.stderr.strip()}")
+
+
+def prepare_ipv6(netns: str, forwarding: bool = False) -> None:
+    """No duplicate-address detection delay (test links are ours), optional forwarding."""
+    for scope in ("all", "default"):
+        sysctl(netns, f"net.ipv6.conf.{scope}.accept_dad", "0")
+        sysctl(netns, f"net.ipv6.conf.{scope}.dad_transmits", "0")
+    if forwarding:
+        sysctl(netns, "net.ipv6.conf.all.forwarding", "1")
+
+
+def add_veth_between(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+    """A veth pair with one end in each namespace, both up, no addresses yet."""
+    ip("link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", ns_b, netns=ns_a)
+    ip("link", "set", name_a, "up", netns=ns_a)
+    ip("link", "set", name_b, "up", netns=ns_b)

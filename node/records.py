@@ -65,6 +65,7 @@ class PeerRecord:
     version: str
     seq: int
     expires: int
+    wg_port: int = 51820
     signature: bytes = field(default=b"", compare=False)
     blob: bytes = field(default=b"", compare=False, repr=False)
 
@@ -81,6 +82,7 @@ def sign_record(
     version: str,
     seq: int,
     expires: int,
+    wg_port: int = 51820,
 ) -> PeerRecord:
     """Make and sign this node's record. The caller persists `seq` first."""
     payload_map = {
@@ -92,6 +94,7 @@ def sign_record(
         "version": version,
         "seq": seq,
         "expires": expires,
+        "wg_port": wg_port,
     }
     payload = msgpack.packb(payload_map, use_bin_type=True)
     signature = identity.sign(RECORD_CONTEXT + payload)
@@ -145,6 +148,7 @@ def decode_record(blob: bytes) -> PeerRecord:
         version=_get(fields, "version", str),
         seq=_get(fields, "seq", int),
         expires=_get(fields, "expires", int),
+        wg_port=_wg_port(fields),
         signature=signature,
         blob=blob,
     )
@@ -164,6 +168,13 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range: {text!r}")
     return host, port
+
+
+def _wg_port(fields: dict[str, Any]) -> int:
+    port: int = _get(fields, "wg_port", int)
+    if not 0 < port < 65536:
+        raise RemoteProtocolError("peer record wg_port out of range")
+    return port
 
 
 def _is_endpoint(value: Any) -> bool:

@@ -1,0 +1,50 @@
+import pytest
+
+from node.identity import Identity
+from node.transport import OVERLAY, UNDERLAY, ReplayWindow, Transport
+from node.wire import MessageType, RemoteProtocolError, encode_frame
+from overlay.addressing import node_address
+
+SWARM = "t"
+
+
+def test_replay_window_accepts_each_seq_once_and_refuses_old_ones():
+    window = ReplayWindow()
+    sender = Identity.generate().node_id
+    assert window.accept(sender, 100)
+    assert not window.accept(sender, 100)
+    assert window.accept(sender, 98)  # reordered, inside the window
+    assert not window.accept(sender, 98)
+    assert window.accept(sender, 200)
+    assert not window.accept(sender, 100)  # fell out of the window
+    assert window.accept(sender, 199)
+
+
+def test_underlay_requires_signature_and_refuses_replays():
+    me, peer = Identity.generate(), Identity.generate()
+    transport = Transport(me, SWARM, "127.0.0.1:0", boot=1)
+    unsigned = encode_frame(peer, MessageType.PING, 1, {"nonce": 1})
+    with pytest.raises(RemoteProtocolError, match="unsigned"):
+        transport.check(unsigned, UNDERLAY, "198.51.100.1")
+    signed = encode_frame(peer, MessageType.PING, 2, {"nonce": 1}, sign=True)
+    assert transport.check(signed, UNDERLAY, "198.51.100.1").sender == peer.node_id
+    with pytest.raises(RemoteProtocolError, match="replayed"):
+        transport.check(signed, UNDERLAY, "198.51.100.1")
+
+
+def test_overlay_source_must_be_the_senders_overlay_address():
+    me, peer, other = Identity.generate(), Identity.generate(), Identity.generate()
+    transport = Transport(me, SWARM, "127.0.0.1:0", boot=1)
+    frame = encode_frame(peer, MessageType.PING, 1, {"nonce": 1})
+    good = str(node_address(SWARM, peer.node_id.key))
+    assert transport.check(frame, OVERLAY, good).sender == peer.node_id
+    with pytest.raises(RemoteProtocolError, match="does not match"):
+        transport.check(frame, OVERLAY, str(node_address(SWARM, other.node_id.key)))
+
+
+def test_frames_claiming_to_be_from_us_are_refused():
+    me = Identity.generate()
+    transport = Transport(me, SWARM, "127.0.0.1:0", boot=1)
+    frame = encode_frame(me, MessageType.PING, 1, {"nonce": 1}, sign=True)
+    with pytest.raises(RemoteProtocolError, match="ourselves"):
+        transport.check(frame, UNDERLAY, "198.51.100.1")
