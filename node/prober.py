@@ -15,6 +15,7 @@ Run inside a namespace: ``python -m node.prober ADDRESS --interval-ms 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import select
@@ -120,7 +121,7 @@ def _summarise(
     if run_length:
         result.lost_runs.append((run_start, run_length))
     times = sorted(reply_at[seq] for seq in received)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     result.gap_ms_max = round(max(gaps, default=0.0) * 1000, 3)
     rtts = sorted(reply_at[seq] - sent_at[seq] for seq in received)
     result.rtt_ms_median = round(rtts[len(rtts) // 2] * 1000, 3) if rtts else 0.0
