@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORES = ["node/wire.py", "node/records.py", "overlay/addressing.py"]
+CORES = [
+    "node/wire.py",
+    "node/records.py",
+    "overlay/addressing.py",
+    "overlay/claims.py",
+    "overlay/routes.py",
+]
 FORBIDDEN = {
     "trio",
     "socket",

@@ -1,0 +1,337 @@
+"""Route grants and claims: the signed statements that say where a VM address runs.
+
+Theory of operation
+-------------------
+A VM keeps its overlay address (``overlay.addressing.vm_address``) wherever it
+runs. Two signed statements say where it runs now:
+
+* a **grant**, signed by the job owner: "node N may hold address A at epoch e
+  until ``expires``";
+* a **route claim**, signed by node N: a CLAIM ("N holds A at epoch e") carries
+  a grant for exactly (swarm, N, A, e); a WITHDRAW ("N no longer holds A at e")
+  carries none.
+
+This module encodes, signs, decodes and verifies one statement at a time. It
+does not look at the clock or at other statements: expiry, epochs, conflicts and
+withdrawals are judged by ``overlay.routes.RouteTable``.
+
+Owner binding: ``job_id = BLAKE2b-256(owner_key || job_nonce, person="gleaner-job")``
+and ``A = vm_address(swarm_id, job_id)``. A grant carries owner key and nonce;
+the receiver recomputes A and checks the owner's signature, so a node that never
+saw the job verifies a grant alone, and nothing is trusted on first use. To take
+another owner's address a stranger needs a key and nonce hashing to the same
+64-bit interface id, a second preimage of about 2**64 work (a CGA's strength,
+RFC 3972, Sec=0). Defence in depth, in the route table: an address is also
+pinned to its owner key once known; other keys are refused.
+
+Wire forms (msgpack ``[payload, signature]``, Ed25519 over context + payload)::
+
+    grant: by owner, "gleaner/grant/v1\\0", {swarm: str, owner: bin32,
+           nonce: bin 8..64, vm: bin16, node: bin32, epoch: uint, expires: uint}
+    claim: by node, "gleaner/route/v1\\0", {swarm: str, kind: 1 CLAIM | 2 WITHDRAW,
+           node: bin32, vm: bin16, epoch: uint, issued_at: uint, grant: bin | nil}
+
+The payload is a msgpack map carried as bytes, so the signature covers exactly
+the bytes sent; a grant is at most ``MAX_GRANT_BYTES``, a claim (with its grant)
+at most ``MAX_CLAIM_BYTES``. A claim embeds its grant's blob unchanged.
+
+Errors: decoding is where outside bytes come in, and only ``RemoteProtocolError``
+escapes it (``RouteRefused`` with a ``Refusal`` if the input is well-formed but
+refused). Signing decodes what it just signed, so inputs that would make a
+statement peers refuse raise ``LocalProtocolError`` instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv6Address
+from typing import Any, TypeVar
+
+import msgpack
+
+from node.identity import Identity, NodeId
+from node.wire import (
+    MAX_SEQ,
+    SIGNATURE_BYTES,
+    LocalProtocolError,
+    RemoteProtocolError,
+    unpack_limited,
+    verify_signature,
+)
+from overlay.addressing import vm_address
+
+GRANT_CONTEXT = b"gleaner/grant/v1\x00"
+ROUTE_CONTEXT = b"gleaner/route/v1\x00"
+JOB_ID_PERSON = b"gleaner-job"
+KEY_BYTES = 32
+ADDRESS_BYTES = 16
+MIN_NONCE_BYTES = 8
+MAX_NONCE_BYTES = 64
+MAX_GRANT_BYTES = 1024
+MAX_CLAIM_BYTES = 2048
+
+_T = TypeVar("_T")
+
+
+class Refusal(enum.Enum):
+    """Why a claim was refused, counted as ``refused_<value>``.
+
+    Malformed input raises plain RemoteProtocolError (counted as MALFORMED);
+    well-formed input refused for a reason raises ``RouteRefused``.
+    """
+
+    MALFORMED = "malformed"
+    BAD_SIGNATURE = "bad_signature"  # the claim is not signed by its node
+    BAD_GRANT = "bad_grant"  # grant not signed by its owner, or address not the owner's
+    GRANT_MISMATCH = "grant_mismatch"  # grant is for another node, address, epoch or swarm
+    WRONG_SWARM = "wrong_swarm"
+    OWNER_MISMATCH = "owner_mismatch"  # address pinned to another owner key
+    EXPIRED = "expired"
+    STALE = "stale"  # epoch not above the held one (replay)
+    CONFLICT = "conflict"  # same epoch, another node
+    NOT_HOLDER = "not_holder"  # withdrawal by a node that does not hold the epoch
+
+
+class RouteRefused(RemoteProtocolError):
+    """A peer's route claim or grant is refused, for ``reason``."""
+
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ClaimKind(enum.IntEnum):
+    CLAIM = 1
+    WITHDRAW = 2
+
+
+def derive_job_id(owner_key: bytes, job_nonce: bytes) -> bytes:
+    """A job's id, bound to its owner key (see the owner binding above)."""
+    if len(owner_key) != KEY_BYTES:
+        raise ValueError(f"an owner key is {KEY_BYTES} bytes, got {len(owner_key)}")
+    return hashlib.blake2b(owner_key + job_nonce, digest_size=32, person=JOB_ID_PERSON).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The owner's "node may hold vm_address at epoch until expires"."""
+
+    swarm_id: str
+    owner_key: bytes
+    job_nonce: bytes
+    vm_address: IPv6Address
+    node_id: NodeId
+    epoch: int
+    expires: int
+    signature: bytes = field(default=b"", compare=False)
+    blob: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def job_id(self) -> bytes:
+        return derive_job_id(self.owner_key, self.job_nonce)
+
+    def is_expired(self, now: float) -> bool:
+        return now >= self.expires
+
+
+@dataclass(frozen=True, slots=True)
+class RouteClaim:
+    """A node's signed CLAIM or WITHDRAW of a VM address at an epoch."""
+
+    kind: ClaimKind
+    swarm_id: str
+    node_id: NodeId
+    vm_address: IPv6Address
+    epoch: int
+    issued_at: int
+    grant: Grant | None
+    signature: bytes = field(default=b"", compare=False)
+    blob: bytes = field(default=b"", compare=False, repr=False)
+
+
+# -- signing (our own statements; a failure here is LocalProtocolError) --------------
+
+
+def sign_grant(
+    owner: Identity, *, swarm_id: str, job_nonce: bytes, node_id: NodeId, epoch: int, expires: int
+) -> Grant:
+    """As job owner, allow `node_id` to hold the job's address at `epoch` until `expires`."""
+    owner_key = owner.node_id.key
+    address = vm_address(swarm_id, derive_job_id(owner_key, job_nonce))
+    payload = {
+        "swarm": swarm_id,
+        "owner": owner_key,
+        "nonce": job_nonce,
+        "vm": address.packed,
+        "node": node_id.key,
+        "epoch": epoch,
+        "expires": expires,
+    }
+    return _own(decode_grant, _sign(owner, GRANT_CONTEXT, payload))
+
+
+def sign_claim(identity: Identity, grant: Grant, issued_at: int) -> RouteClaim:
+    """CLAIM the grant's address at its epoch, as the granted node."""
+    return _sign_route(
+        identity, ClaimKind.CLAIM, grant.swarm_id, grant.vm_address, grant.epoch, issued_at, grant
+    )
+
+
+def sign_withdraw(
+    identity: Identity, *, swarm_id: str, vm_address: IPv6Address, epoch: int, issued_at: int
+) -> RouteClaim:
+    """WITHDRAW our hold of `vm_address` at `epoch`."""
+    return _sign_route(identity, ClaimKind.WITHDRAW, swarm_id, vm_address, epoch, issued_at, None)
+
+
+def _sign_route(
+    identity: Identity,
+    kind: ClaimKind,
+    swarm_id: str,
+    address: IPv6Address,
+    epoch: int,
+    issued_at: int,
+    grant: Grant | None,
+) -> RouteClaim:
+    payload = {
+        "swarm": swarm_id,
+        "kind": int(kind),
+        "node": identity.node_id.key,
+        "vm": address.packed,
+        "epoch": epoch,
+        "issued_at": issued_at,
+        "grant": None if grant is None else grant.blob,
+    }
+    return _own(decode_claim, _sign(identity, ROUTE_CONTEXT, payload))
+
+
+def _sign(identity: Identity, context: bytes, payload_map: dict[str, Any]) -> bytes:
+    try:
+        payload: bytes = msgpack.packb(payload_map, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"cannot encode {payload_map!r}: {exc}") from exc
+    blob: bytes = msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
+    return blob
+
+
+def _own(decode: Callable[[bytes], _T], blob: bytes) -> _T:
+    """Decode something we just signed; refusing it means the caller's inputs were wrong."""
+    try:
+        return decode(blob)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"refusing to sign: {exc}") from exc
+
+
+# -- decoding (where outside bytes come in; only RemoteProtocolError escapes) -------
+
+
+def decode_grant(blob: bytes) -> Grant:
+    """Parse a grant, check the owner's signature and the owner binding."""
+    payload, signature, fields = _open(blob, "grant", MAX_GRANT_BYTES)
+    owner_key = _bin(fields, "owner", "grant", KEY_BYTES, KEY_BYTES)
+    try:
+        verify_signature(owner_key, GRANT_CONTEXT + payload, signature)
+    except RemoteProtocolError:
+        raise RouteRefused(Refusal.BAD_GRANT, "grant is not signed by its owner key") from None
+    swarm_id = _text(fields, "swarm", "grant")
+    job_nonce = _bin(fields, "nonce", "grant", MIN_NONCE_BYTES, MAX_NONCE_BYTES)
+    address = IPv6Address(_bin(fields, "vm", "grant", ADDRESS_BYTES, ADDRESS_BYTES))
+    if address != vm_address(swarm_id, derive_job_id(owner_key, job_nonce)):
+        raise RouteRefused(
+            Refusal.BAD_GRANT, f"grant for {address}: not the address of the owner's job"
+        )
+    return Grant(
+        swarm_id=swarm_id,
+        owner_key=owner_key,
+        job_nonce=job_nonce,
+        vm_address=address,
+        node_id=NodeId(_bin(fields, "node", "grant", KEY_BYTES, KEY_BYTES)),
+        epoch=_uint(fields, "epoch", "grant"),
+        expires=_uint(fields, "expires", "grant"),
+        signature=signature,
+        blob=blob,
+    )
+
+
+def decode_claim(blob: bytes) -> RouteClaim:
+    """Parse a route claim, check its signature and (for a CLAIM) its grant."""
+    payload, signature, fields = _open(blob, "route claim", MAX_CLAIM_BYTES)
+    node_key = _bin(fields, "node", "route claim", KEY_BYTES, KEY_BYTES)
+    try:
+        verify_signature(node_key, ROUTE_CONTEXT + payload, signature)
+    except RemoteProtocolError:
+        raise RouteRefused(Refusal.BAD_SIGNATURE, "route claim is not signed by its node") from None
+    raw_kind = _uint(fields, "kind", "route claim")
+    if raw_kind not in tuple(ClaimKind):
+        raise RemoteProtocolError(f"route claim kind {raw_kind} is unknown")
+    claim = RouteClaim(
+        kind=ClaimKind(raw_kind),
+        swarm_id=_text(fields, "swarm", "route claim"),
+        node_id=NodeId(node_key),
+        vm_address=IPv6Address(_bin(fields, "vm", "route claim", ADDRESS_BYTES, ADDRESS_BYTES)),
+        epoch=_uint(fields, "epoch", "route claim"),
+        issued_at=_uint(fields, "issued_at", "route claim"),
+        grant=None,
+        signature=signature,
+        blob=blob,
+    )
+    raw_grant = fields.get("grant")
+    if claim.kind is ClaimKind.WITHDRAW:
+        if raw_grant is not None:
+            raise RemoteProtocolError("a WITHDRAW carries no grant")
+        return claim
+    if not isinstance(raw_grant, bytes):
+        raise RemoteProtocolError("a CLAIM must carry a grant")
+    grant = decode_grant(raw_grant)
+    for name, granted, claimed in (
+        ("swarm", grant.swarm_id, claim.swarm_id),
+        ("node", grant.node_id, claim.node_id),
+        ("address", grant.vm_address, claim.vm_address),
+        ("epoch", grant.epoch, claim.epoch),
+    ):
+        if granted != claimed:
+            raise RouteRefused(
+                Refusal.GRANT_MISMATCH, f"claim {name} {claimed} but grant {name} {granted}"
+            )
+    return replace(claim, grant=grant)
+
+
+def _open(blob: Any, what: str, limit: int) -> tuple[bytes, bytes, dict[str, Any]]:
+    if not isinstance(blob, bytes) or len(blob) > limit:
+        raise RemoteProtocolError(f"{what} is not bytes or is over {limit} bytes")
+    outer = unpack_limited(blob)
+    if not isinstance(outer, list) or len(outer) != 2:
+        raise RemoteProtocolError(f"{what} is not [payload, signature]")
+    payload, signature = outer
+    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
+        raise RemoteProtocolError(f"{what} payload or signature is not bytes")
+    if len(signature) != SIGNATURE_BYTES:
+        raise RemoteProtocolError(f"{what} signature is not {SIGNATURE_BYTES} bytes")
+    fields = unpack_limited(payload)
+    if not isinstance(fields, dict):
+        raise RemoteProtocolError(f"{what} payload is not a map")
+    return payload, signature, fields
+
+
+def _bin(fields: dict[str, Any], name: str, what: str, low: int, high: int) -> bytes:
+    value = fields.get(name)
+    if not isinstance(value, bytes) or not low <= len(value) <= high:
+        raise RemoteProtocolError(f"{what} {name!r} is not {low}..{high} bytes")
+    return value
+
+
+def _text(fields: dict[str, Any], name: str, what: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise RemoteProtocolError(f"{what} {name!r} is not a non-empty string")
+    return value
+
+
+def _uint(fields: dict[str, Any], name: str, what: str) -> int:
+    value = fields.get(name)
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise RemoteProtocolError(f"{what} {name!r} is not a uint64")
+    return value
