@@ -10,6 +10,8 @@ CORES = [
     "node/wire.py",
     "node/records.py",
     "overlay/addressing.py",
+    "overlay/wgstate.py",
+    "overlay/desired.py",
     "overlay/claims.py",
     "overlay/routes.py",
 ]

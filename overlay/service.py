@@ -1,0 +1,197 @@
+"""The agent's overlay: its wireguard-go, and a reconciler that keeps it as desired.
+
+The agent tells this service *what* the overlay should be (members, routes, the
+active set); the service computes the full desired device state
+(``overlay.desired``), reads the device's actual state, applies
+``wgstate.diff`` between them as one transaction, and logs every change. It
+runs on every change (so a route move reaches the device at once) and once a
+second anyway (to notice drift, refresh handshake times, and restart a dead
+wireguard-go, after which the next pass re-applies everything).
+
+Peers that this node has not exchanged traffic with for ``idle_expiry_s`` drop
+out of the active set; in a large swarm that removes their WireGuard peer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import trio
+
+from node.identity import Identity, NodeId
+from node.records import PeerRecord
+from overlay.addressing import PREFIX_LEN, node_address
+from overlay.desired import desired_device
+from overlay.errors import OverlayError
+from overlay.wgbackend import UapiBackend
+from overlay.wgprocess import WireGuardGo, interface_name
+from overlay.wgstate import DeviceStatus, PeerStatus, diff
+
+log = logging.getLogger("gleaner.overlay")
+
+RECONCILE_PERIOD_S = 1.0
+SESSION_FRESH_S = 180.0
+IDLE_EXPIRY_S = 120.0
+
+
+class OverlayService:
+    def __init__(self, identity: Identity, swarm_id: str, wg_port: int, state_dir: Path) -> None:
+        self.identity = identity
+        self.swarm_id = swarm_id
+        self.wg_port = wg_port
+        self.ifname = interface_name(identity.node_id.key)
+        self.address = node_address(swarm_id, identity.node_id.key)
+        self.process = WireGuardGo(self.ifname, log_path=state_dir / "wireguard-go.log")
+        self.pid_file = state_dir / "wireguard-go.pid"
+        self.backend = UapiBackend(self.ifname)
+        self.members: dict[NodeId, PeerRecord] = {}
+        self.routes: Mapping[NodeId, frozenset[ipaddress.IPv6Network]] = {}
+        self.last_used: dict[NodeId, float] = {}
+        self.device: DeviceStatus | None = None
+        self.changes_applied = 0
+        self.restarts = 0
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start wireguard-go and address its link. Blocking; call once at start-up."""
+        self._stop_orphan()
+        self.process.start()
+        if self.process.pid:
+            self.pid_file.write_text(str(self.process.pid))
+        self.process.configure_link(ipaddress.IPv6Interface((self.address, PREFIX_LEN)))
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.pid_file.unlink(missing_ok=True)
+
+    def _stop_orphan(self) -> None:
+        """A wireguard-go left running by a killed agent of ours holds our interface name."""
+        try:
+            pid = int(self.pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.ifname.encode() in cmdline and any(b"wireguard-go" in part for part in cmdline):
+            log.info("stopping wireguard-go PID %d left by a previous run", pid)
+            _terminate(pid)
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(RECONCILE_PERIOD_S):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.check_health()
+            await self.reconcile()
+
+    async def check_health(self) -> None:
+        if await trio.to_thread.run_sync(self.process.is_healthy):
+            return
+        log.warning("wireguard-go for %s is not healthy; restarting", self.ifname)
+        self.restarts += 1
+        try:
+            await trio.to_thread.run_sync(self.process.stop)
+            await trio.to_thread.run_sync(self.start)
+        except OverlayError as exc:
+            log.error("restarting wireguard-go for %s failed: %s", self.ifname, exc)
+
+    # -- desired state inputs ----------------------------------------------------
+
+    def set_member(self, record: PeerRecord) -> None:
+        if record.node_id != self.identity.node_id:
+            self.members[record.node_id] = record
+            self._wake.set()
+
+    def remove_member(self, node_id: NodeId) -> None:
+        if self.members.pop(node_id, None) is not None:
+            self.last_used.pop(node_id, None)
+            self._wake.set()
+
+    def set_routes(self, routes: Mapping[NodeId, frozenset[ipaddress.IPv6Network]]) -> None:
+        self.routes = dict(routes)
+        self._wake.set()
+
+    def mark_used(self, node_id: NodeId, now: float) -> None:
+        if node_id not in self.last_used:
+            self._wake.set()
+        self.last_used[node_id] = now
+
+    def active(self, now: float) -> frozenset[NodeId]:
+        for node_id, used in list(self.last_used.items()):
+            if now - used > IDLE_EXPIRY_S:
+                del self.last_used[node_id]
+        return frozenset(self.last_used)
+
+    # -- reconciling -------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Make the device match the desired state; log and count what changed."""
+        async with self._lock:
+            desired = desired_device(
+                private_key=bytes(self.identity.wireguard_key),
+                listen_port=self.wg_port,
+                swarm_id=self.swarm_id,
+                members=self.members.values(),
+                routes=self.routes,
+                active=self.active(time.time()),
+            )
+            try:
+                actual = await trio.to_thread.run_sync(self.backend.read)
+                changes = diff(actual, desired)
+                if changes:
+                    await trio.to_thread.run_sync(self.backend.apply, changes)
+                    self.changes_applied += len(changes)
+                    for change in changes:
+                        log.info("%s: %s", self.ifname, change.describe())
+                    actual = await trio.to_thread.run_sync(self.backend.read)
+            except OverlayError as exc:
+                log.warning("reconciling %s failed: %s", self.ifname, exc)
+                return
+            self.device = actual
+
+    def reconcile_soon(self) -> None:
+        self._wake.set()
+
+    # -- queries -----------------------------------------------------------------
+
+    def peer_status(self, node_id: NodeId) -> PeerStatus | None:
+        record = self.members.get(node_id)
+        if record is None or self.device is None:
+            return None
+        return self.device.peers.get(record.wireguard_key)
+
+    def has_session(self, node_id: NodeId, now: float) -> bool:
+        status = self.peer_status(node_id)
+        return status is not None and now - status.last_handshake < SESSION_FRESH_S
+
+    def peers(self) -> Iterable[tuple[PeerRecord, PeerStatus | None]]:
+        for record in self.members.values():
+            yield record, self.peer_status(record.node_id)
+
+
+def _terminate(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGTERM a process that is not our child; SIGKILL it if it lingers."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
