@@ -1,13 +1,17 @@
 """The agent runtime: one trio process, one supervisor nursery, thin edges.
 
-Start-up order: load config → load (or create) keys → open state → bind the
-underlay socket → sign and persist our peer record → start services under the
-supervisor nursery (control socket, frame receiver, record refresher, signal
-watcher). SIGTERM or SIGINT cancels the nursery; every service stops, the
-state database is closed cleanly and the control socket is removed.
+Start-up order: keys → state → underlay socket → our signed record (its seq
+persisted first) → wireguard-go and the overlay link → overlay socket → the
+membership core, seeded with persisted peers, the bootstrap list and mDNS →
+services under one nursery (control socket, receivers, membership driver,
+reconciler, routes, record refresher, signal watcher). SIGTERM or SIGINT
+cancels the nursery; wireguard-go and mDNS are stopped, the state database is
+closed and the control socket removed.
 
-Frames from peers go through ``wire.decode_frame``; whatever it refuses is
-dropped and counted per source address, and the agent carries on.
+The membership core is driven by ``_membership_loop``: it runs ``tick`` at the
+core's ``next_wakeup`` (or when a message woke it) and carries out the effects.
+Frames come in through ``node.transport``; membership messages go to the core,
+anything refused there is counted per source and dropped.
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import random
 import signal
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -26,28 +29,45 @@ import trio
 from node import __version__
 from node.config import Config
 from node.control import ControlServer, RpcError
-from node.identity import Identity, load_or_create
-from node.records import Capabilities, PeerRecord, RecordBook, decode_record, sign_record
+from node.discovery import Discovery, MdnsDiscovery
+from node.dissemination import Broadcast, encode_update
+from node.identity import Identity
+from node.membership import (
+    BroadcastReceived,
+    Effect,
+    JoinRequested,
+    MemberChanged,
+    Membership,
+    MembershipConfig,
+    MemberState,
+    MessageReceived,
+    OwnRecordSigned,
+    RecordDiscovered,
+    RefreshOwnRecord,
+    SendMessage,
+    SendToEndpoint,
+)
+from node.records import Capabilities, PeerRecord, decode_record, sign_record
+from node.routing import ROUTE_TOPIC, RouteService, RoutingError
 from node.state import State
-from node.wire import MessageType, RemoteProtocolError, decode_frame, encode_frame
+from node.transport import OVERLAY, UNDERLAY, Transport
+from node.wire import Envelope, MessageType, RemoteProtocolError
 from overlay.addressing import node_address
 
 log = logging.getLogger("gleaner.agent")
 
-RECV_BUFFER = 65536
 RECORD_SEQ_KEY = "record_seq"
 BOOT_KEY = "boots"
-
-
-@dataclass
-class Statistics:
-    frames_in: int = 0
-    frames_out: int = 0
-    protocol_errors: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def protocol_errors_total(self) -> int:
-        return sum(self.protocol_errors.values())
+MEMBERSHIP_TYPES = frozenset(
+    {
+        MessageType.PING,
+        MessageType.ACK,
+        MessageType.PING_REQ,
+        MessageType.JOIN,
+        MessageType.JOIN_REPLY,
+        MessageType.GOSSIP,
+    }
+)
 
 
 def local_capabilities() -> Capabilities:
@@ -70,45 +90,152 @@ class Agent:
         self.config = config
         self.identity = identity
         self.state = state
-        self.stats = Statistics()
-        self.records = RecordBook()
-        self.overlay_address = str(node_address(config["node.swarm_id"], identity.node_id.key))
-        self.record: PeerRecord | None = None
+        self.swarm_id: str = config["node.swarm_id"]
+        self.overlay_address = node_address(self.swarm_id, identity.node_id.key)
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
-        self.listen_address: tuple[str, int] = ("", 0)
-        self._boot = 0
-        self._send_counter = 0
-        self._sock: trio.socket.SocketType | None = None
+        self.boot = 0
+        self.record: PeerRecord | None = None
+        self.transport = Transport(identity, self.swarm_id, config["network.listen"], 0)
+        self.membership: Membership | None = None
+        self.overlay: Any = None  # overlay.service.OverlayService when overlay.enabled
+        self.routes: RouteService | None = None
+        self.discovery: Discovery | None = None
+        self.record_errors = 0
+        self._wake = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._discovered: tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]
+        self._discovered = trio.open_memory_channel(256)
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._boot = await trio.to_thread.run_sync(self.state.next_counter, BOOT_KEY)
-        for blob in await trio.to_thread.run_sync(self.state.peer_records):
-            try:
-                self.records.offer(decode_record(blob), time.time())
-            except RemoteProtocolError:
-                continue
-        self._sock = await self._bind_underlay()
-        await self._refresh_record()
+        self._token = trio.lowlevel.current_trio_token()
+        self.boot = await trio.to_thread.run_sync(self.state.next_counter, BOOT_KEY)
+        self.transport = Transport(
+            self.identity, self.swarm_id, self.config["network.listen"], self.boot
+        )
+        await self.transport.open_underlay()
+        try:
+            await self._run_services(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_edges()
+            self.transport.close()
+            log.info("agent %s stopped", self.identity.node_id.short)
+
+    async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
+        if self.config["overlay.enabled"]:
+            await self._start_overlay()
+        self.record = await self._sign_record(0)
+        rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.membership = Membership(self.record, self._membership_config(), rng)
+        self.routes = RouteService(
+            self.identity,
+            self.swarm_id,
+            self.state,
+            self.overlay,
+            self._spread,
+            self.config["overlay.move_linger_s"],
+        )
         control = ControlServer(self.config.control_socket, self._rpc)
         self.control = control
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(control.serve)
-            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self.transport.receive_loop, UNDERLAY, self._deliver)
+            if self.transport.overlay is not None:
+                nursery.start_soon(self.transport.receive_loop, OVERLAY, self._deliver)
+            if self.overlay is not None:
+                nursery.start_soon(self.overlay.run)
+            await nursery.start(self.routes.run)
+            nursery.start_soon(self._membership_loop)
             nursery.start_soon(self._refresh_record_loop)
+            nursery.start_soon(self._discovered_loop)
+            await self._seed_membership()
             log.info(
                 "agent %s up: underlay %s:%d, overlay %s, control %s",
                 self.identity.node_id,
-                *self.listen_address,
+                *self.transport.underlay_address,
                 self.overlay_address,
                 self.config.control_socket,
             )
             task_status.started()
-        self._sock.close()
-        log.info("agent %s stopped", self.identity.node_id.short)
+
+    def _membership_config(self) -> MembershipConfig:
+        probe = self.config["membership.probe_interval_s"]
+        return MembershipConfig(
+            probe_interval_s=probe,
+            probe_timeout_s=probe / 2,
+            gossip_interval_s=self.config["membership.gossip_interval_s"],
+        )
+
+    async def _start_overlay(self) -> None:
+        from overlay.service import OverlayService
+
+        self.overlay = OverlayService(
+            self.identity,
+            self.swarm_id,
+            self.config["network.wireguard_port"],
+            self.config.state_dir,
+            self.config["overlay.eager_limit"],
+            self.config["overlay.idle_expiry_s"],
+        )
+        await trio.to_thread.run_sync(self.overlay.start)
+        await self.overlay.reconcile()
+        await self.transport.open_overlay(self.overlay_address)
+
+    async def _seed_membership(self) -> None:
+        now = time.time()
+        for blob in await trio.to_thread.run_sync(self.state.peer_records):
+            try:
+                record = decode_record(blob)
+            except RemoteProtocolError:
+                continue
+            if not record.is_expired(now):
+                await self._handle(RecordDiscovered(record))
+        bootstrap = tuple(self.config["network.bootstrap"])
+        if bootstrap:
+            await self._handle(JoinRequested(bootstrap))
+        if self.config["network.mdns"]:
+            await self._start_mdns()
+
+    async def _start_mdns(self) -> None:
+        host = self.transport.underlay_address[0]
+        if host in ("0.0.0.0", "", "::") or ":" in host:
+            log.warning("mDNS needs a specific IPv4 listen address; discovery on the LAN is off")
+            return
+        assert self.record is not None
+        discovery = MdnsDiscovery(host, self._record_from_thread)
+        await trio.to_thread.run_sync(
+            discovery.start, self.identity.node_id.short, self.record.blob, self.transport.port
+        )
+        self.discovery = discovery
+
+    def _record_from_thread(self, blob: bytes) -> None:
+        """Called from zeroconf's threads: hand the blob to trio without blocking them."""
+        if self._token is None:
+            return
+        try:
+            trio.from_thread.run_sync(self._discovered[0].send_nowait, blob, trio_token=self._token)
+        except (trio.WouldBlock, trio.RunFinishedError, trio.ClosedResourceError):
+            pass
+
+    async def _discovered_loop(self) -> None:
+        async for blob in self._discovered[1]:
+            try:
+                record = decode_record(blob)
+            except RemoteProtocolError:
+                self.record_errors += 1
+                continue
+            if record.node_id != self.identity.node_id and not record.is_expired(time.time()):
+                await self._handle(RecordDiscovered(record))
+
+    async def _stop_edges(self) -> None:
+        if self.discovery is not None:
+            await trio.to_thread.run_sync(self.discovery.stop)
+        if self.overlay is not None:
+            await trio.to_thread.run_sync(self.overlay.stop)
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -117,137 +244,228 @@ class Agent:
                 scope.cancel()
                 return
 
-    async def _bind_underlay(self) -> trio.socket.SocketType:
-        host, _, port = self.config["network.listen"].rpartition(":")
-        host = host.strip("[]")
-        family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-        sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
-        try:
-            await sock.bind((host, int(port)))
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"cannot bind underlay {host}:{port}: {exc.strerror}") from exc
-        bound = sock.getsockname()
-        self.listen_address = (bound[0], bound[1])
-        return sock
-
-    # -- our peer record ---------------------------------------------------------
+    # -- our peer record -----------------------------------------------------------
 
     def advertised_endpoints(self) -> tuple[str, ...]:
         configured = tuple(self.config["network.advertise"])
         if configured:
             return configured
-        host, port = self.listen_address
+        host, port = self.transport.underlay_address
         if host in ("0.0.0.0", "::", ""):
             return ()
         return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
 
-    async def _refresh_record(self) -> None:
+    async def _sign_record(self, min_seq: int) -> PeerRecord:
         # Persist the new sequence number before the record can leave the process.
-        seq = await trio.to_thread.run_sync(self.state.next_counter, RECORD_SEQ_KEY)
-        lifetime = self.config["record.lifetime_s"]
-        self.record = sign_record(
+        seq = await trio.to_thread.run_sync(self.state.raise_counter, RECORD_SEQ_KEY, min_seq)
+        return sign_record(
             self.identity,
             endpoints=self.advertised_endpoints(),
-            overlay_address=self.overlay_address,
+            overlay_address=str(self.overlay_address),
             capabilities=local_capabilities(),
             version=__version__,
             seq=seq,
-            expires=int(time.time()) + lifetime,
+            expires=int(time.time()) + self.config["record.lifetime_s"],
+            wg_port=self.config["network.wireguard_port"],
         )
+
+    async def _resign(self, min_seq: int) -> None:
+        self.record = await self._sign_record(min_seq)
+        await self._handle(OwnRecordSigned(self.record))
+        if self.discovery is not None:
+            await trio.to_thread.run_sync(self.discovery.update, self.record.blob)
 
     async def _refresh_record_loop(self) -> None:
         while True:
             await trio.sleep(self.config["record.lifetime_s"] / 3)
-            await self._refresh_record()
+            await self._resign(0)
 
-    # -- frames --------------------------------------------------------------------
+    # -- membership ----------------------------------------------------------------
 
-    def next_seq(self) -> int:
-        """Message seq: high 32 bits the durable boot counter, low 32 a counter in memory."""
-        self._send_counter += 1
-        return (self._boot << 32) | (self._send_counter & 0xFFFFFFFF)
-
-    async def send(
-        self, address: tuple[str, int], msg_type: MessageType, body: dict[str, Any]
-    ) -> None:
-        assert self._sock is not None
-        frame = encode_frame(self.identity, msg_type, self.next_seq(), body)
-        try:
-            await self._sock.sendto(frame, address)
-        except OSError as exc:
-            log.debug("send %s to %s failed: %s", msg_type.name, address, exc)
-            return
-        self.stats.frames_out += 1
-
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
+    async def _membership_loop(self) -> None:
+        assert self.membership is not None
         while True:
-            data, source = await self._sock.recvfrom(RECV_BUFFER)
-            self.stats.frames_in += 1
-            peer = f"{source[0]}:{source[1]}"
+            await self._execute(self.membership.tick(time.time()))
+            delay = self.membership.next_wakeup() - time.time()
+            if delay > 0:
+                with trio.move_on_after(min(delay, 1.0)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _handle(self, event: Any) -> None:
+        assert self.membership is not None
+        await self._execute(self.membership.handle(event, time.time()))
+        self._wake.set()
+
+    async def _deliver(self, envelope: Envelope, via: str, origin: tuple[str, int]) -> None:
+        if envelope.type in MEMBERSHIP_TYPES:
+            host, port = origin
+            endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if self.overlay is not None:
+                self.overlay.mark_used(envelope.sender, time.time())
+            await self._handle(
+                MessageReceived(envelope.sender, envelope.type, envelope.body, endpoint)
+            )
+        elif envelope.type is MessageType.RECORD:
             try:
-                envelope = decode_frame(data)
-                await self._dispatch(envelope.type, envelope.body, (source[0], source[1]))
-            except RemoteProtocolError as exc:
-                self.stats.protocol_errors[peer] += 1
-                log.debug("dropped frame from %s: %s", peer, exc)
+                record = decode_record(envelope.body["record"])
+            except RemoteProtocolError:
+                self.record_errors += 1
+                return
+            await self._handle(RecordDiscovered(record))
 
-    async def _dispatch(
-        self, msg_type: MessageType, body: dict[str, Any], source: tuple[str, int]
-    ) -> None:
-        if msg_type is MessageType.PING:
-            await self.send(source, MessageType.ACK, {"nonce": body["nonce"]})
-        elif msg_type is MessageType.RECORD:
-            record = decode_record(body["record"])
-            if self.records.offer(record, time.time()):
-                await trio.to_thread.run_sync(
-                    self.state.save_peer,
-                    record.node_id.key,
-                    record.seq,
-                    record.expires,
-                    record.blob,
-                )
+    async def _execute(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, SendMessage):
+                await self._send_to_member(effect)
+            elif isinstance(effect, SendToEndpoint):
+                await self._send_to_endpoint(effect)
+            elif isinstance(effect, MemberChanged):
+                await self._member_changed(effect)
+            elif isinstance(effect, RefreshOwnRecord):
+                await self._resign(effect.min_seq)
+            elif isinstance(effect, BroadcastReceived) and effect.topic == ROUTE_TOPIC:
+                assert self.routes is not None
+                await self.routes.offer(effect.payload)
 
-    # -- control RPC ---------------------------------------------------------------
+    async def _send_to_member(self, effect: SendMessage) -> None:
+        now = time.time()
+        if self.overlay is not None:
+            self.overlay.mark_used(effect.target, now)
+            if self.overlay.has_session(effect.target, now):
+                await self.transport.send_overlay(effect.target, effect.msg_type, effect.body)
+                return
+        assert self.membership is not None
+        member = self.membership.member(effect.target)
+        if member is not None and member.record.endpoints:
+            await self.transport.send_underlay(
+                member.record.endpoints[0], effect.msg_type, effect.body
+            )
+
+    async def _send_to_endpoint(self, effect: SendToEndpoint) -> None:
+        host = effect.endpoint.rpartition(":")[0].strip("[]")
+        if ":" in host:  # an overlay source: answer over the overlay socket
+            await self.transport.send_overlay_to(host, effect.msg_type, effect.body)
+        else:
+            await self.transport.send_underlay(effect.endpoint, effect.msg_type, effect.body)
+
+    async def _member_changed(self, effect: MemberChanged) -> None:
+        log.info(
+            "member %s is %s (seq %d)", effect.node_id.short, effect.state.value, effect.record.seq
+        )
+        if effect.state in (MemberState.ALIVE, MemberState.SUSPECT):
+            if self.overlay is not None:
+                self.overlay.set_member(effect.record)
+            record = effect.record
+            await trio.to_thread.run_sync(
+                self.state.save_peer, record.node_id.key, record.seq, record.expires, record.blob
+            )
+        elif self.overlay is not None:
+            self.overlay.remove_member(effect.node_id)
+
+    async def _spread(self, key: bytes, payload: bytes) -> None:
+        """Spread a route update: push it to every live member now, and gossip it."""
+        assert self.membership is not None
+        self.membership.enqueue_broadcast(ROUTE_TOPIC, key, payload)
+        update = encode_update(Broadcast(ROUTE_TOPIC, key, payload))
+        limit = self.config["overlay.eager_limit"]
+        live = [m for m in self.membership.members() if m.state is MemberState.ALIVE][:limit]
+        for member in live:
+            await self._send_to_member(
+                SendMessage(member.node_id, MessageType.GOSSIP, {"updates": [update]})
+            )
+        self._wake.set()
+
+    # -- control RPC -----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         record = self.record
+        stats = self.transport.stats
+        membership = self.membership.statistics() if self.membership else {}
         return {
             "node_id": str(self.identity.node_id),
             "short_id": self.identity.node_id.short,
             "name": self.config["node.name"],
             "version": __version__,
-            "swarm_id": self.config["node.swarm_id"],
+            "swarm_id": self.swarm_id,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "started_at": self.started_wall,
             "underlay": list(self.advertised_endpoints()),
-            "listen": f"{self.listen_address[0]}:{self.listen_address[1]}",
-            "overlay_address": self.overlay_address,
+            "listen": "{}:{}".format(*self.transport.underlay_address),
+            "overlay_address": str(self.overlay_address),
+            "overlay_interface": self.overlay.ifname if self.overlay else None,
+            "wireguard_pid": self.overlay.process.pid if self.overlay else None,
             "wireguard_public_key": self.identity.wireguard_public.hex(),
-            "peer_count": len(self.records),
+            "peer_count": self.membership.alive_count() if self.membership else 0,
             "record_seq": record.seq if record else 0,
-            "boot": self._boot,
-            "frames_in": self.stats.frames_in,
-            "frames_out": self.stats.frames_out,
-            "protocol_errors": self.stats.protocol_errors_total,
-            "protocol_errors_by_peer": dict(self.stats.protocol_errors.most_common(20)),
+            "boot": self.boot,
+            "frames_in": sum(stats.frames_in.values()),
+            "frames_out": sum(stats.frames_out.values()),
+            "protocol_errors": stats.protocol_errors_total + self.record_errors,
+            "protocol_errors_by_peer": dict(stats.protocol_errors.most_common(20)),
+            "membership": membership,
             "state_dir": str(self.config.state_dir),
         }
+
+    def peers(self) -> list[dict[str, Any]]:
+        assert self.membership is not None
+        rows = []
+        for member in sorted(self.membership.members(), key=lambda m: str(m.node_id)):
+            wg = self.overlay.peer_status(member.node_id) if self.overlay else None
+            rows.append(
+                {
+                    "node_id": str(member.node_id),
+                    "short_id": member.node_id.short,
+                    "overlay_address": member.record.overlay_address,
+                    "endpoint": member.record.endpoints[0] if member.record.endpoints else None,
+                    "state": member.state.value,
+                    "incarnation": member.incarnation,
+                    "since": member.since,
+                    "last_handshake": wg.last_handshake if wg else 0.0,
+                    "rx_bytes": wg.rx_bytes if wg else 0,
+                    "tx_bytes": wg.tx_bytes if wg else 0,
+                    "wireguard_peer": wg is not None,
+                }
+            )
+        return rows
 
     async def _rpc(self, method: str, params: dict[str, Any]) -> Any:
         if method == "status":
             return self.status()
+        if method == "peers":
+            return self.peers()
         if method == "peer_record":
             return self.record.blob if self.record else b""
+        if method == "routes":
+            assert self.routes is not None
+            return self.routes.view()
+        if method == "vm_attach":
+            assert self.routes is not None
+            try:
+                return await self.routes.attach(
+                    _param(params, "grant", bytes),
+                    _param(params, "device", str),
+                    _param(params, "gateway", str),
+                )
+            except RoutingError as exc:
+                raise RpcError(str(exc)) from None
         raise RpcError(f"unknown method {method!r}")
+
+
+def _param(params: dict[str, Any], name: str, kind: type) -> Any:
+    value = params.get(name)
+    if not isinstance(value, kind):
+        raise RpcError(f"parameter {name!r} must be {kind.__name__}")
+    return value
 
 
 async def run_agent(
     config: Config, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Open everything the agent needs, run it until cancelled or signalled, close it all."""
+    from node.identity import load_or_create
+
     identity = await trio.to_thread.run_sync(load_or_create, config.state_dir)
     state = await trio.to_thread.run_sync(State, config.state_dir / "state.db")
     try:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -113,8 +113,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    _console().print(table)
     return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    peers = _rpc(args, "peers")
+    if args.json:
+        _print_json(peers)
+        return 0
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("node", "overlay", "endpoint", "state", "handshake", "rx", "tx"):
+        table.add_column(column, no_wrap=True)
+    now = time.time()
+    for peer in peers:
+        handshake = peer["last_handshake"]
+        table.add_row(
+            peer["short_id"],
+            peer["overlay_address"],
+            peer["endpoint"] or "-",
+            peer["state"],
+            _format_duration(now - handshake) + " ago" if handshake else "never",
+            _format_bytes(peer["rx_bytes"]),
+            _format_bytes(peer["tx_bytes"]),
+        )
+    _console().print(table)
+    return 0
+
+
+def _format_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
+
+
+def _console() -> Any:
+    """A rich console; when piped, wide enough that ids and addresses stay whole."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 
 
 def _rpc(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -129,12 +172,28 @@ def cmd_testbed(args: argparse.Namespace) -> int:
 
     try:
         if args.testbed_command == "up":
-            hosts = testbed.up(args.hosts, root=Path(args.root))
+            hosts = testbed.up(
+                args.hosts,
+                root=Path(args.root),
+                segments=args.segments,
+                mdns=not args.no_mdns,
+                bootstrap=args.bootstrap,
+            )
             if args.json:
                 _print_json(hosts)
             else:
                 for host in hosts:
                     print(f"{host['name']}  {host['netns']}  {host['underlay']}  {host['node_id']}")
+        elif args.testbed_command == "vm":
+            from node import testbed_vm
+
+            root = Path(args.root)
+            result = (
+                testbed_vm.vm_add(root, args.name)
+                if args.vm_action == "add"
+                else testbed_vm.vm_move(root, args.name, args.host)
+            )
+            _print_json(result)
         elif args.testbed_command == "down":
             removed = testbed.down(root=Path(args.root))
             if args.json:
@@ -181,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--state-dir", help="override node.state_dir")
 
     add_target(add("status", cmd_status, "show this node's agent: id, addresses, uptime, peers"))
+    add_target(
+        add("peers", cmd_peers, "list the swarm members this agent knows, with WireGuard state")
+    )
 
     from node.testbed import DEFAULT_ROOT
 
@@ -191,9 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     testbed_sub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="ACTION")
     up = testbed_sub.add_parser("up", help="start N hosts, each with an agent")
     up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--segments", type=int, default=1, help="1 bridge, or 2 joined by a router")
+    up.add_argument("--no-mdns", action="store_true", help="no multicast discovery")
+    up.add_argument("--bootstrap", action="store_true", help="every host joins through h1")
     up.add_argument("--json", action="store_true")
     down = testbed_sub.add_parser("down", help="stop every agent and remove every namespace")
     down.add_argument("--json", action="store_true")
+    vm = testbed_sub.add_parser("vm", help="VM stand-ins: namespaces holding a VM overlay address")
+    vm_sub = vm.add_subparsers(dest="vm_action", required=True, metavar="VM_ACTION")
+    vm_add = vm_sub.add_parser("add", help="make a VM stand-in (not yet attached)")
+    vm_add.add_argument("name")
+    vm_move = vm_sub.add_parser("move", help="attach it at HOST; the agents move its address")
+    vm_move.add_argument("name")
+    vm_move.add_argument("host")
     show = testbed_sub.add_parser("status", help="the running testbed's hosts")
     show.add_argument("--json", action="store_true")
 

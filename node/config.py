@@ -78,6 +78,15 @@ def _range(low: int, high: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _float_range(low: float, high: float) -> Callable[[Any], str | None]:
+    def check(value: float) -> str | None:
+        if not low <= value <= high:
+            return f"must be between {low:g} and {high:g}, got {value:g}"
+        return None
+
+    return check
+
+
 def _nonempty(limit: int) -> Callable[[Any], str | None]:
     def check(value: str) -> str | None:
         if not value or len(value) > limit:
@@ -103,6 +112,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("network", "bootstrap", list, list, _endpoint_list),
     Setting("network", "mdns", bool, lambda: True),
     Setting("network", "wireguard_port", int, lambda: 51820, _range(1, 65535)),
+    Setting("overlay", "enabled", bool, lambda: True),
+    Setting("overlay", "eager_limit", int, lambda: 64, _range(0, 100_000)),
+    Setting("overlay", "idle_expiry_s", int, lambda: 120, _range(5, 86400)),
+    Setting("overlay", "move_linger_s", float, lambda: 2.0, _float_range(0.0, 60.0)),
+    Setting("membership", "probe_interval_s", float, lambda: 0.5, _float_range(0.05, 60.0)),
+    Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
     Setting("control", "socket", str, lambda: ""),
     Setting("record", "lifetime_s", int, lambda: 3600, _range(60, 7 * 86400)),
     Setting("log", "level", str, lambda: "info", _one_of(LOG_LEVELS)),
@@ -186,17 +201,18 @@ def validate(flat: dict[str, Any], source: str) -> Config:
         problem = setting.check(value)
         if problem:
             raise ConfigError(f"{setting.key}: {problem}")
-        values[setting.key] = value
+        values[setting.key] = float(value) if setting.kind is float else value
     return Config(values, source)
 
 
 def _has_kind(value: Any, kind: type) -> bool:
     if kind is int:
         return type(value) is int
+    if kind is float:
+        return type(value) in (int, float)
     return isinstance(value, kind)
 
 
 def _kind_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}.get(
-        kind, kind.__name__
-    )
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return {**names, list: "a list"}.get(kind, kind.__name__)

@@ -29,6 +29,10 @@ MIGRATIONS: tuple[str, ...] = (
         record BLOB NOT NULL
     );
     """,
+    # 1 -> 2: accepted route claims (the route table's snapshot), in order.
+    """
+    CREATE TABLE route_claims (position INTEGER PRIMARY KEY, claim BLOB NOT NULL);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,11 +80,15 @@ class State:
 
     def next_counter(self, key: str) -> int:
         """Increment the durable counter `key` and return its new value, committed."""
+        return self.raise_counter(key, 0)
+
+    def raise_counter(self, key: str, at_least: int) -> int:
+        """Set the durable counter `key` to at least `at_least`, plus one; return it, committed."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-                value = (row[0] if row else 0) + 1
+                value = max((row[0] if row else 0) + 1, at_least)
                 self._db.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -91,6 +99,25 @@ class State:
                 self._db.execute("ROLLBACK")
                 raise
             return int(value)
+
+    def save_route_claims(self, blobs: list[bytes]) -> None:
+        """Replace the stored route table snapshot, atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM route_claims")
+                self._db.executemany(
+                    "INSERT INTO route_claims (position, claim) VALUES (?, ?)", enumerate(blobs)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def route_claims(self) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT claim FROM route_claims ORDER BY position").fetchall()
+        return [bytes(row[0]) for row in rows]
 
     def counter(self, key: str) -> int:
         with self._lock:

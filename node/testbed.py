@@ -68,7 +68,15 @@ def _load(root: Path) -> dict[str, Any] | None:
         raise TestbedError(f"cannot read {_state_file(root)}: {exc}") from None
 
 
-def host_config(name: str, state_dir: Path, underlay: str, swarm_id: str) -> str:
+def host_config(
+    name: str,
+    state_dir: Path,
+    underlay: str,
+    swarm_id: str,
+    mdns: bool = True,
+    bootstrap: tuple[str, ...] = (),
+) -> str:
+    peers = ", ".join(f'"{endpoint}"' for endpoint in bootstrap)
     return (
         "[node]\n"
         f'name = "{name}"\n'
@@ -76,14 +84,29 @@ def host_config(name: str, state_dir: Path, underlay: str, swarm_id: str) -> str
         f'swarm_id = "{swarm_id}"\n\n'
         "[network]\n"
         f'listen = "{underlay}:{AGENT_PORT}"\n'
-        "mdns = false\n"
+        f"mdns = {'true' if mdns else 'false'}\n"
+        f"bootstrap = [{peers}]\n"
     )
 
 
-def up(hosts: int, root: Path = DEFAULT_ROOT) -> list[dict[str, Any]]:
-    """Bring up `hosts` hosts with an agent each; return their descriptions."""
+def up(
+    hosts: int,
+    root: Path = DEFAULT_ROOT,
+    *,
+    segments: int = 1,
+    mdns: bool = True,
+    bootstrap: bool = False,
+) -> list[dict[str, Any]]:
+    """Bring up `hosts` hosts with an agent each; return their descriptions.
+
+    `segments` 2 puts the hosts on two bridges (198.51.100.0/25 and .128/25)
+    joined by a router namespace, which multicast does not cross. `bootstrap`
+    gives every host the first host's endpoint as its bootstrap list.
+    """
     if not 1 <= hosts <= MAX_HOSTS:
         raise TestbedError(f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
+    if segments not in (1, 2):
+        raise TestbedError(f"--segments must be 1 or 2, got {segments}")
     if os.geteuid() != 0:
         raise TestbedError("needs root (network namespaces)")
     if _load(root) is not None:
@@ -92,16 +115,25 @@ def up(hosts: int, root: Path = DEFAULT_ROOT) -> list[dict[str, Any]]:
         )
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     tag = _tag(root)
-    state: dict[str, Any] = {"tag": tag, "namespaces": [], "hosts": []}
+    state: dict[str, Any] = {
+        "tag": tag,
+        "swarm_id": f"testbed-{tag}",
+        "namespaces": [],
+        "hosts": [],
+        "vms": {},
+        "segments": segments,
+    }
     _save(root, state)
     try:
-        bridge_ns = f"gl-{tag}-br"
-        state["namespaces"].append(bridge_ns)
-        _save(root, state)
-        netns.add_namespace(bridge_ns)
-        netns.add_bridge(bridge_ns, "br0")
+        bridge_ns = _add_namespace(root, state, f"gl-{tag}-br")
+        for segment in range(segments):
+            netns.add_bridge(bridge_ns, f"br{segment}")
+        if segments == 2:
+            _add_router(root, state, bridge_ns)
+        first = f"{_underlay(1, hosts, segments)[0]}:{AGENT_PORT}"
         for index in range(1, hosts + 1):
-            _add_host(root, state, bridge_ns, index)
+            seeds = (first,) if bootstrap and index > 1 else ()
+            _add_host(root, state, bridge_ns, index, hosts, mdns, seeds)
         for host in state["hosts"]:
             host["node_id"] = _wait_for_agent(host)
         _save(root, state)
@@ -111,30 +143,69 @@ def up(hosts: int, root: Path = DEFAULT_ROOT) -> list[dict[str, Any]]:
     return [describe(host) for host in state["hosts"]]
 
 
-def _add_host(root: Path, state: dict[str, Any], bridge_ns: str, index: int) -> None:
+ROUTER_ADDRESSES = ("198.51.100.1", "198.51.100.129")
+
+
+def _underlay(index: int, hosts: int, segments: int) -> tuple[str, int, int]:
+    """(address, prefix length, segment) of host `index` (1-based)."""
+    if segments == 1:
+        return f"{UNDERLAY_PREFIX}{FIRST_HOST_OCTET + index - 1}", UNDERLAY_BITS, 0
+    half = (hosts + 1) // 2
+    segment = 0 if index <= half else 1
+    position = index if segment == 0 else index - half
+    return f"{UNDERLAY_PREFIX}{128 * segment + FIRST_HOST_OCTET + position - 1}", 25, segment
+
+
+def _add_namespace(root: Path, state: dict[str, Any], name: str) -> str:
+    state["namespaces"].append(name)
+    _save(root, state)
+    netns.add_namespace(name)
+    return name
+
+
+def _add_router(root: Path, state: dict[str, Any], bridge_ns: str) -> None:
+    router = _add_namespace(root, state, f"gl-{state['tag']}-rt")
+    netns.sysctl(router, "net.ipv4.ip_forward", "1")
+    for segment, address in enumerate(ROUTER_ADDRESSES):
+        netns.add_veth_to_bridge(
+            bridge_ns, f"br{segment}", f"rt{segment}", router, f"eth{segment}", f"{address}/25"
+        )
+
+
+def _add_host(
+    root: Path,
+    state: dict[str, Any],
+    bridge_ns: str,
+    index: int,
+    hosts: int,
+    mdns: bool,
+    bootstrap: tuple[str, ...],
+) -> None:
     name = f"h{index}"
     ns = f"gl-{state['tag']}-{name}"
-    underlay = f"{UNDERLAY_PREFIX}{FIRST_HOST_OCTET + index - 1}"
+    underlay, bits, segment = _underlay(index, hosts, state["segments"])
     host_dir = root / "hosts" / name
     host_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = host_dir / "agent.toml"
     config_path.write_text(
-        host_config(name, host_dir / "state", underlay, f"testbed-{state['tag']}")
+        host_config(name, host_dir / "state", underlay, state["swarm_id"], mdns, bootstrap)
     )
     host: dict[str, Any] = {
         "name": name,
         "netns": ns,
         "underlay": underlay,
+        "segment": segment,
         "dir": str(host_dir),
         "config": str(config_path),
         "socket": str(host_dir / "state" / "control.sock"),
         "pid": None,
     }
-    state["namespaces"].append(ns)
     state["hosts"].append(host)
-    _save(root, state)
-    netns.add_namespace(ns)
-    netns.add_veth_to_bridge(bridge_ns, "br0", name, ns, "eth0", f"{underlay}/{UNDERLAY_BITS}")
+    _add_namespace(root, state, ns)
+    netns.prepare_ipv6(ns, forwarding=True)
+    netns.add_veth_to_bridge(bridge_ns, f"br{segment}", name, ns, "eth0", f"{underlay}/{bits}")
+    if state["segments"] == 2:
+        netns.ip("route", "add", "default", "via", ROUTER_ADDRESSES[segment], netns=ns)
     start_agent(host)
     _save(root, state)
 
@@ -190,7 +261,67 @@ def _is_our_agent(host: dict[str, Any]) -> bool:
 
 
 def stop_agent(host: dict[str, Any], sig: signal.Signals = signal.SIGTERM) -> bool:
-    """Stop the host's agent by its PID; SIGKILL if it outlives the timeout."""
+    """Stop the host's agent by its PID; SIGKILL if it outlives the timeout.
+
+    An agent stops its own wireguard-go; one killed with SIGKILL cannot, so a
+    daemon it left behind (its PID file names it) is stopped here too.
+    """
+    try:
+        return _stop_agent(host, sig)
+    finally:
+        _stop_left_wireguard(host)
+
+
+def _stop_left_wireguard(host: dict[str, Any]) -> None:
+    pid_file = Path(host["dir"]) / "state" / "wireguard-go.pid"
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"wireguard-go" in cmdline:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.02)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_agent(host: dict[str, Any]) -> None:
+    """SIGKILL the host's agent and nothing else (a crash, for tests and benchmarks)."""
+    if _is_our_agent(host):
+        os.kill(host["pid"], signal.SIGKILL)
+        while _is_our_agent(host):
+            time.sleep(0.01)
+        _reap(host["pid"])
+
+
+def restart_agent(root: Path, name: str) -> dict[str, Any]:
+    """Start the named host's agent again (after a crash); return its description."""
+    state = _load(root)
+    if state is None:
+        raise TestbedError(f"no testbed is up under {root}")
+    for host in state["hosts"]:
+        if host["name"] == name:
+            if _is_our_agent(host):
+                raise TestbedError(f"the agent on {name} is still running")
+            start_agent(host)
+            _save(root, state)
+            host["node_id"] = _wait_for_agent(host)
+            return describe(host)
+    raise TestbedError(f"no host {name!r}")
+
+
+def _stop_agent(host: dict[str, Any], sig: signal.Signals) -> bool:
     if not _is_our_agent(host):
         return False
     os.kill(host["pid"], sig)
@@ -240,6 +371,7 @@ def describe(host: dict[str, Any]) -> dict[str, Any]:
         "netns": host["netns"],
         "node_id": host.get("node_id"),
         "underlay": host["underlay"],
+        "segment": host.get("segment", 0),
         "socket": host["socket"],
         "config": host["config"],
         "pid": host["pid"],

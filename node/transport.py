@@ -159,10 +159,15 @@ class Transport:
         return await self._sendto(self.underlay, frame, (host, port), UNDERLAY)
 
     async def send_overlay(self, node: NodeId, msg_type: MessageType, body: dict[str, Any]) -> bool:
+        address = str(node_address(self.swarm_id, node.key))
+        return await self.send_overlay_to(address, msg_type, body)
+
+    async def send_overlay_to(
+        self, address: str, msg_type: MessageType, body: dict[str, Any]
+    ) -> bool:
         if self.overlay is None:
             return False
         frame = encode_frame(self.identity, msg_type, self.next_seq(), body, sign=False)
-        address = str(node_address(self.swarm_id, node.key))
         return await self._sendto(self.overlay, frame, (address, self.port), OVERLAY)
 
     async def _sendto(

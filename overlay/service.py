@@ -27,11 +27,11 @@ import trio
 from node.identity import Identity, NodeId
 from node.records import PeerRecord
 from overlay.addressing import PREFIX_LEN, node_address
-from overlay.desired import desired_device
+from overlay.desired import DEFAULT_EAGER_LIMIT, desired_device
 from overlay.errors import OverlayError
 from overlay.wgbackend import UapiBackend
 from overlay.wgprocess import WireGuardGo, interface_name
-from overlay.wgstate import DeviceStatus, PeerStatus, diff
+from overlay.wgstate import DeviceConfig, DeviceStatus, PeerStatus, diff
 
 log = logging.getLogger("gleaner.overlay")
 
@@ -41,7 +41,15 @@ IDLE_EXPIRY_S = 120.0
 
 
 class OverlayService:
-    def __init__(self, identity: Identity, swarm_id: str, wg_port: int, state_dir: Path) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        swarm_id: str,
+        wg_port: int,
+        state_dir: Path,
+        eager_limit: int = DEFAULT_EAGER_LIMIT,
+        idle_expiry_s: float = IDLE_EXPIRY_S,
+    ) -> None:
         self.identity = identity
         self.swarm_id = swarm_id
         self.wg_port = wg_port
@@ -56,6 +64,8 @@ class OverlayService:
         self.device: DeviceStatus | None = None
         self.changes_applied = 0
         self.restarts = 0
+        self.eager_limit = eager_limit
+        self.idle_expiry_s = idle_expiry_s
         self._lock = trio.Lock()
         self._wake = trio.Event()
 
@@ -126,7 +136,7 @@ class OverlayService:
 
     def active(self, now: float) -> frozenset[NodeId]:
         for node_id, used in list(self.last_used.items()):
-            if now - used > IDLE_EXPIRY_S:
+            if now - used > self.idle_expiry_s:
                 del self.last_used[node_id]
         return frozenset(self.last_used)
 
@@ -135,16 +145,14 @@ class OverlayService:
     async def reconcile(self) -> None:
         """Make the device match the desired state; log and count what changed."""
         async with self._lock:
-            desired = desired_device(
-                private_key=bytes(self.identity.wireguard_key),
-                listen_port=self.wg_port,
-                swarm_id=self.swarm_id,
-                members=self.members.values(),
-                routes=self.routes,
-                active=self.active(time.time()),
-            )
+            try:
+                desired = self._desired()
+            except ValueError as exc:  # a bug here, never a peer's doing: desired_device filters
+                log.error("computing the desired state of %s failed: %s", self.ifname, exc)
+                return
             try:
                 actual = await trio.to_thread.run_sync(self.backend.read)
+
                 changes = diff(actual, desired)
                 if changes:
                     await trio.to_thread.run_sync(self.backend.apply, changes)
@@ -156,6 +164,17 @@ class OverlayService:
                 log.warning("reconciling %s failed: %s", self.ifname, exc)
                 return
             self.device = actual
+
+    def _desired(self) -> DeviceConfig:
+        return desired_device(
+            private_key=bytes(self.identity.wireguard_key),
+            listen_port=self.wg_port,
+            swarm_id=self.swarm_id,
+            members=self.members.values(),
+            routes=self.routes,
+            active=self.active(time.time()),
+            eager_limit=self.eager_limit,
+        )
 
     def reconcile_soon(self) -> None:
         self._wake.set()

@@ -25,6 +25,8 @@ def write_config(path: Path, state_dir: Path, **network: str | bool) -> Path:
         "[network]",
         f'listen = "{listen}"',
         "mdns = false",  # agents in the root namespace never multicast
+        "[overlay]",
+        "enabled = false",  # and make no WireGuard device there
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -111,7 +111,7 @@ def fuzzed_agent(tmp_path_factory):
 def _ping(sock: socket.socket, address: tuple[str, int], nonce: int) -> int:
     identity = Identity.generate()
     sock.settimeout(5)
-    sock.sendto(encode_frame(identity, MessageType.PING, 1, {"nonce": nonce}), address)
+    sock.sendto(encode_frame(identity, MessageType.PING, 1, {"nonce": nonce}, sign=True), address)
     while True:
         reply = decode_frame(sock.recvfrom(65536)[0])
         if reply.type is MessageType.ACK and reply.body["nonce"] == nonce:
@@ -165,11 +165,11 @@ def test_record_message_is_verified_and_persisted(fuzzed_agent):
         expires=2**40,
     )
     before = agent.status()["peer_count"]
-    frame = encode_frame(other, MessageType.RECORD, 1, {"record": record.blob})
+    frame = encode_frame(other, MessageType.RECORD, 1, {"record": record.blob}, sign=True)
     sock.sendto(frame, address)
     payload, _ = msgpack.unpackb(record.blob)
     forged = msgpack.packb([payload, bytes(64)])
-    sock.sendto(encode_frame(other, MessageType.RECORD, 2, {"record": forged}), address)
+    sock.sendto(encode_frame(other, MessageType.RECORD, 2, {"record": forged}, sign=True), address)
     assert _ping(sock, address, 5)  # both handled by now: frames are processed in order
     assert agent.status()["peer_count"] == before + 1
     db = sqlite3.connect(Path(agent.state_dir) / "state.db")

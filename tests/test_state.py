@@ -44,3 +44,39 @@ def test_newer_schema_is_refused(tmp_path):
     db.close()
     with pytest.raises(StateError, match="newer"):
         State(path)
+
+
+def test_raise_counter_jumps_forward_but_never_back(tmp_path):
+    state = State(tmp_path / "state.db")
+    assert state.next_counter("seq") == 1
+    assert state.raise_counter("seq", 10) == 10
+    assert state.raise_counter("seq", 3) == 11
+    state.close()
+
+
+def test_route_claims_snapshot_is_replaced_whole(tmp_path):
+    state = State(tmp_path / "state.db")
+    state.save_route_claims([b"a", b"b"])
+    state.save_route_claims([b"c"])
+    assert state.route_claims() == [b"c"]
+    state.close()
+    assert State(tmp_path / "state.db").route_claims() == [b"c"]
+
+
+def test_version_one_database_is_migrated(tmp_path):
+    import sqlite3
+
+    from node.state import MIGRATIONS
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute("PRAGMA user_version=1")
+    db.execute("INSERT INTO meta VALUES ('record_seq', 7)")
+    db.commit()
+    db.close()
+    state = State(path)
+    assert state.schema_version == SCHEMA_VERSION
+    assert state.counter("record_seq") == 7
+    assert state.route_claims() == []
+    state.close()

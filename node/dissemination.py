@@ -1,0 +1,578 @@
+"""SWIM's dissemination component: updates, the member table, and spreading news.
+
+SWIM has two halves: a failure detector (probing; node/membership.py) and a
+dissemination component that spreads what it finds and keeps every node's member
+list by the same rules. This module is the second half, with no I/O.
+
+Theory of operation
+-------------------
+News travels as *updates*, each a msgpack-encoded ``bytes`` item of the
+``updates`` list that PING, ACK, PING_REQ and GOSSIP carry:
+
+    [0, record_blob]                  ALIVE: a signed peer record, self-certifying
+    [1, node, incarnation, accuser]   SUSPECT: a claim by `accuser` (32-byte ids)
+    [2, node, incarnation, accuser]   DEAD: likewise; accuser == node means LEFT
+    [3, topic, key, payload]          BROADCAST: opaque news for a layer above
+
+``decode_update`` checks shapes and limits and raises only RemoteProtocolError.
+
+``MemberTable`` holds the newest verified record of every other node, its state
+and the time of the last change. The incarnation is the record's seq. ALIVE{i}
+beats anything below i; SUSPECT{i} beats ALIVE{i}; DEAD{i} beats both; a claim
+above the held seq is refused, one below it is stale. A suspicion dies into DEAD
+at a deadline (``suspicion_timeout(n, confirmations)``, Lifeguard-style: more
+independent accusers, sooner), kept in a heap whose stale items are skipped. The
+dead are forgotten after ``dead_reclaim_s`` but leave a tombstone (their seq), so
+a late copy of the dead record cannot bring them back; only a higher seq can.
+Every change is reported through ``on_change`` and queued as news.
+
+``TransmitLimitedQueue`` (memberlist's idea) holds the news still to pass on.
+Each item is handed out at most ``retransmit_mult * ceil(log10(n + 1))`` times:
+enough for an epidemic to reach all ``n`` nodes with high probability. The
+least-sent go first, the newest first among equals. An item queued under the key
+of a queued one replaces it (a newer state of the member, a newer broadcast for
+the same topic and key). Items live in buckets by transmit count (about twenty
+even for 10,000 nodes), so taking ``k`` items costs O(k + limit).
+
+``RandomSet`` is a set with O(1) add, discard and uniform choice (a list plus an
+index map; removal swaps the last item into the hole), so gossip targets, probe
+helpers and join samples never scan the membership. ``SeenSet`` remembers the
+digests of the newest broadcasts, bounded.
+
+Invariants
+----------
+- A member's incarnation is its held record's seq; the table never holds this
+  node itself. ``live`` is exactly the ALIVE and SUSPECT members, ``alive`` the
+  ALIVE ones, ``known`` every member not yet forgotten.
+- A queue key is in at most one bucket; an item has been handed out as many
+  times as its bucket's index. ``take`` returns at most ``max_count`` items whose
+  sizes, each with msgpack's item header, add up to at most ``max_bytes``.
+- Nothing here reads a clock or a global random source.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Container, Hashable, Iterator, MutableSequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgpack
+
+from node.identity import NodeId
+from node.records import PeerRecord
+from node.wire import MAX_SEQ, RemoteProtocolError, unpack_limited
+
+ITEM_OVERHEAD_BYTES = 5  # the largest msgpack bin header (bin 32)
+DEFAULT_MAX_ITEMS = 4096
+MAX_TOPIC_BYTES = 64
+MAX_KEY_BYTES = 256
+MAX_BROADCAST_PAYLOAD_BYTES = 4096
+MAX_TOMBSTONES = 65536
+
+T = TypeVar("T", bound=Hashable)
+
+
+class RandomSource(Protocol):
+    """The part of ``random.Random`` the cores use; pass a seeded ``random.Random``."""
+
+    def random(self) -> float: ...
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int: ...
+
+    def shuffle(self, x: MutableSequence[Any]) -> None: ...
+
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+class UpdateKind(enum.IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    BROADCAST = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    kind: UpdateKind  # SUSPECT or DEAD
+    node: NodeId
+    incarnation: int
+    accuser: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    topic: str
+    key: bytes
+    payload: bytes
+
+
+Update = Alive | Claim | Broadcast
+
+
+def encode_update(update: Update) -> bytes:
+    if isinstance(update, Alive):
+        items: list[Any] = [UpdateKind.ALIVE, update.blob]
+    elif isinstance(update, Claim):
+        items = [update.kind, update.node.key, update.incarnation, update.accuser.key]
+    else:
+        items = [UpdateKind.BROADCAST, update.topic, update.key, update.payload]
+    packed: bytes = msgpack.packb(items, use_bin_type=True)
+    return packed
+
+
+def decode_update(data: object) -> Update:
+    """Parse one update. Raises RemoteProtocolError only."""
+    if not isinstance(data, bytes):
+        raise RemoteProtocolError("update is not bytes")
+    items = unpack_limited(data)
+    if not isinstance(items, list) or not items or type(items[0]) is not int:
+        raise RemoteProtocolError("update is not [kind, ...]")
+    kind = items[0]
+    if kind == UpdateKind.ALIVE and len(items) == 2 and isinstance(items[1], bytes):
+        return Alive(items[1])
+    if kind in (UpdateKind.SUSPECT, UpdateKind.DEAD) and len(items) == 4:
+        _, node, incarnation, accuser = items
+        if not (_is_key(node) and _is_key(accuser)):
+            raise RemoteProtocolError("claim node or accuser is not a 32-byte id")
+        if type(incarnation) is not int or not 0 <= incarnation <= MAX_SEQ:
+            raise RemoteProtocolError("claim incarnation is not a uint64")
+        return Claim(UpdateKind(kind), NodeId(node), incarnation, NodeId(accuser))
+    if kind == UpdateKind.BROADCAST and len(items) == 4:
+        _, topic, key, payload = items
+        check_broadcast(topic, key, payload, RemoteProtocolError)
+        return Broadcast(topic, key, payload)
+    raise RemoteProtocolError(f"malformed update of kind {kind}")
+
+
+def check_broadcast(topic: object, key: object, payload: object, error: type[Exception]) -> None:
+    """Raise `error` unless topic, key and payload are within the broadcast limits."""
+    if not isinstance(topic, str) or not 0 < len(topic.encode()) <= MAX_TOPIC_BYTES:
+        raise error("broadcast topic is not a short string")
+    if not isinstance(key, bytes) or len(key) > MAX_KEY_BYTES:
+        raise error("broadcast key is not short bytes")
+    if not isinstance(payload, bytes) or len(payload) > MAX_BROADCAST_PAYLOAD_BYTES:
+        raise error("broadcast payload is not bytes within the limit")
+
+
+def _is_key(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == 32
+
+
+def retransmit_limit(retransmit_mult: int, members: int) -> int:
+    """How many times one item is sent in a swarm of `members` nodes (at least `mult`)."""
+    return retransmit_mult * max(1, math.ceil(math.log10(members + 1)))
+
+
+class TransmitLimitedQueue:
+    """Updates waiting to be piggybacked, least-sent first, each sent a bounded number of times."""
+
+    def __init__(self, retransmit_mult: int, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        if retransmit_mult < 1 or max_items < 1:
+            raise ValueError("retransmit_mult and max_items must be at least 1")
+        self._mult = retransmit_mult
+        self._max_items = max_items
+        self._buckets: list[dict[Hashable, bytes]] = [{}]
+        self._where: dict[Hashable, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def transmits(self, key: Hashable) -> int | None:
+        """How often the item under `key` has been handed out; None if not queued."""
+        return self._where.get(key)
+
+    def enqueue(self, key: Hashable, payload: bytes) -> None:
+        """Queue `payload` under `key`, replacing any queued item with that key."""
+        self.discard(key)
+        self._buckets[0][key] = payload
+        self._where[key] = 0
+        if len(self._where) > self._max_items:
+            self._drop_most_sent()
+
+    def discard(self, key: Hashable) -> None:
+        bucket = self._where.pop(key, None)
+        if bucket is not None:
+            del self._buckets[bucket][key]
+
+    def take(self, members: int, max_count: int, max_bytes: int) -> list[bytes]:
+        """Hand out up to `max_count` items within `max_bytes`, least-sent and newest first."""
+        limit = retransmit_limit(self._mult, members)
+        picked: list[tuple[int, Hashable, bytes]] = []
+        used = 0
+        scanned = 0
+        for count, bucket in enumerate(self._buckets):
+            if len(picked) >= max_count or scanned > 4 * max_count:
+                break
+            if count >= limit:  # the swarm shrank: these were sent often enough
+                for key in bucket:
+                    del self._where[key]
+                bucket.clear()
+                continue
+            for key in reversed(bucket):
+                scanned += 1
+                payload = bucket[key]
+                size = len(payload) + ITEM_OVERHEAD_BYTES
+                if used + size <= max_bytes:
+                    picked.append((count, key, payload))
+                    used += size
+                    if len(picked) >= max_count:
+                        break
+                if scanned > 4 * max_count:  # items too big for what is left: stop looking
+                    break
+        for count, key, payload in picked:
+            del self._buckets[count][key]
+            if count + 1 >= limit:
+                del self._where[key]
+                continue
+            if count + 1 == len(self._buckets):
+                self._buckets.append({})
+            self._buckets[count + 1][key] = payload
+            self._where[key] = count + 1
+        return [payload for _, _, payload in picked]
+
+    def _drop_most_sent(self) -> None:
+        for bucket in reversed(self._buckets):
+            if bucket:
+                oldest = next(iter(bucket))
+                del bucket[oldest]
+                del self._where[oldest]
+                return
+
+
+class RandomSet(Generic[T]):
+    """A set with O(1) add, discard and uniform random sampling."""
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._index: dict[T, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._index
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self._items))
+
+    def add(self, item: T) -> None:
+        if item not in self._index:
+            self._index[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: T) -> None:
+        position = self._index.pop(item, None)
+        if position is None:
+            return
+        last = self._items.pop()
+        if position < len(self._items):
+            self._items[position] = last
+            self._index[last] = position
+
+    def sample(self, rng: RandomSource, k: int, exclude: Container[T] = ()) -> list[T]:
+        """Up to `k` distinct random items not in `exclude` (a small container)."""
+        size = len(self._items)
+        if k <= 0 or size == 0:
+            return []
+        if size <= 4 * k + 4:  # small set: a partial shuffle of the eligible items
+            eligible = [item for item in self._items if item not in exclude]
+            chosen: list[T] = []
+            while eligible and len(chosen) < k:
+                j = rng.randrange(len(eligible))
+                eligible[j], eligible[-1] = eligible[-1], eligible[j]
+                chosen.append(eligible.pop())
+            return chosen
+        chosen = []
+        for _ in range(8 * k):  # rejection sampling; misses are rare when size >> k
+            item = self._items[rng.randrange(size)]
+            if item not in exclude and item not in chosen:
+                chosen.append(item)
+                if len(chosen) == k:
+                    break
+        return chosen
+
+
+class SeenSet:
+    """The digests of the newest `capacity` distinct broadcasts seen."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._digests: dict[bytes, None] = {}
+
+    def add(self, update: Broadcast) -> bool:
+        """Remember `update`; False if it was already remembered."""
+        digest = hashlib.blake2b(encode_update(update), digest_size=16).digest()
+        if digest in self._digests:
+            return False
+        self._digests[digest] = None
+        if len(self._digests) > self._capacity:
+            del self._digests[next(iter(self._digests))]
+        return True
+
+
+# -- the member table ----------------------------------------------------------------
+
+
+class MemberState(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A read-only snapshot of one member."""
+
+    node_id: NodeId
+    record: PeerRecord
+    state: MemberState
+    incarnation: int
+    since: float
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: PeerRecord
+    state: MemberState
+    since: float
+    accusers: list[NodeId] = field(default_factory=list)
+    suspect_deadline: float = math.inf
+
+
+OnChange = Callable[[NodeId, MemberState, PeerRecord], None]
+
+
+class MemberTable:
+    """The other members, SWIM's precedence rules, suspicion timers and the news queue."""
+
+    def __init__(
+        self,
+        own_id: NodeId,
+        rng: RandomSource,
+        stats: Counter[str],
+        on_change: OnChange,
+        *,
+        retransmit_mult: int,
+        dead_reclaim_s: float,
+        suspicion_timeout: Callable[[int, int], float],
+        max_accusers: int,
+    ) -> None:
+        self.own_id = own_id
+        self.live: RandomSet[NodeId] = RandomSet()  # ALIVE and SUSPECT
+        self.alive: RandomSet[NodeId] = RandomSet()
+        self.known: RandomSet[NodeId] = RandomSet()  # every member not yet forgotten
+        self.queue = TransmitLimitedQueue(retransmit_mult)
+        self._rng = rng
+        self._stats = stats
+        self._on_change = on_change
+        self._dead_reclaim_s = dead_reclaim_s
+        self._timeout = suspicion_timeout
+        self._max_accusers = max_accusers
+        self._entries: dict[NodeId, _Entry] = {}
+        self._held: dict[bytes, NodeId] = {}  # the blob of every held record
+        self._tombstones: dict[NodeId, int] = {}  # forgotten dead: seq
+        self._suspicions: list[tuple[float, int, NodeId]] = []  # heap, stale items skipped
+        self._pushes = 0
+        self._reclaims: deque[tuple[float, NodeId, float]] = deque()
+        self._order: list[NodeId] = []
+        self._order_pos = 0
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._entries
+
+    def get(self, node: NodeId) -> Member | None:
+        entry = self._entries.get(node)
+        if entry is None:
+            return None
+        return Member(node, entry.record, entry.state, entry.record.seq, entry.since)
+
+    def members(self) -> list[Member]:
+        return [m for m in map(self.get, self._entries) if m is not None]
+
+    def state_of(self, node: NodeId) -> MemberState | None:
+        entry = self._entries.get(node)
+        return None if entry is None else entry.state
+
+    def record_of(self, node: NodeId) -> PeerRecord:
+        return self._entries[node].record
+
+    def holds(self, blob: bytes) -> bool:
+        return blob in self._held
+
+    def tombstone(self, node: NodeId) -> int | None:
+        return self._tombstones.get(node)
+
+    def spread(self, update: Update, about: NodeId | None = None) -> None:
+        """Queue news; it replaces queued news about the same member or broadcast key."""
+        key = ("b", update.topic, update.key) if isinstance(update, Broadcast) else ("m", about)
+        self.queue.enqueue(key, encode_update(update))
+
+    def learn(self, record: PeerRecord, now: float) -> None:
+        """Offer a verified record of another node: ALIVE at its seq if newer than ours."""
+        node = record.node_id
+        if record.is_expired(now):
+            self._stats["updates_rejected"] += 1
+            return
+        entry = self._entries.get(node)
+        if entry is None:
+            if record.seq <= self._tombstones.get(node, -1):
+                self._stats["updates_stale"] += 1  # a late copy of a forgotten dead record
+                return
+            self._tombstones.pop(node, None)
+            self._entries[node] = _Entry(record, MemberState.ALIVE, now)
+            self._held[record.blob] = node
+            self.known.add(node)
+            self.alive.add(node)
+            self._became_live(node)
+        elif record.seq < entry.record.seq:
+            self._stats["updates_stale"] += 1
+            return
+        elif record.seq == entry.record.seq:  # a re-encoded duplicate, or equivocation
+            self._stats["updates_duplicate" if record == entry.record else "updates_rejected"] += 1
+            return
+        else:
+            del self._held[entry.record.blob]
+            self._held[record.blob] = node
+            entry.record = record
+            if entry.state is not MemberState.ALIVE:
+                self._set_state(node, entry, MemberState.ALIVE, now)
+                return
+        self._stats["updates_applied"] += 1
+        self._on_change(node, MemberState.ALIVE, record)
+        self.spread(Alive(record.blob), node)
+
+    def accuse(self, claim: Claim, now: float) -> None:
+        """Apply a SUSPECT or DEAD claim about another node, by SWIM's precedence."""
+        entry = self._entries.get(claim.node)
+        if entry is None:
+            self._stats["updates_ignored"] += 1  # about a node we do not know
+        elif claim.incarnation < entry.record.seq:
+            self._stats["updates_stale"] += 1  # already refuted
+        elif claim.incarnation > entry.record.seq:
+            self._stats["updates_rejected"] += 1  # an incarnation we never saw
+        elif claim.kind is UpdateKind.SUSPECT:
+            self._suspect(claim.node, entry, claim.accuser, now)
+        else:
+            self._kill(claim.node, entry, claim.accuser, now)
+
+    def suspect(self, node: NodeId, now: float) -> None:
+        """Our own probe of `node` failed."""
+        entry = self._entries.get(node)
+        if entry is not None and entry.state in LIVE:
+            self._suspect(node, entry, self.own_id, now)
+
+    def claim_about(self, node: NodeId) -> list[bytes]:
+        """The claim we hold against `node` (none if ALIVE or unknown), for the buddy system."""
+        entry = self._entries.get(node)
+        if entry is None or entry.state is MemberState.ALIVE:
+            return []
+        kind = UpdateKind.SUSPECT if entry.state is MemberState.SUSPECT else UpdateKind.DEAD
+        accuser = node if entry.state is MemberState.LEFT else (entry.accusers or [self.own_id])[0]
+        return [encode_update(Claim(kind, node, entry.record.seq, accuser))]
+
+    def next_probe_target(self) -> NodeId | None:
+        """The next live member of a shuffled round-robin, reshuffled every pass."""
+        for _ in range(len(self._order) + 1 if self.live else 0):
+            if self._order_pos >= len(self._order):
+                self._order = list(self.live)
+                self._rng.shuffle(self._order)
+                self._order_pos = 0
+            node = self._order[self._order_pos]
+            self._order_pos += 1
+            if self.state_of(node) in LIVE:
+                return node
+        return None
+
+    def next_deadline(self) -> float:
+        return self._suspicions[0][0] if self._suspicions else math.inf
+
+    def expire(self, now: float) -> None:
+        """Suspicions past their deadline die; the dead are forgotten after `dead_reclaim_s`."""
+        while self._suspicions and self._suspicions[0][0] <= now:
+            deadline, _, node = heapq.heappop(self._suspicions)
+            entry = self._entries.get(node)
+            if entry and entry.state is MemberState.SUSPECT and entry.suspect_deadline == deadline:
+                self._kill(node, entry, self.own_id, now)
+        while self._reclaims and self._reclaims[0][0] <= now:
+            _, node, since = self._reclaims.popleft()
+            entry = self._entries.get(node)
+            if entry is not None and entry.state not in LIVE and entry.since == since:
+                del self._entries[node]
+                del self._held[entry.record.blob]
+                self.known.discard(node)
+                self._tombstones[node] = entry.record.seq
+                if len(self._tombstones) > MAX_TOMBSTONES:
+                    del self._tombstones[next(iter(self._tombstones))]
+
+    def _suspect(self, node: NodeId, entry: _Entry, accuser: NodeId, now: float) -> None:
+        members = len(self.live) + 1
+        if entry.state is MemberState.ALIVE:
+            self._stats["suspicions"] += 1
+            entry.accusers = [accuser]
+            self._set_state(node, entry, MemberState.SUSPECT, now)
+            deadline = now + self._timeout(members, 0)
+        elif entry.state is MemberState.SUSPECT and accuser not in entry.accusers:
+            if len(entry.accusers) > self._max_accusers:
+                self._stats["updates_duplicate"] += 1
+                return
+            self._stats["confirmations"] += 1
+            entry.accusers.append(accuser)
+            timeout = self._timeout(members, len(entry.accusers) - 1)
+            deadline = min(entry.suspect_deadline, entry.since + timeout)
+        else:
+            self._stats["updates_duplicate"] += 1
+            return
+        entry.suspect_deadline = deadline
+        self._pushes += 1
+        heapq.heappush(self._suspicions, (deadline, self._pushes, node))
+        self.spread(Claim(UpdateKind.SUSPECT, node, entry.record.seq, accuser), node)
+
+    def _kill(self, node: NodeId, entry: _Entry, accuser: NodeId, now: float) -> None:
+        if entry.state not in LIVE:
+            self._stats["updates_duplicate"] += 1
+            return
+        left = accuser == node
+        self._stats["leaves" if left else "deaths"] += 1
+        self._set_state(node, entry, MemberState.LEFT if left else MemberState.DEAD, now)
+        self._reclaims.append((now + self._dead_reclaim_s, node, now))
+        self.spread(Claim(UpdateKind.DEAD, node, entry.record.seq, accuser), node)
+
+    def _set_state(self, node: NodeId, entry: _Entry, state: MemberState, now: float) -> None:
+        was_live = entry.state in LIVE
+        entry.state, entry.since = state, now
+        self._stats["updates_applied"] += 1
+        if state is MemberState.ALIVE:
+            self.alive.add(node)
+            entry.accusers, entry.suspect_deadline = [], math.inf
+        else:
+            self.alive.discard(node)
+        if state in LIVE and not was_live:
+            self._became_live(node)
+        elif state not in LIVE:
+            self.live.discard(node)
+        self._on_change(node, state, entry.record)
+        if state is MemberState.ALIVE:
+            self.spread(Alive(entry.record.blob), node)
+
+    def _became_live(self, node: NodeId) -> None:
+        self.live.add(node)
+        self._order.append(node)  # into the current pass at a random place, in O(1)
+        j = self._rng.randrange(len(self._order))
+        self._order[j], self._order[-1] = self._order[-1], self._order[j]
