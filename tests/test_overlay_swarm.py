@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_root
+from swarm import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
+
 from node import testbed, testbed_vm
 from node.identity import Identity
 from node.records import Capabilities, sign_record
 from node.wire import MessageType, encode_frame
-from swarm import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
 
 pytestmark = [needs_root, pytest.mark.netns]
 

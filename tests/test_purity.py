@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORES = [
     "node/wire.py",
     "node/records.py",
+    "node/membership.py",
+    "node/dissemination.py",
     "overlay/addressing.py",
     "overlay/wgstate.py",
     "overlay/desired.py",
