@@ -434,6 +434,8 @@ class Agent:
         if method == "status":
             return self.status()
         if method == "peers":
+            if self.overlay is not None:
+                await self.overlay.refresh()
             return self.peers()
         if method == "peer_record":
             return self.record.blob if self.record else b""

@@ -58,7 +58,7 @@ import heapq
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Container, Hashable, Iterator, MutableSequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
@@ -94,6 +94,9 @@ class UpdateKind(enum.IntEnum):
     SUSPECT = 1
     DEAD = 2
     BROADCAST = 3
+
+
+ALIVE_PREFIX = b"\x92\x00"  # how every encoded ALIVE update starts: msgpack [0, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,10 @@ def check_broadcast(topic: object, key: object, payload: object, error: type[Exc
         raise error("broadcast key is not short bytes")
     if not isinstance(payload, bytes) or len(payload) > MAX_BROADCAST_PAYLOAD_BYTES:
         raise error("broadcast payload is not bytes within the limit")
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _is_key(value: object) -> bool:
@@ -314,7 +321,7 @@ class SeenSet:
 
     def add(self, update: Broadcast) -> bool:
         """Remember `update`; False if it was already remembered."""
-        digest = hashlib.blake2b(encode_update(update), digest_size=16).digest()
+        digest = _digest(encode_update(update))
         if digest in self._digests:
             return False
         self._digests[digest] = None
@@ -352,7 +359,7 @@ class _Entry:
     record: PeerRecord
     state: MemberState
     since: float
-    accusers: list[NodeId] = field(default_factory=list)
+    accusers: tuple[NodeId, ...] = ()
     suspect_deadline: float = math.inf
 
 
@@ -386,7 +393,7 @@ class MemberTable:
         self._timeout = suspicion_timeout
         self._max_accusers = max_accusers
         self._entries: dict[NodeId, _Entry] = {}
-        self._held: dict[bytes, NodeId] = {}  # the blob of every held record
+        self._held: dict[bytes, NodeId] = {}  # signature of each held record: its node
         self._tombstones: dict[NodeId, int] = {}  # forgotten dead: seq
         self._suspicions: list[tuple[float, int, NodeId]] = []  # heap, stale items skipped
         self._pushes = 0
@@ -413,8 +420,10 @@ class MemberTable:
     def record_of(self, node: NodeId) -> PeerRecord:
         return self._entries[node].record
 
-    def holds(self, blob: bytes) -> bool:
-        return blob in self._held
+    def holds(self, data: bytes) -> bool:
+        """True if `data` ends with the blob of a record we hold (a blob ends in its signature)."""
+        node = self._held.get(data[-64:])
+        return node is not None and data.endswith(self._entries[node].record.blob)
 
     def tombstone(self, node: NodeId) -> int | None:
         return self._tombstones.get(node)
@@ -437,7 +446,7 @@ class MemberTable:
                 return
             self._tombstones.pop(node, None)
             self._entries[node] = _Entry(record, MemberState.ALIVE, now)
-            self._held[record.blob] = node
+            self._held[record.signature] = node
             self.known.add(node)
             self.alive.add(node)
             self._became_live(node)
@@ -448,8 +457,8 @@ class MemberTable:
             self._stats["updates_duplicate" if record == entry.record else "updates_rejected"] += 1
             return
         else:
-            del self._held[entry.record.blob]
-            self._held[record.blob] = node
+            del self._held[entry.record.signature]
+            self._held[record.signature] = node
             entry.record = record
             if entry.state is not MemberState.ALIVE:
                 self._set_state(node, entry, MemberState.ALIVE, now)
@@ -484,7 +493,7 @@ class MemberTable:
         if entry is None or entry.state is MemberState.ALIVE:
             return []
         kind = UpdateKind.SUSPECT if entry.state is MemberState.SUSPECT else UpdateKind.DEAD
-        accuser = node if entry.state is MemberState.LEFT else (entry.accusers or [self.own_id])[0]
+        accuser = node if entry.state is MemberState.LEFT else (entry.accusers or (self.own_id,))[0]
         return [encode_update(Claim(kind, node, entry.record.seq, accuser))]
 
     def next_probe_target(self) -> NodeId | None:
@@ -515,7 +524,7 @@ class MemberTable:
             entry = self._entries.get(node)
             if entry is not None and entry.state not in LIVE and entry.since == since:
                 del self._entries[node]
-                del self._held[entry.record.blob]
+                del self._held[entry.record.signature]
                 self.known.discard(node)
                 self._tombstones[node] = entry.record.seq
                 if len(self._tombstones) > MAX_TOMBSTONES:
@@ -525,7 +534,7 @@ class MemberTable:
         members = len(self.live) + 1
         if entry.state is MemberState.ALIVE:
             self._stats["suspicions"] += 1
-            entry.accusers = [accuser]
+            entry.accusers = (accuser,)
             self._set_state(node, entry, MemberState.SUSPECT, now)
             deadline = now + self._timeout(members, 0)
         elif entry.state is MemberState.SUSPECT and accuser not in entry.accusers:
@@ -533,7 +542,7 @@ class MemberTable:
                 self._stats["updates_duplicate"] += 1
                 return
             self._stats["confirmations"] += 1
-            entry.accusers.append(accuser)
+            entry.accusers += (accuser,)
             timeout = self._timeout(members, len(entry.accusers) - 1)
             deadline = min(entry.suspect_deadline, entry.since + timeout)
         else:
@@ -560,7 +569,7 @@ class MemberTable:
         self._stats["updates_applied"] += 1
         if state is MemberState.ALIVE:
             self.alive.add(node)
-            entry.accusers, entry.suspect_deadline = [], math.inf
+            entry.accusers, entry.suspect_deadline = (), math.inf
         else:
             self.alive.discard(node)
         if state in LIVE and not was_live:

@@ -221,6 +221,7 @@ def start_agent(host: dict[str, Any]) -> int:
         )
     # `ip netns exec` execs the command, so this PID is the agent's own.
     host["pid"] = process.pid
+    host["started_at"] = time.time()
     return process.pid
 
 
@@ -375,6 +376,7 @@ def describe(host: dict[str, Any]) -> dict[str, Any]:
         "socket": host["socket"],
         "config": host["config"],
         "pid": host["pid"],
+        "started_at": host.get("started_at"),
     }
 
 

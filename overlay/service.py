@@ -31,11 +31,22 @@ from overlay.desired import DEFAULT_EAGER_LIMIT, desired_device
 from overlay.errors import OverlayError
 from overlay.wgbackend import UapiBackend
 from overlay.wgprocess import WireGuardGo, interface_name
-from overlay.wgstate import DeviceConfig, DeviceStatus, PeerStatus, diff
+from overlay.wgstate import (
+    AddPeer,
+    DeviceConfig,
+    DeviceStatus,
+    PeerStatus,
+    RemovePeer,
+    diff,
+    short_key,
+)
 
 log = logging.getLogger("gleaner.overlay")
 
 RECONCILE_PERIOD_S = 1.0
+FAST_PERIOD_S = 0.1
+KICK_AFTER_S = 0.3
+KICK_INTERVAL_S = 1.5
 SESSION_FRESH_S = 180.0
 IDLE_EXPIRY_S = 120.0
 
@@ -64,6 +75,9 @@ class OverlayService:
         self.device: DeviceStatus | None = None
         self.changes_applied = 0
         self.restarts = 0
+        self.handshake_kicks = 0
+        self._added_at: dict[bytes, float] = {}
+        self._kicked_at: dict[bytes, float] = {}
         self.eager_limit = eager_limit
         self.idle_expiry_s = idle_expiry_s
         self._lock = trio.Lock()
@@ -96,11 +110,60 @@ class OverlayService:
 
     async def run(self) -> None:
         while True:
-            with trio.move_on_after(RECONCILE_PERIOD_S):
+            period = FAST_PERIOD_S if self._awaiting_handshake() else RECONCILE_PERIOD_S
+            with trio.move_on_after(period):
                 await self._wake.wait()
             self._wake = trio.Event()
             await self.check_health()
             await self.reconcile()
+            await self.kick_stalled_handshakes()
+
+    def _awaiting_handshake(self) -> bool:
+        return self.device is not None and any(
+            not peer.last_handshake for peer in self.device.peers.values()
+        )
+
+    async def kick_stalled_handshakes(self) -> None:
+        """Re-create peers whose first handshake was lost to a race.
+
+        When two nodes add each other within a few milliseconds, each one's
+        handshake initiation can reach the other before it knows the sender, and
+        be dropped; WireGuard then waits REKEY_TIMEOUT (5 s) before it tries
+        again, and refuses to initiate sooner. A re-created peer has no such
+        memory and initiates at once (its persistent keepalive), and by now the
+        other side knows us. So a peer still without a handshake KICK_AFTER_S
+        after it was added is removed and added again, at most every
+        KICK_INTERVAL_S.
+        """
+        if self.device is None:
+            return
+        now = time.monotonic()
+        for gone in (self._added_at.keys() | self._kicked_at.keys()) - self.device.peers.keys():
+            self._added_at.pop(gone, None)
+            self._kicked_at.pop(gone, None)
+        for key, peer in self.device.peers.items():
+            if peer.last_handshake:
+                self._added_at.pop(key, None)
+                continue
+            added = self._added_at.setdefault(key, now)
+            if now - added < KICK_AFTER_S or now - self._kicked_at.get(key, 0.0) < KICK_INTERVAL_S:
+                continue
+            desired = self._desired().peers.get(key)
+            if desired is None:
+                continue
+            self._kicked_at[key] = now
+            self.handshake_kicks += 1
+            try:
+                await trio.to_thread.run_sync(self.backend.apply, [RemovePeer(key)])
+                await trio.to_thread.run_sync(self.backend.apply, [AddPeer(desired)])
+            except OverlayError as exc:
+                log.warning(
+                    "re-creating peer %s on %s failed: %s", short_key(key), self.ifname, exc
+                )
+                continue
+            log.info(
+                "%s: re-created peer %s to retry its first handshake", self.ifname, short_key(key)
+            )
 
     async def check_health(self) -> None:
         if await trio.to_thread.run_sync(self.process.is_healthy):
@@ -164,6 +227,13 @@ class OverlayService:
                 log.warning("reconciling %s failed: %s", self.ifname, exc)
                 return
             self.device = actual
+
+    async def refresh(self) -> None:
+        """Read the device now (handshakes, counters) for an up-to-date view."""
+        try:
+            self.device = await trio.to_thread.run_sync(self.backend.read)
+        except OverlayError as exc:
+            log.debug("reading %s failed: %s", self.ifname, exc)
 
     def _desired(self) -> DeviceConfig:
         return desired_device(

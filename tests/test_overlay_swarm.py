@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_root
-from swarm import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
+from node.testbed_checks import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
 
 from node import testbed, testbed_vm
 from node.identity import Identity

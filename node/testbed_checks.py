@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks that drive a real testbed swarm."""
+"""Checks on a running testbed swarm, shared by tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
