@@ -5,7 +5,8 @@ Theory of operation
 ``Membership`` is one node's side of the protocol: ``handle(event, now)`` and
 ``tick(now)`` return effects, ``next_wakeup()`` says when ``tick`` next has work
 (a deadline, so nothing needs fixed-rate ticking). Time and randomness come in
-as arguments, so a seeded run replays exactly. SWIM's dissemination half (the
+as arguments, so a seeded run replays exactly. ``now`` is in Unix seconds (record
+expiry is checked against it) and must never go backwards. SWIM's dissemination half (the
 update codec, the member table and its precedence rules, suspicion deadlines,
 the news queue) is node/dissemination.py; this module is the failure detector,
 joining, refutation and the message handling around them.
@@ -53,6 +54,10 @@ Choices beyond the brief, and why
 - A blob we already hold skips decoding (an Ed25519 check), and the decoder can
   be replaced, so a simulator can share one verified-record cache.
 - Leaving is final for a core: a later ``OwnRecordSigned`` is kept, not spread.
+- ``max_update_bytes`` is 8 KiB, not the 48 KiB ceiling: a big UDP datagram is
+  many IP fragments, and losing any one loses all of it.
+- Config beyond the brief: ``suspicion_max_mult`` (Lifeguard), ``join_retry_s``,
+  ``sync_interval_s``, ``max_update_bytes``.
 - At most ``MAX_UPDATES_READ`` updates are read per message: each ALIVE costs a
   signature check, so a flood of them is cut short.
 - Not done: Lifeguard's local health multiplier. It needs NACKs, which the wire
@@ -67,7 +72,9 @@ Invariants
 - ``SendMessage`` only names members in the table; strangers are answered at
   the endpoint their message came from.
 - ``handle`` and ``tick`` never raise on what a peer sent: bad updates and
-  messages are dropped and counted in ``statistics()``.
+  messages are dropped and counted in ``statistics()``. They raise
+  ``LocalProtocolError`` only for the agent's own mistakes (an ``OwnRecordSigned``
+  that is not ours or not newer, a broadcast over the limits).
 """
 
 from __future__ import annotations
