@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gleaner.routing")
 
 ROUTE_TOPIC = "route"
+HISTORY = 256  # route changes kept for `routes` (when each move reached this node)
 
 Spread = Callable[[bytes, bytes], Awaitable[None]]
 
@@ -60,7 +62,7 @@ class RouteService:
         self.spread = spread
         self.linger_s = linger_s
         self.devices: dict[ipaddress.IPv6Address, tuple[str, str]] = {}  # address -> (dev, via)
-        self.moved_at: dict[ipaddress.IPv6Address, float] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -94,6 +96,15 @@ class RouteService:
             await self._kernel_route("del", address, device, gateway)
             self.devices.pop(address, None)
             raise RoutingError(f"cannot claim {address}: {exc}") from None
+        self.history.append(
+            {
+                "address": str(address),
+                "node_id": str(self.identity.node_id),
+                "epoch": grant.epoch,
+                "at": time.time(),
+                "event": "claimed",
+            }
+        )
         await self._persist()
         await self.spread(address.packed, blob)
         await self._changed(effects)
@@ -107,9 +118,12 @@ class RouteService:
         except RemoteProtocolError as exc:
             log.debug("route update refused: %s", exc)
             return
+        # Another node's claim is no promise of ours: route first (every
+        # millisecond here is a millisecond of replies dropped by WireGuard's
+        # source check), then persist.
+        await self._changed(effects)
         if effects:
             await self._persist()
-        await self._changed(effects)
 
     async def _changed(self, effects: list[RouteChanged]) -> None:
         if not effects:
@@ -117,8 +131,16 @@ class RouteService:
         for effect in effects:
             holder = effect.node_id.short if effect.node_id else "nobody"
             log.info("route %s -> %s (epoch %d)", effect.vm_address, holder, effect.epoch)
+            self.history.append(
+                {
+                    "address": str(effect.vm_address),
+                    "node_id": str(effect.node_id) if effect.node_id else None,
+                    "epoch": effect.epoch,
+                    "at": time.time(),
+                    "event": "routed",
+                }
+            )
             if effect.node_id != self.identity.node_id and effect.vm_address in self.devices:
-                self.moved_at[effect.vm_address] = time.monotonic()
                 assert self._nursery is not None
                 self._nursery.start_soon(self._release_after_linger, effect.vm_address)
         self._publish()
@@ -169,7 +191,12 @@ class RouteService:
                         "epoch": route.epoch,
                     }
                 )
-        return {"local": self.local_addresses(), "routes": routes, "stats": self.table.statistics()}
+        return {
+            "local": self.local_addresses(),
+            "routes": routes,
+            "history": list(self.history),
+            "stats": self.table.statistics(),
+        }
 
     def _known_addresses(self) -> list[ipaddress.IPv6Address]:
         found = [

@@ -1,28 +1,34 @@
-"""The testbed's VM stand-in: a namespace holding a VM overlay address, movable between hosts.
+"""The testbed's VM stand-in: a namespace answering at a VM overlay address, movable.
 
-Before real VMs exist, a VM is a network namespace ``gl-T-vm-NAME`` whose
-loopback holds the VM's stable overlay address (derived from a job id, which is
-derived from the testbed owner's key and a nonce, as for real jobs). Each time
-the VM is attached to a host, a fresh veth joins the VM namespace to that host
-namespace, standing in for the VM's tap device:
+Before real VMs exist, a VM is stood in for by a network namespace whose
+loopback holds the VM's stable overlay address (derived from a job id, derived
+from the testbed owner's key and a nonce, as for real jobs). It is joined to
+its host by a veth standing in for the VM's tap device:
 
-    host side  gvI.E  fe80::1/64     VM side  eE  fe80::2/64, default via fe80::1
+    host side  gvI.E  fe80::1/64     VM side  eth0  fe80::2/64, default via fe80::1
 
-A move is make-before-break, and the routing is done by the agents, not here:
+A move is make-before-break, as a segment moves: the destination brings the
+address up first, then claims it, and the routing is done by the agents:
 
-1. attach a new veth at the destination host;
-2. ask the destination agent (control RPC ``vm_attach``) to route the address to
-   that veth and claim it with a grant signed by the owner for the next epoch;
-   the agent persists the claim, then spreads it;
-3. point the VM's default route at the new veth;
-4. wait until the old host's agent has seen the newer claim and withdrawn
-   (it keeps forwarding for a short linger so in-flight traffic is not lost);
-5. remove the old veth.
+1. start a new instance of the stand-in (namespace ``gl-T-vm-NAME-E`` for epoch
+   E) attached to the destination host, answering at the same address — the
+   restored copy;
+2. ask the destination agent (control RPC ``vm_attach``) to route the address
+   to that veth and claim it with a grant signed by the owner for epoch E; the
+   agent persists the claim, then spreads it;
+3. wait until the old host's agent has seen the newer claim and withdrawn (it
+   keeps forwarding to the old instance for a short linger, so peers that have
+   not heard of the move yet lose nothing);
+4. remove the old instance.
+
+Each instance replies through its own host, so replies always come from the
+peer that the asker routes the address to: WireGuard's source check drops none.
 """
 
 from __future__ import annotations
 
 import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ def owner_identity(root: Path) -> Identity:
 
 
 def vm_add(root: Path, name: str) -> dict[str, Any]:
+    """Make a VM stand-in (not attached to any host yet)."""
     state = _require(root)
     vms = state.setdefault("vms", {})
     if name in vms:
@@ -54,28 +61,22 @@ def vm_add(root: Path, name: str) -> dict[str, Any]:
     nonce = secrets.token_bytes(16)
     job_id = derive_job_id(owner.node_id.key, nonce)
     address = str(vm_address(state["swarm_id"], job_id))
-    ns = f"gl-{state['tag']}-vm-{name}"[:60]
     vm = {
         "name": name,
-        "netns": ns,
         "address": address,
         "job_nonce": nonce.hex(),
         "index": len(vms) + 1,
         "epoch": 0,
         "host": None,
-        "device": None,
+        "netns": None,
     }
     vms[name] = vm
-    state["namespaces"].append(ns)
     _save(root, state)
-    netns.add_namespace(ns)
-    netns.prepare_ipv6(ns)
-    netns.ip("-6", "addr", "add", f"{address}/128", "dev", "lo", netns=ns)
     return dict(vm)
 
 
 def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
-    """Attach the VM at `host_name` and move its address there through the agents."""
+    """Start the VM at `host_name` and move its address there through the agents."""
     state = _require(root)
     vm = state.get("vms", {}).get(name)
     if vm is None:
@@ -85,15 +86,22 @@ def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
     if old_host is host:
         raise TestbedError(f"VM {name!r} is already on {host_name}")
     epoch = vm["epoch"] + 1
-    host_side, vm_side = f"gv{vm['index']}.{epoch}", f"e{epoch}"
-    netns.add_veth_between(host["netns"], host_side, vm["netns"], vm_side)
+    instance = f"gl-{state['tag']}-vm{vm['index']}-{epoch}"
+    state["namespaces"].append(instance)
+    _save(root, state)
+    host_side = f"gv{vm['index']}.{epoch}"
+    netns.add_namespace(instance)
+    netns.prepare_ipv6(instance)
+    netns.add_veth_between(host["netns"], host_side, instance, "eth0")
     netns.ip(
         "-6", "addr", "add", f"{HOST_GATEWAY}/64", "dev", host_side, "nodad", netns=host["netns"]
     )
-    netns.ip("-6", "addr", "add", f"{VM_GATEWAY}/64", "dev", vm_side, "nodad", netns=vm["netns"])
-    owner = owner_identity(root)
+    netns.ip("-6", "addr", "add", f"{VM_GATEWAY}/64", "dev", "eth0", "nodad", netns=instance)
+    netns.ip("-6", "addr", "add", f"{vm['address']}/128", "dev", "lo", netns=instance)
+    netns.ip("-6", "route", "add", "default", "via", HOST_GATEWAY, "dev", "eth0", netns=instance)
+    _warm_neighbours(host["netns"], host_side)
     grant = sign_grant(
-        owner,
+        owner_identity(root),
         swarm_id=state["swarm_id"],
         job_nonce=bytes.fromhex(vm["job_nonce"]),
         node_id=_node_id(host),
@@ -106,16 +114,16 @@ def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
         "vm_attach",
         {"grant": grant.blob, "device": host_side, "gateway": VM_GATEWAY},
     )
-    netns.ip(
-        "-6", "route", "replace", "default", "via", HOST_GATEWAY, "dev", vm_side, netns=vm["netns"]
-    )
-    old_device = vm["device"]
-    vm.update(epoch=epoch, host=host_name, device=vm_side)
+    old_instance = vm["netns"]
+    vm.update(epoch=epoch, host=host_name, netns=instance)
     _save(root, state)
     withdrawn_s = None
     if old_host is not None:
         withdrawn_s = _wait_withdrawn(old_host, vm["address"], started)
-        netns.ip("link", "del", old_device, netns=vm["netns"])
+    if old_instance:
+        netns.delete_namespace(old_instance)
+        state["namespaces"].remove(old_instance)
+        _save(root, state)
     return {
         "vm": name,
         "host": host_name,
@@ -123,6 +131,18 @@ def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
         "claim": reply,
         "old_host_withdrawn_s": withdrawn_s,
     }
+
+
+def _warm_neighbours(host_ns: str, host_side: str) -> None:
+    """One ping across the new link, so neither end resolves its neighbour mid-move."""
+    subprocess.run(
+        netns.exec_command(
+            host_ns, ["ping", "-6", "-c", "1", "-W", "1", f"{VM_GATEWAY}%{host_side}"]
+        ),
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
 
 
 def _wait_withdrawn(host: dict[str, Any], address: str, started: float) -> float:
@@ -155,8 +175,8 @@ def _node_id(host: dict[str, Any]) -> NodeId:
 
 
 def vm_exec(root: Path, name: str) -> list[str]:
-    """The argv prefix to run a command inside the VM stand-in."""
+    """The argv prefix to run a command inside the VM stand-in's current instance."""
     vm = _require(root).get("vms", {}).get(name)
-    if vm is None:
-        raise TestbedError(f"no VM {name!r}")
+    if vm is None or not vm["netns"]:
+        raise TestbedError(f"no running VM {name!r}")
     return ["ip", "netns", "exec", vm["netns"]]

@@ -222,7 +222,7 @@ class OverlayService:
                     self.changes_applied += len(changes)
                     for change in changes:
                         log.info("%s: %s", self.ifname, change.describe())
-                    actual = await trio.to_thread.run_sync(self.backend.read)
+                    self._wake.set()  # read the device again soon, off this path
             except OverlayError as exc:
                 log.warning("reconciling %s failed: %s", self.ifname, exc)
                 return

@@ -237,13 +237,16 @@ class RemovePeer:
 class UpdatePeer:
     """Change an existing peer; a field left None is unchanged.
 
-    `allowed_ips` is the peer's complete new list, not a delta.
+    `allowed_ips` is the peer's complete new list, not a delta. `drops_prefixes`
+    says whether the peer loses any prefix it held; when it only gains, the new
+    prefixes are added and nothing is replaced, so its routes never blink.
     """
 
     public_key: bytes
     endpoint: str | None = None
     allowed_ips: frozenset[Network] | None = None
     keepalive_s: int | None = None
+    drops_prefixes: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if self.endpoint is None and self.allowed_ips is None and self.keepalive_s is None:
@@ -303,7 +306,8 @@ def _peer_update(actual: PeerStatus, desired: PeerConfig) -> UpdatePeer | None:
     keepalive_s = desired.keepalive_s if desired.keepalive_s != actual.keepalive_s else None
     if endpoint is None and allowed_ips is None and keepalive_s is None:
         return None
-    return UpdatePeer(desired.public_key, endpoint, allowed_ips, keepalive_s)
+    drops = bool(actual.allowed_ips - desired.allowed_ips)
+    return UpdatePeer(desired.public_key, endpoint, allowed_ips, keepalive_s, drops)
 
 
 # --- lowering to device writes -------------------------------------------------
@@ -370,7 +374,7 @@ def transaction(changes: Sequence[Change]) -> Transaction:
                     allowed_ips=networks,
                 )
             )
-            if change.allowed_ips is not None:
+            if change.allowed_ips is not None and change.drops_prefixes:
                 trim.append(
                     PeerWrite(
                         change.public_key,

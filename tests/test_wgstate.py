@@ -214,8 +214,8 @@ def test_transaction_grows_before_it_trims_and_removes_last():
         (Z, True, False),  # new peer: full config
         (X, False, False),  # grow X (nothing new)
         (Y, False, False),  # grow Y: takes VM from X, additively
-        (X, True, False),  # trim X
-        (Y, True, False),  # trim Y
+        (X, True, False),  # trim X: it lost VM
+        # no trim for Y: it only gained, so its routes are never replaced (no blink)
         (bytes([0x44]) * 32, False, True),
     ]
     assert tx.peers[2].allowed_ips == (NODE_Y, VM)
@@ -512,3 +512,14 @@ def _move(config: DeviceConfig, prefix, source: bytes, target: bytes) -> DeviceC
     peers[source] = _replace(peers[source], allowed_ips=peers[source].allowed_ips - {prefix})
     peers[target] = _replace(peers[target], allowed_ips=peers[target].allowed_ips | {prefix})
     return DeviceConfig(config.private_key, config.listen_port, peers)
+
+
+def test_a_peer_that_only_gains_prefixes_is_never_trimmed():
+    before = two_peers()
+    after = _move(before, VM, X, Y)
+    changes = diff(status_of(before), after)
+    gaining = next(c for c in changes if isinstance(c, UpdatePeer) and c.public_key == Y)
+    losing = next(c for c in changes if isinstance(c, UpdatePeer) and c.public_key == X)
+    assert not gaining.drops_prefixes and losing.drops_prefixes
+    trims = [w.public_key for w in transaction(changes).peers if w.replace_allowed_ips]
+    assert trims == [X]
