@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import netns, testbed, testbed_vm  # noqa: E402
-from node.testbed_checks import full_mesh, ping, rpc, wait_for  # noqa: E402
+from node import netns, testbed, testbed_vm
+from node.testbed_checks import full_mesh, ping, rpc, wait_for
 
 SETTLE_S = 0.5
 

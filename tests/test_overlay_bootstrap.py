@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import needs_root
+
 from node import netns, testbed
 from node.testbed_checks import full_mesh, overlay_address, ping, wait_for
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_root
-from node.testbed_checks import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
 
 from node import testbed, testbed_vm
 from node.identity import Identity
 from node.records import Capabilities, sign_record
+from node.testbed_checks import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
 from node.wire import MessageType, encode_frame
 
 pytestmark = [needs_root, pytest.mark.netns]
