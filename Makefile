@@ -8,7 +8,7 @@ setup:
 	@bash deploy/setup.sh
 
 demo: setup
-	$(PY) -m node demo --hosts 3
+	$(PY) -m node demo --hosts 4
 
 test: setup
 	$(PY) -m pytest $(PYTEST_FLAGS)

@@ -101,7 +101,16 @@ def debug_offsets(lost_times: list, windows: list, hosts: list, address: str) ->
             )
             - shift
         )
-        offsets.append([round((t - claimed) * 1000, 1) for t in lost_times if start <= t < end])
+        routed = {
+            h["at"] - shift for h in rpc(hosts[2], "routes")["history"]
+            if h["address"] == address and h["event"] == "routed" and h["epoch"] == epoch
+        }
+        offsets.append(
+            {
+                "observer_routed_ms": [round((t - claimed) * 1000, 1) for t in routed],
+                "lost_ms": [round((t - claimed) * 1000, 1) for t in lost_times if start <= t < end],
+            }
+        )
     return offsets
 
 

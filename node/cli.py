@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
 
     demo = add("demo", cmd_demo, "run the main demo on a local testbed swarm")
-    demo.add_argument("--hosts", type=int, default=3)
+    demo.add_argument("--hosts", type=int, default=4)
     demo.add_argument("--root", default=str(DEFAULT_ROOT))
     return parser
 

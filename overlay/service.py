@@ -44,6 +44,7 @@ from overlay.wgstate import (
 log = logging.getLogger("gleaner.overlay")
 
 RECONCILE_PERIOD_S = 1.0
+DATA_PLANE_PRIORITY = 10  # wireguard-go runs at nice -10: packets before bookkeeping
 FAST_PERIOD_S = 0.1
 KICK_AFTER_S = 0.3
 KICK_INTERVAL_S = 1.5
@@ -66,7 +67,9 @@ class OverlayService:
         self.wg_port = wg_port
         self.ifname = interface_name(identity.node_id.key)
         self.address = node_address(swarm_id, identity.node_id.key)
-        self.process = WireGuardGo(self.ifname, log_path=state_dir / "wireguard-go.log")
+        self.process = WireGuardGo(
+            self.ifname, log_path=state_dir / "wireguard-go.log", priority=DATA_PLANE_PRIORITY
+        )
         self.pid_file = state_dir / "wireguard-go.pid"
         self.backend = UapiBackend(self.ifname)
         self.members: dict[NodeId, PeerRecord] = {}
