@@ -176,3 +176,89 @@ def test_kill_9_marks_dead_removes_peer_and_restart_rejoins(swarm):
     wait_for(all_mark_dead, 20, "every agent to mark the killed one dead and drop its peer")
     testbed.restart_agent(root, victim["name"])
     wait_for(lambda: full_mesh(hosts), MESH_TIMEOUT_S, "the restarted agent back in the mesh")
+
+
+def test_forged_and_replayed_route_claims_are_refused(swarm):
+    """Runs after the move test: replays its epoch-1 claim and forges others."""
+    from node.dissemination import Broadcast, encode_update
+    from node.identity import load_or_create
+    from overlay import claims
+    from overlay.claims import sign_claim, sign_grant
+
+    root, hosts = swarm
+    target = hosts[3]
+    state = json.loads((Path(root) / "testbed.json").read_text())
+    vm = state["vms"]["mover"]
+    nonce = bytes.fromhex(vm["job_nonce"])
+    # Epoch 1's claim, exactly as h1 made it (its key, the owner's grant): now stale.
+    h1 = load_or_create(Path(hosts[0]["socket"]).parent)
+    old_grant = sign_grant(
+        testbed_vm.owner_identity(Path(root)),
+        swarm_id=state["swarm_id"],
+        job_nonce=nonce,
+        node_id=h1.node_id,
+        epoch=1,
+        expires=2**40,
+    )
+    old = sign_claim(h1, old_grant, issued_at=1)
+    stranger = Identity.generate()
+    # The stranger got hold of a real owner's grant (for h1, epoch 99) and claims the
+    # mover's address with it, signing the claim itself, as an attacker would.
+    stolen_grant = sign_grant(
+        testbed_vm.owner_identity(Path(root)),
+        swarm_id=state["swarm_id"],
+        job_nonce=nonce,
+        node_id=h1.node_id,
+        epoch=99,
+        expires=2**40,
+    )
+    stolen = claims._sign(stranger, claims.ROUTE_CONTEXT, {
+        "swarm": state["swarm_id"], "kind": 1, "node": stranger.node_id.key,
+        "vm": stolen_grant.vm_address.packed, "epoch": 99, "issued_at": 1,
+        "grant": stolen_grant.blob,
+    })  # fmt: skip
+    before = rpc(target, "routes")["stats"]
+    updates = [
+        encode_update(Broadcast("route", b"k1", old.blob)),  # replay of epoch 1
+        encode_update(Broadcast("route", b"k2", stolen)),  # another owner's address
+        encode_update(Broadcast("route", b"k3", b"\x92\x01garbage")),
+    ]
+    frame = encode_frame(stranger, MessageType.GOSSIP, 1, {"updates": updates}, sign=True)
+    script = (
+        "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+        "s.sendto(bytes.fromhex(sys.argv[2]),(sys.argv[1],7946))"
+    )
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            hosts[4]["netns"],
+            sys.executable,
+            "-c",
+            script,
+            target["underlay"],
+            frame.hex(),
+        ],
+        check=True,
+        timeout=30,
+    )
+
+    def refused() -> bool:
+        stats = rpc(target, "routes")["stats"]
+        return (
+            stats["refused_stale"] > before["refused_stale"]
+            and stats["refused_grant_mismatch"] > before["refused_grant_mismatch"]
+            and stats["refused_malformed"] > before["refused_malformed"]
+        )
+
+    try:
+        wait_for(refused, 10, "the forged and replayed claims to be refused")
+    except AssertionError:
+        raise AssertionError(
+            f"before {before} after {rpc(target, 'routes')['stats']} "
+            f"membership {rpc(target, 'status')['membership']}"
+        ) from None
+    route = next(r for r in rpc(target, "routes")["routes"] if r["address"] == vm["address"])
+    assert route["node_id"] == hosts[1]["node_id"] and route["epoch"] == 2
+    assert testbed.status(root)[3]["running"]
