@@ -228,7 +228,8 @@ def start_agent(host: dict[str, Any]) -> int:
 def _wait_for_agent(host: dict[str, Any]) -> str:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _is_our_agent(host):
+        # Not _is_our_agent: between fork and exec the child still shows our cmdline.
+        if not _alive(host["pid"]):
             raise TestbedError(f"agent on {host['name']} exited: {_log_tail(host)}")
         try:
             status = call(Path(host["socket"]), "status", timeout=2.0)
