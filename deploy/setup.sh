@@ -34,9 +34,23 @@ fi
 stamp=.venv/.gleaner-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing gleaner into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
-    | grep -vE 'is ignored: it is neither|^\s*$' || true
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'; } >"$log" 2>&1
+  then
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
   .venv/bin/python -c 'import node, overlay, segments, trio, nacl, msgpack, libvirt, zeroconf'
   touch "$stamp"
+fi
+
+# The demo guest image (Debian's cloud kernel + a busybox initramfs), built once.
+image_stamp=.cache/demo-image
+if [ ! -f "$image_stamp" ] || [ deploy/recipes/demo.toml -nt "$image_stamp" ]; then
+  echo "setup: building the demo guest image"
+  mkdir -p .cache
+  .venv/bin/python -m segments.image build deploy/recipes/demo.toml --store .cache/images --json \
+    > "$image_stamp.tmp"
+  mv "$image_stamp.tmp" "$image_stamp"
 fi

@@ -217,6 +217,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(hosts=args.hosts, root=Path(args.root))
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from segments.image import main as image_main
+
+    return image_main(args.image_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gleaner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gleaner {__version__}")
@@ -268,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     vm_move.add_argument("host")
     show = testbed_sub.add_parser("status", help="the running testbed's hosts")
     show.add_argument("--json", action="store_true")
+
+    image = sub.add_parser(
+        "image", help="guest images: build RECIPE, list", add_help=False, prefix_chars="\0"
+    )
+    image.add_argument("image_args", nargs=argparse.REMAINDER)
+    image.set_defaults(func=cmd_image)
 
     demo = add("demo", cmd_demo, "run the main demo on a local testbed swarm")
     demo.add_argument("--hosts", type=int, default=4)

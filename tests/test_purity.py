@@ -14,6 +14,8 @@ CORES = [
     "overlay/addressing.py",
     "overlay/wgstate.py",
     "overlay/desired.py",
+    "segments/cpio.py",
+    "segments/workload.py",
     "overlay/claims.py",
     "overlay/routes.py",
 ]
