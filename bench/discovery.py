@@ -31,7 +31,7 @@ from node.testbed_checks import full_mesh, rpc, wait_for
 def one_run(hosts: int, failure: bool) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="gleaner-bench-")) / "tb"
     try:
-        described = testbed.up(hosts, root=root)
+        described = testbed.up(hosts, root=root, libvirt=False)
         last_start = max(h["started_at"] for h in described)
         wait_for(lambda: full_mesh(described), 60, "full mesh", step_s=0.01)
         sample = {"full_mesh_s": time.time() - last_start}

@@ -40,7 +40,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="gleaner-move-")) / "tb"
     prober = None
     try:
-        hosts = testbed.up(3, root=root)
+        hosts = testbed.up(3, root=root, libvirt=False)
         wait_for(lambda: full_mesh(hosts), 60, "full mesh")
         vm = testbed_vm.vm_add(root, "vm1")
         testbed_vm.vm_move(root, "vm1", "h1")
@@ -102,7 +102,8 @@ def debug_offsets(lost_times: list, windows: list, hosts: list, address: str) ->
             - shift
         )
         routed = {
-            h["at"] - shift for h in rpc(hosts[2], "routes")["history"]
+            h["at"] - shift
+            for h in rpc(hosts[2], "routes")["history"]
             if h["address"] == address and h["event"] == "routed" and h["epoch"] == epoch
         }
         offsets.append(

@@ -178,6 +178,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
                 segments=args.segments,
                 mdns=not args.no_mdns,
                 bootstrap=args.bootstrap,
+                libvirt=not args.no_libvirt,
             )
             if args.json:
                 _print_json(hosts)
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--segments", type=int, default=1, help="1 bridge, or 2 joined by a router")
     up.add_argument("--no-mdns", action="store_true", help="no multicast discovery")
     up.add_argument("--bootstrap", action="store_true", help="every host joins through h1")
+    up.add_argument("--no-libvirt", action="store_true", help="no libvirtd in the hosts")
     up.add_argument("--json", action="store_true")
     down = testbed_sub.add_parser("down", help="stop every agent and remove every namespace")
     down.add_argument("--json", action="store_true")

@@ -118,6 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("overlay", "move_linger_s", float, lambda: 2.0, _float_range(0.0, 60.0)),
     Setting("membership", "probe_interval_s", float, lambda: 0.5, _float_range(0.05, 60.0)),
     Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
+    Setting("vm", "libvirt_uri", str, lambda: "qemu:///system", _nonempty(4096)),
+    Setting("vm", "image_store", str, lambda: "", lambda v: None),
     Setting("control", "socket", str, lambda: ""),
     Setting("record", "lifetime_s", int, lambda: 3600, _range(60, 7 * 86400)),
     Setting("log", "level", str, lambda: "info", _one_of(LOG_LEVELS)),

@@ -75,8 +75,10 @@ def host_config(
     swarm_id: str,
     mdns: bool = True,
     bootstrap: tuple[str, ...] = (),
+    libvirt_uri: str = "",
 ) -> str:
     peers = ", ".join(f'"{endpoint}"' for endpoint in bootstrap)
+    vm = f'\n[vm]\nlibvirt_uri = "{libvirt_uri}"\n' if libvirt_uri else ""
     return (
         "[node]\n"
         f'name = "{name}"\n'
@@ -86,6 +88,7 @@ def host_config(
         f'listen = "{underlay}:{AGENT_PORT}"\n'
         f"mdns = {'true' if mdns else 'false'}\n"
         f"bootstrap = [{peers}]\n"
+        f"{vm}"
     )
 
 
@@ -96,12 +99,14 @@ def up(
     segments: int = 1,
     mdns: bool = True,
     bootstrap: bool = False,
+    libvirt: bool = True,
 ) -> list[dict[str, Any]]:
     """Bring up `hosts` hosts with an agent each; return their descriptions.
 
     `segments` 2 puts the hosts on two bridges (198.51.100.0/25 and .128/25)
     joined by a router namespace, which multicast does not cross. `bootstrap`
     gives every host the first host's endpoint as its bootstrap list.
+    `libvirt` starts a private libvirtd in each host (see testbed_libvirt).
     """
     if not 1 <= hosts <= MAX_HOSTS:
         raise TestbedError(f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
@@ -122,6 +127,7 @@ def up(
         "hosts": [],
         "vms": {},
         "segments": segments,
+        "libvirt": libvirt,
     }
     _save(root, state)
     try:
@@ -187,9 +193,6 @@ def _add_host(
     host_dir = root / "hosts" / name
     host_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = host_dir / "agent.toml"
-    config_path.write_text(
-        host_config(name, host_dir / "state", underlay, state["swarm_id"], mdns, bootstrap)
-    )
     host: dict[str, Any] = {
         "name": name,
         "netns": ns,
@@ -206,6 +209,21 @@ def _add_host(
     netns.add_veth_to_bridge(bridge_ns, f"br{segment}", name, ns, "eth0", f"{underlay}/{bits}")
     if state["segments"] == 2:
         netns.ip("route", "add", "default", "via", ROUTER_ADDRESSES[segment], netns=ns)
+    if state.get("libvirt"):
+        from node import testbed_libvirt
+
+        testbed_libvirt.start(state, host, lambda: _save(root, state))
+    config_path.write_text(
+        host_config(
+            name,
+            host_dir / "state",
+            underlay,
+            state["swarm_id"],
+            mdns,
+            bootstrap,
+            host.get("libvirt_uri", ""),
+        )
+    )
     start_agent(host)
     _save(root, state)
 
@@ -354,6 +372,11 @@ def down(root: Path = DEFAULT_ROOT) -> dict[str, list[str]]:
     for host in state["hosts"]:
         if stop_agent(host):
             removed["stopped"].append(host["name"])
+    if any(host.get("libvirtd_pid") for host in state["hosts"]):
+        from node import testbed_libvirt
+
+        for host in state["hosts"]:
+            testbed_libvirt.stop(host)
     existing = set(netns.list_namespaces())
     for ns in reversed(state["namespaces"]):
         if ns in existing:

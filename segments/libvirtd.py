@@ -241,6 +241,24 @@ class Libvirtd:
             self._process = None
             self._stop_left_qemu(mount_ns)
 
+    @property
+    def mount_namespace(self) -> str | None:
+        """The daemon's private mount namespace (proves which QEMU processes are its own)."""
+        return self._mount_ns
+
+    def stop_by_pid(self, pid: int, mount_ns: str | None) -> None:
+        """Stop a daemon that another process started, by its recorded PID, and its QEMU.
+
+        The PID is trusted only while it is still in the recorded mount
+        namespace (a recycled PID would be in another one).
+        """
+        try:
+            if _alive(pid) and mount_ns is not None and _mount_namespace(pid) == mount_ns:
+                self._destroy_domains()
+                _kill_pid(pid, self.stop_timeout_s)
+        finally:
+            self._stop_left_qemu(mount_ns)
+
     def log_tail(self) -> str:
         try:
             with open(self.log_path, "rb") as log:

@@ -14,7 +14,7 @@ pytestmark = [needs_root, pytest.mark.netns]
 def test_agents_on_two_segments_mesh_through_the_bootstrap_list(tmp_path):
     root = tmp_path / "tb"
     try:
-        hosts = testbed.up(4, root=root, segments=2, mdns=False, bootstrap=True)
+        hosts = testbed.up(4, root=root, segments=2, mdns=False, bootstrap=True, libvirt=False)
         assert {h["segment"] for h in hosts} == {0, 1}
         far = [h for h in hosts if h["segment"] == 1]
         assert all(h["underlay"].startswith("198.51.100.1") for h in far)

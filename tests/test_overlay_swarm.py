@@ -25,7 +25,7 @@ MESH_TIMEOUT_S = 30.0
 def swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("swarm") / "tb"
     try:
-        hosts = testbed.up(5, root=root)
+        hosts = testbed.up(5, root=root, libvirt=False)
         wait_for(lambda: full_mesh(hosts), MESH_TIMEOUT_S, "a full mesh of 5 hosts")
         yield root, hosts
     finally:
