@@ -11,6 +11,8 @@ CORES = [
     "node/records.py",
     "node/membership.py",
     "node/dissemination.py",
+    "node/tokens.py",
+    "node/ledger.py",
     "overlay/addressing.py",
     "overlay/wgstate.py",
     "overlay/desired.py",
