@@ -22,6 +22,7 @@ import platform
 import random
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -49,6 +50,7 @@ from node.membership import (
 )
 from node.records import Capabilities, PeerRecord, decode_record, sign_record
 from node.routing import ROUTE_TOPIC, RouteService, RoutingError
+from node.segment_service import SegmentError, SegmentService
 from node.state import State
 from node.transport import OVERLAY, UNDERLAY, Transport
 from node.wire import Envelope, MessageType, RemoteProtocolError
@@ -101,6 +103,7 @@ class Agent:
         self.overlay: Any = None  # overlay.service.OverlayService when overlay.enabled
         self.routes: RouteService | None = None
         self.discovery: Discovery | None = None
+        self.segments: SegmentService | None = None
         self.record_errors = 0
         self._wake = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -138,6 +141,10 @@ class Agent:
             self._spread,
             self.config["overlay.move_linger_s"],
         )
+        image_store = self.config["vm.image_store"] or str(self.config.state_dir / "images")
+        self.segments = SegmentService(
+            self.identity, self.config.state_dir, self.config["vm.libvirt_uri"], Path(image_store)
+        )
         control = ControlServer(self.config.control_socket, self._rpc)
         self.control = control
         async with trio.open_nursery() as nursery:
@@ -149,6 +156,12 @@ class Agent:
             if self.overlay is not None:
                 nursery.start_soon(self.overlay.run)
             await nursery.start(self.routes.run)
+            block_host = (
+                str(self.overlay_address)
+                if self.transport.overlay is not None
+                else self.transport.underlay_address[0]
+            )
+            await nursery.start(self.segments.serve, block_host, self.config["network.block_port"])
             nursery.start_soon(self._membership_loop)
             nursery.start_soon(self._refresh_record_loop)
             nursery.start_soon(self._discovered_loop)
@@ -236,6 +249,8 @@ class Agent:
             await trio.to_thread.run_sync(self.discovery.stop)
         if self.overlay is not None:
             await trio.to_thread.run_sync(self.overlay.stop)
+        if self.segments is not None:
+            self.segments.close()
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -442,6 +457,12 @@ class Agent:
         if method == "routes":
             assert self.routes is not None
             return self.routes.view()
+        if method == "segment_run":
+            assert self.segments is not None
+            try:
+                return await self.segments.run_segment(params)
+            except SegmentError as exc:
+                raise RpcError(str(exc)) from None
         if method == "vm_attach":
             assert self.routes is not None
             try:

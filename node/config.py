@@ -112,6 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("network", "bootstrap", list, list, _endpoint_list),
     Setting("network", "mdns", bool, lambda: True),
     Setting("network", "wireguard_port", int, lambda: 51820, _range(1, 65535)),
+    Setting("network", "block_port", int, lambda: 7947, _range(0, 65535)),
     Setting("overlay", "enabled", bool, lambda: True),
     Setting("overlay", "eager_limit", int, lambda: 64, _range(0, 100_000)),
     Setting("overlay", "idle_expiry_s", int, lambda: 120, _range(5, 86400)),

@@ -76,9 +76,12 @@ def host_config(
     mdns: bool = True,
     bootstrap: tuple[str, ...] = (),
     libvirt_uri: str = "",
+    image_store: str = "",
 ) -> str:
     peers = ", ".join(f'"{endpoint}"' for endpoint in bootstrap)
-    vm = f'\n[vm]\nlibvirt_uri = "{libvirt_uri}"\n' if libvirt_uri else ""
+    vm = "\n[vm]\n" if libvirt_uri or image_store else ""
+    vm += f'libvirt_uri = "{libvirt_uri}"\n' if libvirt_uri else ""
+    vm += f'image_store = "{image_store}"\n' if image_store else ""
     return (
         "[node]\n"
         f'name = "{name}"\n'
@@ -128,6 +131,9 @@ def up(
         "vms": {},
         "segments": segments,
         "libvirt": libvirt,
+        # One image store for the whole testbed, like an image server: images are
+        # content-addressed and reproducible, so every host would build the same.
+        "image_store": str(root / "images"),
     }
     _save(root, state)
     try:
@@ -222,6 +228,7 @@ def _add_host(
             mdns,
             bootstrap,
             host.get("libvirt_uri", ""),
+            state.get("image_store", ""),
         )
     )
     start_agent(host)
@@ -401,6 +408,7 @@ def describe(host: dict[str, Any]) -> dict[str, Any]:
         "config": host["config"],
         "pid": host["pid"],
         "started_at": host.get("started_at"),
+        "libvirt_uri": host.get("libvirt_uri"),
     }
 
 

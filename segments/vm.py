@@ -114,7 +114,7 @@ class VmRuntime(Protocol):
     def pause(self, name: str) -> None: ...
     def resume(self, name: str) -> None: ...
     def save(self, name: str, path: Path) -> None: ...
-    def restore(self, path: Path, paused: bool = False) -> str: ...
+    def restore(self, path: Path, paused: bool = False, local: VmSpec | None = None) -> str: ...
     def destroy(self, name: str) -> None: ...
     def undefine(self, name: str) -> None: ...
     def state(self, name: str) -> VmState: ...
@@ -191,6 +191,31 @@ def domain_xml(spec: VmSpec, kvm: bool) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
+def relocated_xml(image_xml: str, local: VmSpec) -> str:
+    """A saved VM's XML pointed at this host's files: kernel, initrd, serial log, tap.
+
+    A checkpoint made on another host names that host's paths. None of them is
+    part of the guest's ABI (the kernel is already in the saved RAM), so libvirt
+    accepts them changed at restore. Pure: no I/O.
+    """
+    domain = ET.fromstring(image_xml)
+    os_element = domain.find("os")
+    if os_element is not None:
+        for tag, value in (("kernel", local.kernel), ("initrd", local.initrd)):
+            element = os_element.find(tag)
+            if element is not None:
+                element.text = str(value)
+    for serial in domain.iterfind("devices/serial"):
+        source = serial.find("source")
+        if source is not None:
+            source.set("path", str(local.serial_log))
+    for interface in domain.iterfind("devices/interface"):
+        target = interface.find("target")
+        if target is not None and local.tap is not None:
+            target.set("dev", local.tap)
+    return ET.tostring(domain, encoding="unicode")
+
+
 _LIBVIRT_STATES = {
     libvirt.VIR_DOMAIN_RUNNING: VmState.RUNNING,
     libvirt.VIR_DOMAIN_BLOCKED: VmState.RUNNING,
@@ -254,12 +279,14 @@ class LibvirtRuntime:
     def save(self, name: str, path: Path) -> None:
         self._call(name, f"saving {name} to {path}", lambda d: d.save(str(path)))
 
-    def restore(self, path: Path, paused: bool = False) -> str:
+    def restore(self, path: Path, paused: bool = False, local: VmSpec | None = None) -> str:
+        """Restore a saved VM; with `local`, on this host's files (see ``relocated_xml``)."""
         flag = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
             image_xml = self._conn.saveImageGetXMLDesc(str(path), 0)
             name = ET.fromstring(image_xml).findtext("name") or ""
-            self._conn.restoreFlags(str(path), None, flag)
+            dxml = relocated_xml(image_xml, local) if local is not None else None
+            self._conn.restoreFlags(str(path), dxml, flag)
         except libvirt.libvirtError as exc:
             raise _failed(f"restoring from {path} at {self.uri}", exc) from exc
         return name
@@ -277,9 +304,15 @@ class LibvirtRuntime:
     def list_vms(self) -> dict[str, VmState]:
         try:
             domains = self._conn.listAllDomains(0)
-            return {d.name(): _LIBVIRT_STATES.get(d.state()[0], VmState.UNKNOWN) for d in domains}
         except libvirt.libvirtError as exc:
             raise _failed(f"listing domains at {self.uri}", exc) from exc
+        states = {}
+        for domain in domains:
+            try:
+                states[domain.name()] = _LIBVIRT_STATES.get(domain.state()[0], VmState.UNKNOWN)
+            except libvirt.libvirtError:
+                continue  # a transient domain that ended between listing and asking
+        return states
 
     def cpu_time_s(self, name: str) -> float:
         """Summed vCPU time (utime + stime of the vCPU threads, 10 ms ticks) in seconds."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from segments.vm import ACTIVE_STATES, MigrationResult, VmError, VmSpec, VmState, domain_uuid
@@ -127,7 +127,7 @@ class FakeVmRuntime:
             raise VmError(f"{context}: {exc}") from exc
         self._stop(domain)
 
-    def restore(self, path: Path, paused: bool = False) -> str:
+    def restore(self, path: Path, paused: bool = False, local: VmSpec | None = None) -> str:
         self._enter("restore", str(path))
         try:
             image = json.loads(path.read_text())
@@ -137,6 +137,14 @@ class FakeVmRuntime:
             for key in ("kernel", "initrd", "serial_log"):
                 fields[key] = Path(fields[key])
             spec = VmSpec(**fields)
+            if local is not None:
+                spec = replace(
+                    spec,
+                    kernel=local.kernel,
+                    initrd=local.initrd,
+                    serial_log=local.serial_log,
+                    tap=local.tap or spec.tap,
+                )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VmError(f"restoring from {path} at {self.uri}") from exc
         existing = self.domains.get(spec.name)

@@ -24,6 +24,7 @@ def write_config(path: Path, state_dir: Path, **network: str | bool) -> Path:
         f'state_dir = "{state_dir}"',
         "[network]",
         f'listen = "{listen}"',
+        "block_port = 0",
         "mdns = false",  # agents in the root namespace never multicast
         "[overlay]",
         "enabled = false",  # and make no WireGuard device there

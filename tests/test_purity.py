@@ -18,6 +18,8 @@ CORES = [
     "overlay/desired.py",
     "segments/cpio.py",
     "segments/workload.py",
+    "segments/transfer_core.py",
+    "segments/manifest.py",
     "overlay/claims.py",
     "overlay/routes.py",
 ]
