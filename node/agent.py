@@ -445,6 +445,26 @@ class Agent:
             )
         return rows
 
+    async def _vm_rpc(self, method: str, params: dict[str, Any]) -> Any:
+        from node.vm_service import VmService, VmServiceError
+
+        assert self.routes is not None
+        image_store = self.config["vm.image_store"] or str(self.config.state_dir / "images")
+        service = VmService(
+            self.config["vm.libvirt_uri"],
+            Path(image_store),
+            self.config.state_dir / "vms",
+            self.routes,
+        )
+        try:
+            if method == "vm_start":
+                return await service.start(params)
+            if method == "vm_migrate":
+                return await service.migrate(params)
+            return await service.expect(params)
+        except (VmServiceError, RoutingError) as exc:
+            raise RpcError(str(exc)) from None
+
     async def _rpc(self, method: str, params: dict[str, Any]) -> Any:
         if method == "status":
             return self.status()
@@ -463,6 +483,8 @@ class Agent:
                 return await self.segments.run_segment(params)
             except SegmentError as exc:
                 raise RpcError(str(exc)) from None
+        if method in ("vm_start", "vm_migrate", "vm_expect"):
+            return await self._vm_rpc(method, params)
         if method == "vm_attach":
             assert self.routes is not None
             try:

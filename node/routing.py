@@ -61,7 +61,7 @@ class RouteService:
         self.overlay = overlay
         self.spread = spread
         self.linger_s = linger_s
-        self.devices: dict[ipaddress.IPv6Address, tuple[str, str]] = {}  # address -> (dev, via)
+        self.devices: dict[ipaddress.IPv6Address, tuple[str, str | None]] = {}  # -> (dev, via)
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._nursery: trio.Nursery | None = None
 
@@ -79,8 +79,8 @@ class RouteService:
                 )
                 await self._changed(self.table.tick(time.time()))
 
-    async def attach(self, grant_blob: bytes, device: str, gateway: str) -> dict[str, Any]:
-        """Route a local VM address to `device` and claim it with `grant_blob`."""
+    async def attach(self, grant_blob: bytes, device: str, gateway: str | None) -> dict[str, Any]:
+        """Route a local VM address to `device` (via `gateway`, or on-link) and claim it."""
         try:
             grant = decode_grant(grant_blob)
         except RemoteProtocolError as exc:
@@ -88,8 +88,9 @@ class RouteService:
         if grant.node_id != self.identity.node_id:
             raise RoutingError("the grant names another node")
         address = grant.vm_address
-        await self._kernel_route("replace", address, device, gateway)
-        self.devices[address] = (device, gateway)
+        if self.devices.get(address) != (device, gateway):
+            await self._kernel_route("replace", address, device, gateway)
+            self.devices[address] = (device, gateway)
         try:
             blob, effects = self.table.claim_local(grant, self.identity, time.time())
         except RemoteProtocolError as exc:
@@ -110,6 +111,19 @@ class RouteService:
         await self._changed(effects)
         log.info("claimed %s at epoch %d on %s", address, grant.epoch, device)
         return {"address": str(address), "epoch": grant.epoch}
+
+    async def prepare(self, grant_blob: bytes, device: str, gateway: str | None) -> None:
+        """Route an arriving VM's address to its device ahead of the claim (no claim yet).
+
+        For a live migration: the destination's tap exists before the guest runs
+        here; routing it now leaves only the claim for the switch-over.
+        """
+        try:
+            address = decode_grant(grant_blob).vm_address
+        except RemoteProtocolError as exc:
+            raise RoutingError(f"bad grant: {exc}") from None
+        await self._kernel_route("replace", address, device, gateway)
+        self.devices[address] = (device, gateway)
 
     async def offer(self, payload: bytes) -> None:
         """A claim or withdrawal heard from the swarm."""
@@ -167,9 +181,10 @@ class RouteService:
         await trio.to_thread.run_sync(self.state.save_route_claims, self.table.snapshot())
 
     async def _kernel_route(
-        self, action: str, address: ipaddress.IPv6Address, device: str, gateway: str
+        self, action: str, address: ipaddress.IPv6Address, device: str, gateway: str | None
     ) -> None:
-        command = ["ip", "-6", "route", action, f"{address}/128", "via", gateway, "dev", device]
+        via = ["via", gateway] if gateway else []
+        command = ["ip", "-6", "route", action, f"{address}/128", *via, "dev", device]
         result = await trio.run_process(
             command, capture_stdout=True, capture_stderr=True, check=False
         )

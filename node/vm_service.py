@@ -1,0 +1,149 @@
+"""Long-running VMs with network on this host: start, live-migrate, and adopt on arrival.
+
+A VM with network gets a tap device (libvirt ``type='ethernet'``) on its
+current host; the guest holds its stable overlay address on its NIC with a
+default route via ``fe80::1``, which the host puts on the tap. The host routes
+the address to the tap and claims it (node.routing), so the whole swarm sends
+it here.
+
+A live migration (libvirt, A → B) moves the guest, and with it its tap: the
+destination's QEMU, and so its tap, exists from the start of the migration,
+but the guest runs there only from the switch-over. So the destination is told
+beforehand (``expect``: the owner's grant for the next epoch and the tap's
+name); it watches its libvirt, and the moment the guest runs there it routes
+the address to the new tap and claims it. The source, seeing the newer claim,
+withdraws after its linger (its tap is already gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.routing import RouteService
+from segments.image import ImageError, load
+from segments.vm import LibvirtRuntime, VmError, VmSpec, VmState
+
+log = logging.getLogger("gleaner.vms")
+
+ARRIVAL_POLL_S = 0.005
+ARRIVAL_TIMEOUT_S = 120.0
+HOST_LINK_LOCAL = "fe80::1"
+
+
+class VmServiceError(Exception):
+    """A VM request could not be carried out; the message says why."""
+
+
+class VmService:
+    def __init__(
+        self, libvirt_uri: str, image_store: Path, work_dir: Path, routes: RouteService
+    ) -> None:
+        self.libvirt_uri = libvirt_uri
+        self.image_store = image_store
+        self.work_dir = work_dir
+        self.routes = routes
+
+    async def start(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Boot a VM with a tap, route its overlay address to it and claim it."""
+        name, tap = _text(params, "name"), _text(params, "tap")
+        address = _text(params, "address")
+        try:
+            image = await trio.to_thread.run_sync(load, self.image_store, _text(params, "image_id"))
+        except ImageError as exc:
+            raise VmServiceError(str(exc)) from None
+        spec = VmSpec(
+            name=name,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=(
+                f"{image.cmdline} {_text(params, 'args')} "
+                f"gleaner.addr={address}/128 gleaner.gw={HOST_LINK_LOCAL}"
+            ),
+            serial_log=self.work_dir / f"{name}.serial.log",
+            memory_mb=image.memory_mb,
+            tap=tap,
+        )
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+        def boot() -> None:
+            with LibvirtRuntime(self.libvirt_uri) as runtime:
+                runtime.define(spec)
+                runtime.start(name)
+
+        try:
+            await trio.to_thread.run_sync(boot)
+        except VmError as exc:
+            raise VmServiceError(str(exc)) from None
+        return await self._adopt(params["grant"], tap)
+
+    async def migrate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Live-migrate a VM of this host to another host's libvirt."""
+        name = _text(params, "name")
+
+        def move() -> Any:
+            with LibvirtRuntime(self.libvirt_uri) as runtime:
+                return runtime.migrate_live(
+                    name, _text(params, "dest_uri"), _text(params, "dest_address")
+                )
+
+        try:
+            result = await trio.to_thread.run_sync(move)
+        except VmError as exc:
+            raise VmServiceError(str(exc)) from None
+        log.info("migrated %s: downtime %.0f ms (libvirt)", name, result.downtime_ms)
+        return {
+            "downtime_ms": result.downtime_ms,
+            "total_ms": result.total_ms,
+            "call_ms": result.call_ms,
+        }
+
+    async def expect(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Wait for a VM migrating here to run, then route and claim its address at once."""
+        name, tap = _text(params, "name"), _text(params, "tap")
+        grant = params.get("grant")
+        if not isinstance(grant, bytes):
+            raise VmServiceError("parameter 'grant' must be bytes")
+        deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+        prepared = False
+        with LibvirtRuntime(self.libvirt_uri) as runtime:
+            while time.monotonic() < deadline:
+                if not prepared and Path(f"/sys/class/net/{tap}").exists():
+                    await self._configure_tap(tap)  # the incoming QEMU made it: route now
+                    await self.routes.prepare(grant, tap, None)
+                    prepared = True
+                state = await trio.to_thread.run_sync(lambda: runtime.list_vms().get(name))
+                if state is VmState.RUNNING:
+                    arrived = time.time()
+                    claim = await self._adopt(grant, tap, configured=prepared)
+                    claim["arrived_at"] = arrived
+                    return claim
+                await trio.sleep(ARRIVAL_POLL_S)
+        raise VmServiceError(f"{name} did not arrive within {ARRIVAL_TIMEOUT_S:g} s")
+
+    async def _adopt(self, grant: Any, tap: str, configured: bool = False) -> dict[str, Any]:
+        if not isinstance(grant, bytes):
+            raise VmServiceError("parameter 'grant' must be bytes")
+        if not configured:
+            await self._configure_tap(tap)
+        return await self.routes.attach(grant, tap, None)
+
+    async def _configure_tap(self, tap: str) -> None:
+        for command in (
+            ["ip", "-6", "addr", "replace", f"{HOST_LINK_LOCAL}/64", "dev", tap, "nodad"],
+            ["ip", "link", "set", tap, "up"],
+        ):
+            result = await trio.run_process(command, capture_stderr=True, check=False)
+            if result.returncode != 0:
+                raise VmServiceError(f"{' '.join(command)}: {result.stderr.decode().strip()}")
+
+
+def _text(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise VmServiceError(f"parameter {name!r} must be a non-empty string")
+    return value
