@@ -6,9 +6,13 @@
 3. Start a VM stand-in on one host and move its stable overlay address from
    host to host through the agents' route claims while another host probes it
    every millisecond; report each move and what the prober saw.
-4. Crash one agent (SIGKILL), watch the others declare it dead and drop its
+4. Run a VM job as time segments, each on the next host: the host checkpoints
+   the guest after its vCPU-second extent, the next fetches only the blocks it
+   lacks and restores; the result is checked against the same computation done
+   outside the VM. Then live-migrate a network guest and watch its address follow.
+5. Crash one agent (SIGKILL), watch the others declare it dead and drop its
    WireGuard peer, restart it and watch it rejoin.
-5. Tear everything down, on every path.
+6. Tear everything down, on every path.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ def run(hosts: int, root: Path) -> int:
         ok = _ping_matrix(console, described)
         if hosts >= 3:
             _move_vm(console, root, described)
+            from node import demo_vm
+
+            image = demo_vm.build_image(console, root)
+            ok &= demo_vm.segments_handoff(console, image, described)
+            demo_vm.live_migration(console, root, image, described)
             _crash_and_rejoin(console, root, described)
         ids = {host["node_id"] for host in described}
         console.print(f"{len(ids)} distinct node ids across {len(described)} hosts")
