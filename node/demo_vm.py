@@ -40,7 +40,9 @@ def segments_handoff(console: Console, image: Image, hosts: list[dict[str, Any]]
     table = Table(title=f"job demo1: {STEPS} hash-chain steps, one segment per host")
     for column in ("segment", "host", "vCPU s", "wall s", "fetched", "checkpoint", "steps"):
         table.add_column(column)
-    checkpoint, holders, logs = None, [], []
+    checkpoint: bytes | None = None
+    holders: list[str] = []
+    logs: list[str] = []
     index, finished = 0, False
     while not finished and index < 8:
         host = hosts[index % len(hosts)]
