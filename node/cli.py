@@ -224,6 +224,12 @@ def cmd_image(args: argparse.Namespace) -> int:
     return image_main(args.image_args)
 
 
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from node.blocks_cli import main as blocks_main
+
+    return blocks_main(args.blocks_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gleaner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gleaner {__version__}")
@@ -282,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image.add_argument("image_args", nargs=argparse.REMAINDER)
     image.set_defaults(func=cmd_image)
+
+    blocks = sub.add_parser(
+        "blocks",
+        help="block stores: put FILE…, get MANIFEST (progress)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    blocks.add_argument("blocks_args", nargs=argparse.REMAINDER)
+    blocks.set_defaults(func=cmd_blocks)
 
     demo = add("demo", cmd_demo, "run the main demo on a local testbed swarm")
     demo.add_argument("--hosts", type=int, default=4)
