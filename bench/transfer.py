@@ -15,6 +15,12 @@ materializes equals B. Prints one JSON object: ``checkpoint_bytes``,
 ``rsync --stats --no-whole-file`` reports as sent updating A into B), the
 hash's throughput per core, the same delta at other block sizes, and, for QEMU
 streams, what a page-aligned layout of the same pages would ship.
+
+With ``--relayout`` (real save files only) it also splits A and B with
+``segments.savestream`` into ``ram`` (pages at their guest addresses) and
+``rest``, stores both files as one checkpoint, fetches B's over loopback,
+joins it and checks that it equals B, and reports under ``relayout``: what B
+ships given A (per file and at other block sizes) and the codec's MB/s.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.identity import Identity
 from segments.blocks import DEFAULT_BLOCK_SIZE, BlockStore
 from segments.manifest import ZERO, Manifest
+from segments.savestream import join, split
 from segments.transfer import fetch, serve_blocks
 
 PAGE = 4096
@@ -232,6 +239,58 @@ async def loopback_fetch(producer: BlockStore, receiver: BlockStore, manifest: M
     return elapsed
 
 
+def relayout(a: Path, b: Path, work: Path, block_size: int) -> dict[str, Any]:
+    """B given A when both are split into ram and rest first (see the module docstring)."""
+    timings: dict[str, float] = {}
+    splits = {}
+    for label, path in (("a", a), ("b", b)):
+        start = time.perf_counter()
+        splits[label] = split(path, work / f"split-{label}")
+        timings[f"split_{label}_s"] = time.perf_counter() - start
+    identity = Identity.generate()
+    producer = BlockStore(work / "relayout-producer", block_size=block_size)
+    receiver = BlockStore(work / "relayout-receiver", block_size=block_size)
+    files = {label: {"ram": r.ram, "rest": r.rest} for label, r in splits.items()}
+    producer.put_files(files["a"], identity)
+    second = producer.put_files(files["b"], identity)
+    receiver.put_files(files["a"], identity)
+    missing = receiver.missing(second)
+    fetch_s = trio.run(loopback_fetch, producer, receiver, second)
+    receiver.materialize(second, work / "relayout-restored")
+    start = time.perf_counter()
+    join(work / "relayout-restored", work / "relayout-joined")
+    timings["join_b_s"] = time.perf_counter() - start
+    if (work / "relayout-joined").read_bytes() != b.read_bytes():
+        raise RuntimeError("the joined checkpoint differs from B")
+    per_file = {
+        entry.name: sum({d: n for d, n in missing.items() if d in set(entry.digests)}.values())
+        for entry in second.files
+    }
+    by_size = {}
+    for size in SIZES:
+        store = BlockStore(work / f"relayout-probe{size}", block_size=size)
+        held = {ref.digest for f in files["a"].values() for ref in store.chunk_file(f)}
+        refs = [ref for f in files["b"].values() for ref in store.chunk_file(f)]
+        fresh = {r.digest: r.length for r in refs if not r.zero and r.digest not in held}
+        by_size[size] = {"shipped_bytes": sum(fresh.values()), "manifest_entries": len(refs)}
+        store.close()
+    source_b = splits["b"].source_bytes
+    return {
+        "shipped_bytes": sum(missing.values()),
+        "shipped_bytes_by_file": per_file,
+        "ram_bytes": splits["b"].ram_bytes,
+        "rest_bytes": splits["b"].rest_bytes,
+        "pages": splits["b"].pages,
+        "zero_pages": splits["b"].zero_pages,
+        "verbatim_pages": splits["b"].verbatim_pages,
+        "manifest_bytes": len(second.encode()),
+        "loopback_fetch_s": round(fetch_s, 3),
+        "split_mb_s": round(source_b / timings["split_b_s"] / 1e6, 1),
+        "join_mb_s": round(source_b / timings["join_b_s"] / 1e6, 1),
+        "by_block_size": by_size,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", nargs=2, type=Path, metavar=("A", "B"))
@@ -241,7 +300,12 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
+    parser.add_argument(
+        "--relayout", action="store_true", help="also split A and B (needs --files)"
+    )
     args = parser.parse_args()
+    if args.relayout and not args.files:
+        parser.error("--relayout needs real save files (--files A B)")
     work = Path(tempfile.mkdtemp(prefix="gleaner-bench-transfer-"))
     try:
         if args.files:
@@ -295,6 +359,8 @@ def main() -> int:
         a_pages, b_pages = qemu_pages(a), qemu_pages(b)
         if a_pages and b_pages:
             result["page_aligned_shipped_bytes"] = page_delta(a_pages, b_pages)
+        if args.relayout:
+            result["relayout"] = relayout(a, b, work, args.block_size)
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,8 +12,12 @@ faster or less loaded host finishes it sooner. A replica:
 2. lets the guest run until it has used ``extent_cpu_s`` of vCPU time since
    the start or restore (the clock restarts at every restore: it counts the
    QEMU process), or until the guest powers off (the job is done);
-3. pauses it at once, saves it, and turns the save file into a checkpoint:
-   blocks in the store and a manifest signed by this node;
+3. pauses it at once, saves it, splits the save file into guest RAM laid out
+   at guest addresses plus the rest of the stream (segments.savestream: the
+   same page always lands in the same block, so the next host fetches only
+   what changed) and turns those into a checkpoint: blocks in the store and a
+   manifest signed by this node; a restore materialises both and joins them
+   back, byte for byte, into the save file;
 4. removes the domain and the save file: the checkpoint lives on as blocks.
 
 It is blocking (libvirt and file I/O); the agent runs it in a worker thread,
@@ -23,6 +27,7 @@ that must stop the moment a winner's completion is accepted.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -31,9 +36,11 @@ from pathlib import Path
 from node.identity import Identity
 from segments.blocks import BlockStore
 from segments.manifest import Manifest
+from segments.savestream import SaveStreamError, join, split
 from segments.vm import VmError, VmRuntime, VmSpec, VmState
 
-MEMORY_FILE = "memory"
+MEMORY_FILE = "memory"  # a checkpoint stored as one raw save file
+RAM_FILE, REST_FILE = "ram", "rest"  # a checkpoint split by segments.savestream
 POLL_S = 0.1
 BOOT_TIMEOUT_S = 120.0
 
@@ -114,11 +121,20 @@ class Replica:
             self.runtime.start(spec.name)
             return spec.name
         save_file = self.work_dir / "restore.save"
-        self.store.materialize(checkpoint, save_file)
+        parts = self.work_dir / "restore.parts"
         try:
+            if {entry.name for entry in checkpoint.files} == {RAM_FILE, REST_FILE}:
+                parts.mkdir(exist_ok=True)
+                self.store.materialize(checkpoint, parts)
+                join(parts, save_file)
+            else:
+                self.store.materialize(checkpoint, save_file)
             return self.runtime.restore(save_file, local=spec)
+        except SaveStreamError as exc:
+            raise ReplicaError(f"rebuilding the save file of {spec.name}: {exc}") from exc
         finally:
             save_file.unlink(missing_ok=True)
+            shutil.rmtree(parts, ignore_errors=True)
 
     def _run_extent(self, run: SegmentRun, name: str) -> tuple[float, bool]:
         """Run until the guest used its vCPU extent (then pause) or powered off."""
@@ -127,6 +143,8 @@ class Replica:
             if self._cancelled.is_set():
                 raise ReplicaCancelled(f"segment on {name} cancelled")
             state = self.runtime.list_vms().get(name)
+            if state is None:
+                state = self._confirm_gone(name)
             if state not in (VmState.RUNNING, VmState.PAUSED):
                 return used, True  # powered off: gone (transient) or shut off (defined)
             used = self.runtime.cpu_time_s(name)
@@ -135,13 +153,30 @@ class Replica:
                 return self.runtime.cpu_time_s(name), False
             time.sleep(POLL_S)
 
+    def _confirm_gone(self, name: str) -> VmState | None:
+        """A domain missing from a listing: ask for it by name before believing it ended."""
+        try:
+            return self.runtime.state(name)
+        except VmError:
+            return None
+
     def _checkpoint(self, name: str) -> Manifest:
         save_file = self.work_dir / "checkpoint.save"
+        parts = self.work_dir / "checkpoint.parts"
         try:
             self.runtime.save(name, save_file)
-            return self.store.put_files({MEMORY_FILE: save_file}, self.identity)
+            try:
+                split_result = split(save_file, parts)
+            except SaveStreamError:
+                # A stream this codec does not know: store it whole (it still
+                # deduplicates, only worse) rather than fail the segment.
+                return self.store.put_files({MEMORY_FILE: save_file}, self.identity)
+            return self.store.put_files(
+                {RAM_FILE: split_result.ram, REST_FILE: split_result.rest}, self.identity
+            )
         finally:
             save_file.unlink(missing_ok=True)
+            shutil.rmtree(parts, ignore_errors=True)
 
     def _clean_up(self, name: str) -> None:
         vms = self.runtime.list_vms()

@@ -16,7 +16,7 @@ from segments.workload import check_continuity, parse_progress, parse_result, re
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
-STEPS = 400
+STEPS = 1500  # about 7 s of guest CPU: more than the first segment's extent
 SEED = "gleaner"
 SEGMENT_TIMEOUT_S = 300.0
 
