@@ -16,8 +16,9 @@ higher than the one it holds. A same-sequence copy of the held record is a
 harmless duplicate; a *different* record with the same sequence number is
 equivocation and is refused.
 
-Wire form: ``msgpack([payload, signature])`` where ``payload`` is the msgpack map
-of the fields and the signature covers ``RECORD_CONTEXT + payload``.
+Wire form: the signed-statement envelope of ``node.signed``,
+``msgpack([payload, signature])`` where ``payload`` is the msgpack map of the
+fields and the signature covers ``RECORD_CONTEXT + payload``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from node.identity import Identity, NodeId
-from node.wire import RemoteProtocolError, unpack_limited, verify_signature
+from node.signed import bin_field, key_field, open_statement, sign_payload
+from node.wire import RemoteProtocolError, verify_signature
 
 RECORD_CONTEXT = b"gleaner/record/v1\x00"
 MAX_ENDPOINTS = 8
 MAX_RECORD_BYTES = 2048
+WG_KEY_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,32 +97,16 @@ def sign_record(
         "expires": expires,
         "wg_port": wg_port,
     }
-    payload = msgpack.packb(payload_map, use_bin_type=True)
-    signature = identity.sign(RECORD_CONTEXT + payload)
-    blob = msgpack.packb([payload, signature], use_bin_type=True)
-    return decode_record(blob)
+    return decode_record(sign_payload(identity, RECORD_CONTEXT, payload_map))
 
 
 def decode_record(blob: bytes) -> PeerRecord:
     """Parse a record and check its signature. Raises RemoteProtocolError only."""
-    if not isinstance(blob, bytes) or len(blob) > MAX_RECORD_BYTES:
-        raise RemoteProtocolError("peer record is not bytes or is too large")
-    outer = unpack_limited(blob)
-    if not isinstance(outer, list) or len(outer) != 2:
-        raise RemoteProtocolError("peer record is not [payload, signature]")
-    payload, signature = outer
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
-        raise RemoteProtocolError("peer record payload or signature is not bytes")
-    fields = unpack_limited(payload)
-    if not isinstance(fields, dict):
-        raise RemoteProtocolError("peer record payload is not a map")
-    node_key = _get(fields, "node_id", bytes)
-    if len(node_key) != 32:
-        raise RemoteProtocolError("peer record node_id is not 32 bytes")
-    verify_signature(node_key, RECORD_CONTEXT + payload, signature)
-    wg_key = _get(fields, "wg_key", bytes)
-    if len(wg_key) != 32:
-        raise RemoteProtocolError("peer record wg_key is not 32 bytes")
+    what = "peer record"
+    payload, signature, fields = open_statement(blob, what, MAX_RECORD_BYTES)
+    node_id = key_field(fields, "node_id", what)
+    verify_signature(node_id.key, RECORD_CONTEXT + payload, signature)
+    wg_key = bin_field(fields, "wg_key", what, WG_KEY_BYTES)
     endpoints = _get(fields, "endpoints", list)
     if len(endpoints) > MAX_ENDPOINTS or not all(_is_endpoint(e) for e in endpoints):
         raise RemoteProtocolError("peer record endpoints are not host:port strings")
@@ -140,7 +125,7 @@ def decode_record(blob: bytes) -> PeerRecord:
         bench_score=_get(caps, "bench_score", int),
     )
     return PeerRecord(
-        node_id=NodeId(node_key),
+        node_id=node_id,
         wireguard_key=wg_key,
         endpoints=tuple(endpoints),
         overlay_address=overlay,

@@ -21,8 +21,9 @@ one chain is worthless on every other chain, even one with the same top.
 ``HashChain`` keeps every 64th value from the seed down, so any token costs at
 most 63 hashes and a chain of n tokens costs n/2 bytes of memory.
 
-Wire forms (msgpack ``[payload, signature]``; payload is a msgpack map carried as
-bytes and signed as ``CONTEXT + payload`` with Ed25519)::
+Wire forms (the signed-statement envelope of ``node.signed``: msgpack
+``[payload, signature]``; payload is a msgpack map carried as bytes and signed as
+``CONTEXT + payload`` with Ed25519)::
 
     commitment: by issuer, "gleaner/commit/v1\\0", {chain: bin16, payer: bin32,
                 payee: bin32, top: bin32, length: 1..MAX_CHAIN_LENGTH,
@@ -43,28 +44,26 @@ Errors: decoding is where outside bytes come in; only ``RemoteProtocolError``
 escapes it (``LedgerRefused`` with a ``Refusal`` for a bad signature). Signing
 decodes what it just signed, so inputs peers would refuse raise
 ``LocalProtocolError``. Judging a well-formed statement (trust, expiry, chain
-state) is the ledger's job (node/ledger.py), not this module's.
+state) is the ledgers' job (node/payer.py, node/payee.py), not this module's.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import msgpack
 
 from node.identity import Identity, NodeId
-from node.wire import (
-    MAX_SEQ,
-    SIGNATURE_BYTES,
-    LocalProtocolError,
-    RemoteProtocolError,
-    unpack_limited,
-    verify_signature,
+from node.signed import (
+    bin_field,
+    decode_own,
+    key_field,
+    open_statement,
+    sign_payload,
+    signed_by,
+    uint_field,
 )
+from node.wire import LocalProtocolError, RemoteProtocolError
 
 COMMITMENT_CONTEXT = b"gleaner/commit/v1\x00"
 PAYMENT_CONTEXT = b"gleaner/payment/v1\x00"
@@ -74,7 +73,6 @@ CHAIN_ID_PERSON = b"gleaner/chain/v1"
 SEED_BYTES = 32
 TOKEN_BYTES = 32
 CHAIN_ID_BYTES = 16
-KEY_BYTES = 32
 JOB_ID_BYTES = 32
 MAX_CHAIN_LENGTH = 1 << 20
 MAX_UNITS = 4096  # per payment: bounds the hashing a payee does for one message
@@ -82,8 +80,6 @@ CHECKPOINT_EVERY = 64
 MAX_COMMITMENT_BYTES = 1024
 MAX_PAYMENT_BYTES = 2048
 MAX_ACK_BYTES = 1024
-
-_T = TypeVar("_T")
 
 
 class Refusal(enum.Enum):
@@ -241,7 +237,7 @@ def sign_commitment(
         "issuer": issuer.node_id.key,
         "expires": expires,
     }
-    return _own(decode_commitment, _sign(issuer, COMMITMENT_CONTEXT, payload))
+    return decode_own(decode_commitment, sign_payload(issuer, COMMITMENT_CONTEXT, payload))
 
 
 def sign_payment(
@@ -267,7 +263,7 @@ def sign_payment(
         "token": chain.token(index),
         "commitment": commitment,
     }
-    return _own(decode_payment, _sign(payer, PAYMENT_CONTEXT, payload))
+    return decode_own(decode_payment, sign_payload(payer, PAYMENT_CONTEXT, payload))
 
 
 def sign_ack(payee: Identity, payment: Payment) -> Ack:
@@ -283,24 +279,7 @@ def sign_ack(payee: Identity, payment: Payment) -> Ack:
         "index": payment.index,
         "units": payment.units,
     }
-    return _own(decode_ack, _sign(payee, ACK_CONTEXT, payload))
-
-
-def _sign(identity: Identity, context: bytes, payload_map: dict[str, Any]) -> bytes:
-    try:
-        payload: bytes = msgpack.packb(payload_map, use_bin_type=True)
-    except (OverflowError, TypeError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot encode {payload_map!r}: {exc}") from exc
-    blob: bytes = msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
-    return blob
-
-
-def _own(decode: Callable[[bytes], _T], blob: bytes) -> _T:
-    """Decode something we just signed; refusing it means the caller's inputs were wrong."""
-    try:
-        return decode(blob)
-    except RemoteProtocolError as exc:
-        raise LocalProtocolError(f"refusing to sign: {exc}") from exc
+    return decode_own(decode_ack, sign_payload(payee, ACK_CONTEXT, payload))
 
 
 # -- decoding (outside bytes; only RemoteProtocolError escapes) -----------------------
@@ -309,18 +288,18 @@ def _own(decode: Callable[[bytes], _T], blob: bytes) -> _T:
 def decode_commitment(blob: bytes) -> Commitment:
     """Parse a commitment and check the issuer's signature (not whether we trust it)."""
     what = "commitment"
-    payload, signature, fields = _open(blob, what, MAX_COMMITMENT_BYTES)
-    issuer = _key(fields, "issuer", what)
-    _verify(issuer, COMMITMENT_CONTEXT + payload, signature, what)
+    payload, signature, fields = open_statement(blob, what, MAX_COMMITMENT_BYTES)
+    issuer = key_field(fields, "issuer", what)
+    _verify(issuer, COMMITMENT_CONTEXT, payload, signature, what)
     return Commitment(
-        chain_id=_bin(fields, "chain", what, CHAIN_ID_BYTES),
-        payer=_key(fields, "payer", what),
-        payee=_key(fields, "payee", what),
-        top=_bin(fields, "top", what, TOKEN_BYTES),
-        length=_uint(fields, "length", what, 1, MAX_CHAIN_LENGTH),
-        unit_value=_uint(fields, "unit", what),
+        chain_id=bin_field(fields, "chain", what, CHAIN_ID_BYTES),
+        payer=key_field(fields, "payer", what),
+        payee=key_field(fields, "payee", what),
+        top=bin_field(fields, "top", what, TOKEN_BYTES),
+        length=uint_field(fields, "length", what, 1, MAX_CHAIN_LENGTH),
+        unit_value=uint_field(fields, "unit", what),
         issuer=issuer,
-        expires=_uint(fields, "expires", what),
+        expires=uint_field(fields, "expires", what),
         signature=signature,
         blob=blob,
     )
@@ -329,22 +308,22 @@ def decode_commitment(blob: bytes) -> Commitment:
 def decode_payment(blob: bytes) -> Payment:
     """Parse a payment and check the payer's signature (not the token: that needs the chain)."""
     what = "payment"
-    payload, signature, fields = _open(blob, what, MAX_PAYMENT_BYTES)
-    payer = _key(fields, "payer", what)
-    _verify(payer, PAYMENT_CONTEXT + payload, signature, what)
-    index = _uint(fields, "index", what, 1, MAX_CHAIN_LENGTH)
+    payload, signature, fields = open_statement(blob, what, MAX_PAYMENT_BYTES)
+    payer = key_field(fields, "payer", what)
+    _verify(payer, PAYMENT_CONTEXT, payload, signature, what)
+    index = uint_field(fields, "index", what, 1, MAX_CHAIN_LENGTH)
     commitment = fields.get("commitment")
     if commitment is not None and not isinstance(commitment, bytes):
         raise RemoteProtocolError("payment 'commitment' is not bytes or nil")
     return Payment(
-        chain_id=_bin(fields, "chain", what, CHAIN_ID_BYTES),
+        chain_id=bin_field(fields, "chain", what, CHAIN_ID_BYTES),
         payer=payer,
-        payee=_key(fields, "payee", what),
-        job_id=_bin(fields, "job", what, JOB_ID_BYTES),
-        segment=_uint(fields, "segment", what),
+        payee=key_field(fields, "payee", what),
+        job_id=bin_field(fields, "job", what, JOB_ID_BYTES),
+        segment=uint_field(fields, "segment", what),
         index=index,
-        units=_uint(fields, "units", what, 1, min(index, MAX_UNITS)),
-        token=_bin(fields, "token", what, TOKEN_BYTES),
+        units=uint_field(fields, "units", what, 1, min(index, MAX_UNITS)),
+        token=bin_field(fields, "token", what, TOKEN_BYTES),
         commitment=commitment,
         signature=signature,
         blob=blob,
@@ -354,60 +333,23 @@ def decode_payment(blob: bytes) -> Payment:
 def decode_ack(blob: bytes) -> Ack:
     """Parse a payee's ack and check its signature."""
     what = "ack"
-    payload, signature, fields = _open(blob, what, MAX_ACK_BYTES)
-    payee = _key(fields, "payee", what)
-    _verify(payee, ACK_CONTEXT + payload, signature, what)
-    index = _uint(fields, "index", what, 1, MAX_CHAIN_LENGTH)
+    payload, signature, fields = open_statement(blob, what, MAX_ACK_BYTES)
+    payee = key_field(fields, "payee", what)
+    _verify(payee, ACK_CONTEXT, payload, signature, what)
+    index = uint_field(fields, "index", what, 1, MAX_CHAIN_LENGTH)
     return Ack(
-        chain_id=_bin(fields, "chain", what, CHAIN_ID_BYTES),
-        payer=_key(fields, "payer", what),
+        chain_id=bin_field(fields, "chain", what, CHAIN_ID_BYTES),
+        payer=key_field(fields, "payer", what),
         payee=payee,
-        job_id=_bin(fields, "job", what, JOB_ID_BYTES),
-        segment=_uint(fields, "segment", what),
+        job_id=bin_field(fields, "job", what, JOB_ID_BYTES),
+        segment=uint_field(fields, "segment", what),
         index=index,
-        units=_uint(fields, "units", what, 1, min(index, MAX_UNITS)),
+        units=uint_field(fields, "units", what, 1, min(index, MAX_UNITS)),
         signature=signature,
         blob=blob,
     )
 
 
-def _open(blob: Any, what: str, limit: int) -> tuple[bytes, bytes, dict[str, Any]]:
-    if not isinstance(blob, bytes) or len(blob) > limit:
-        raise RemoteProtocolError(f"{what} is not bytes or is over {limit} bytes")
-    outer = unpack_limited(blob)
-    if not isinstance(outer, list) or len(outer) != 2:
-        raise RemoteProtocolError(f"{what} is not [payload, signature]")
-    payload, signature = outer
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
-        raise RemoteProtocolError(f"{what} payload or signature is not bytes")
-    if len(signature) != SIGNATURE_BYTES:
-        raise RemoteProtocolError(f"{what} signature is not {SIGNATURE_BYTES} bytes")
-    fields = unpack_limited(payload)
-    if not isinstance(fields, dict):
-        raise RemoteProtocolError(f"{what} payload is not a map")
-    return payload, signature, fields
-
-
-def _verify(signer: NodeId, message: bytes, signature: bytes, what: str) -> None:
-    try:
-        verify_signature(signer.key, message, signature)
-    except RemoteProtocolError:
-        raise LedgerRefused(Refusal.BAD_SIGNATURE, f"{what} has a bad signature") from None
-
-
-def _bin(fields: dict[str, Any], name: str, what: str, size: int) -> bytes:
-    value = fields.get(name)
-    if not isinstance(value, bytes) or len(value) != size:
-        raise RemoteProtocolError(f"{what} {name!r} is not {size} bytes")
-    return value
-
-
-def _key(fields: dict[str, Any], name: str, what: str) -> NodeId:
-    return NodeId(_bin(fields, name, what, KEY_BYTES))
-
-
-def _uint(fields: dict[str, Any], name: str, what: str, low: int = 0, high: int = MAX_SEQ) -> int:
-    value = fields.get(name)
-    if type(value) is not int or not low <= value <= high:
-        raise RemoteProtocolError(f"{what} {name!r} is not an integer in {low}..{high}")
-    return value
+def _verify(signer: NodeId, context: bytes, payload: bytes, signature: bytes, what: str) -> None:
+    if not signed_by(signer.key, context, payload, signature):
+        raise LedgerRefused(Refusal.BAD_SIGNATURE, f"{what} has a bad signature")

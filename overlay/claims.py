@@ -24,7 +24,8 @@ another owner's address a stranger needs a key and nonce hashing to the same
 RFC 3972, Sec=0). Defence in depth, in the route table: an address is also
 pinned to its owner key once known; other keys are refused.
 
-Wire forms (msgpack ``[payload, signature]``, Ed25519 over context + payload)::
+Wire forms (the signed-statement envelope of ``node.signed``: msgpack
+``[payload, signature]``, Ed25519 over context + payload)::
 
     grant: by owner, "gleaner/grant/v1\\0", {swarm: str, owner: bin32,
            nonce: bin 8..64, vm: bin16, node: bin32, epoch: uint, expires: uint}
@@ -45,35 +46,31 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address
-from typing import Any, TypeVar
 
-import msgpack
-
-from node.identity import Identity, NodeId
-from node.wire import (
-    MAX_SEQ,
-    SIGNATURE_BYTES,
-    LocalProtocolError,
-    RemoteProtocolError,
-    unpack_limited,
-    verify_signature,
+from node.identity import KEY_BYTES, Identity, NodeId
+from node.signed import (
+    bin_field,
+    decode_own,
+    key_field,
+    open_statement,
+    sign_payload,
+    signed_by,
+    text_field,
+    uint_field,
 )
+from node.wire import RemoteProtocolError
 from overlay.addressing import vm_address
 
 GRANT_CONTEXT = b"gleaner/grant/v1\x00"
 ROUTE_CONTEXT = b"gleaner/route/v1\x00"
 JOB_ID_PERSON = b"gleaner-job"
-KEY_BYTES = 32
 ADDRESS_BYTES = 16
 MIN_NONCE_BYTES = 8
 MAX_NONCE_BYTES = 64
 MAX_GRANT_BYTES = 1024
 MAX_CLAIM_BYTES = 2048
-
-_T = TypeVar("_T")
 
 
 class Refusal(enum.Enum):
@@ -170,7 +167,7 @@ def sign_grant(
         "epoch": epoch,
         "expires": expires,
     }
-    return _own(decode_grant, _sign(owner, GRANT_CONTEXT, payload))
+    return decode_own(decode_grant, sign_payload(owner, GRANT_CONTEXT, payload))
 
 
 def sign_claim(identity: Identity, grant: Grant, issued_at: int) -> RouteClaim:
@@ -205,24 +202,7 @@ def _sign_route(
         "issued_at": issued_at,
         "grant": None if grant is None else grant.blob,
     }
-    return _own(decode_claim, _sign(identity, ROUTE_CONTEXT, payload))
-
-
-def _sign(identity: Identity, context: bytes, payload_map: dict[str, Any]) -> bytes:
-    try:
-        payload: bytes = msgpack.packb(payload_map, use_bin_type=True)
-    except (OverflowError, TypeError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot encode {payload_map!r}: {exc}") from exc
-    blob: bytes = msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
-    return blob
-
-
-def _own(decode: Callable[[bytes], _T], blob: bytes) -> _T:
-    """Decode something we just signed; refusing it means the caller's inputs were wrong."""
-    try:
-        return decode(blob)
-    except RemoteProtocolError as exc:
-        raise LocalProtocolError(f"refusing to sign: {exc}") from exc
+    return decode_own(decode_claim, sign_payload(identity, ROUTE_CONTEXT, payload))
 
 
 # -- decoding (where outside bytes come in; only RemoteProtocolError escapes) -------
@@ -230,15 +210,14 @@ def _own(decode: Callable[[bytes], _T], blob: bytes) -> _T:
 
 def decode_grant(blob: bytes) -> Grant:
     """Parse a grant, check the owner's signature and the owner binding."""
-    payload, signature, fields = _open(blob, "grant", MAX_GRANT_BYTES)
-    owner_key = _bin(fields, "owner", "grant", KEY_BYTES, KEY_BYTES)
-    try:
-        verify_signature(owner_key, GRANT_CONTEXT + payload, signature)
-    except RemoteProtocolError:
-        raise RouteRefused(Refusal.BAD_GRANT, "grant is not signed by its owner key") from None
-    swarm_id = _text(fields, "swarm", "grant")
-    job_nonce = _bin(fields, "nonce", "grant", MIN_NONCE_BYTES, MAX_NONCE_BYTES)
-    address = IPv6Address(_bin(fields, "vm", "grant", ADDRESS_BYTES, ADDRESS_BYTES))
+    what = "grant"
+    payload, signature, fields = open_statement(blob, what, MAX_GRANT_BYTES)
+    owner_key = bin_field(fields, "owner", what, KEY_BYTES)
+    if not signed_by(owner_key, GRANT_CONTEXT, payload, signature):
+        raise RouteRefused(Refusal.BAD_GRANT, "grant is not signed by its owner key")
+    swarm_id = text_field(fields, "swarm", what)
+    job_nonce = bin_field(fields, "nonce", what, MIN_NONCE_BYTES, MAX_NONCE_BYTES)
+    address = IPv6Address(bin_field(fields, "vm", what, ADDRESS_BYTES))
     if address != vm_address(swarm_id, derive_job_id(owner_key, job_nonce)):
         raise RouteRefused(
             Refusal.BAD_GRANT, f"grant for {address}: not the address of the owner's job"
@@ -248,9 +227,9 @@ def decode_grant(blob: bytes) -> Grant:
         owner_key=owner_key,
         job_nonce=job_nonce,
         vm_address=address,
-        node_id=NodeId(_bin(fields, "node", "grant", KEY_BYTES, KEY_BYTES)),
-        epoch=_uint(fields, "epoch", "grant"),
-        expires=_uint(fields, "expires", "grant"),
+        node_id=key_field(fields, "node", what),
+        epoch=uint_field(fields, "epoch", what),
+        expires=uint_field(fields, "expires", what),
         signature=signature,
         blob=blob,
     )
@@ -258,22 +237,21 @@ def decode_grant(blob: bytes) -> Grant:
 
 def decode_claim(blob: bytes) -> RouteClaim:
     """Parse a route claim, check its signature and (for a CLAIM) its grant."""
-    payload, signature, fields = _open(blob, "route claim", MAX_CLAIM_BYTES)
-    node_key = _bin(fields, "node", "route claim", KEY_BYTES, KEY_BYTES)
-    try:
-        verify_signature(node_key, ROUTE_CONTEXT + payload, signature)
-    except RemoteProtocolError:
-        raise RouteRefused(Refusal.BAD_SIGNATURE, "route claim is not signed by its node") from None
-    raw_kind = _uint(fields, "kind", "route claim")
+    what = "route claim"
+    payload, signature, fields = open_statement(blob, what, MAX_CLAIM_BYTES)
+    node_id = key_field(fields, "node", what)
+    if not signed_by(node_id.key, ROUTE_CONTEXT, payload, signature):
+        raise RouteRefused(Refusal.BAD_SIGNATURE, "route claim is not signed by its node")
+    raw_kind = uint_field(fields, "kind", what)
     if raw_kind not in tuple(ClaimKind):
         raise RemoteProtocolError(f"route claim kind {raw_kind} is unknown")
     claim = RouteClaim(
         kind=ClaimKind(raw_kind),
-        swarm_id=_text(fields, "swarm", "route claim"),
-        node_id=NodeId(node_key),
-        vm_address=IPv6Address(_bin(fields, "vm", "route claim", ADDRESS_BYTES, ADDRESS_BYTES)),
-        epoch=_uint(fields, "epoch", "route claim"),
-        issued_at=_uint(fields, "issued_at", "route claim"),
+        swarm_id=text_field(fields, "swarm", what),
+        node_id=node_id,
+        vm_address=IPv6Address(bin_field(fields, "vm", what, ADDRESS_BYTES)),
+        epoch=uint_field(fields, "epoch", what),
+        issued_at=uint_field(fields, "issued_at", what),
         grant=None,
         signature=signature,
         blob=blob,
@@ -297,41 +275,3 @@ def decode_claim(blob: bytes) -> RouteClaim:
                 Refusal.GRANT_MISMATCH, f"claim {name} {claimed} but grant {name} {granted}"
             )
     return replace(claim, grant=grant)
-
-
-def _open(blob: Any, what: str, limit: int) -> tuple[bytes, bytes, dict[str, Any]]:
-    if not isinstance(blob, bytes) or len(blob) > limit:
-        raise RemoteProtocolError(f"{what} is not bytes or is over {limit} bytes")
-    outer = unpack_limited(blob)
-    if not isinstance(outer, list) or len(outer) != 2:
-        raise RemoteProtocolError(f"{what} is not [payload, signature]")
-    payload, signature = outer
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
-        raise RemoteProtocolError(f"{what} payload or signature is not bytes")
-    if len(signature) != SIGNATURE_BYTES:
-        raise RemoteProtocolError(f"{what} signature is not {SIGNATURE_BYTES} bytes")
-    fields = unpack_limited(payload)
-    if not isinstance(fields, dict):
-        raise RemoteProtocolError(f"{what} payload is not a map")
-    return payload, signature, fields
-
-
-def _bin(fields: dict[str, Any], name: str, what: str, low: int, high: int) -> bytes:
-    value = fields.get(name)
-    if not isinstance(value, bytes) or not low <= len(value) <= high:
-        raise RemoteProtocolError(f"{what} {name!r} is not {low}..{high} bytes")
-    return value
-
-
-def _text(fields: dict[str, Any], name: str, what: str) -> str:
-    value = fields.get(name)
-    if not isinstance(value, str) or not value:
-        raise RemoteProtocolError(f"{what} {name!r} is not a non-empty string")
-    return value
-
-
-def _uint(fields: dict[str, Any], name: str, what: str) -> int:
-    value = fields.get(name)
-    if type(value) is not int or not 0 <= value <= MAX_SEQ:
-        raise RemoteProtocolError(f"{what} {name!r} is not a uint64")
-    return value

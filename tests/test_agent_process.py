@@ -13,9 +13,10 @@ from pathlib import Path
 import msgpack
 import pytest
 from conftest import AgentProcess, write_config
+from fuzzing import edit_lists, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_wire import _mutate, valid_frames
+from test_wire import valid_frames
 
 from node.identity import Identity
 from node.wire import MessageType, decode_frame, encode_frame
@@ -120,15 +121,7 @@ def _ping(sock: socket.socket, address: tuple[str, int], nonce: int) -> int:
 
 FRAMES = st.one_of(
     st.binary(max_size=1500),
-    st.builds(
-        _mutate,
-        st.sampled_from(valid_frames()),
-        st.lists(
-            st.tuples(st.integers(0, 3), st.integers(0, 5000), st.integers(0, 255)),
-            min_size=1,
-            max_size=6,
-        ),
-    ),
+    st.builds(mutate, st.sampled_from(valid_frames()), edit_lists(max_position=5000, max_size=6)),
 )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from fuzzing import signed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -19,24 +20,22 @@ from hypothesis.stateful import (
 
 import node.tokens as tokens
 from node.identity import Identity
-from node.ledger import (
+from node.ledger import JournalEntry, PaymentState, Persist, Persisted, Refused
+from node.payee import (
+    CommitmentReceived,
+    PayeeConfig,
+    PayeeLedger,
+    PaymentAccepted,
+    PaymentReceived,
+    SendAck,
+)
+from node.payer import (
     AckReceived,
     ChainAdded,
     ChainNeeded,
-    CommitmentReceived,
-    JournalEntry,
-    PayeeConfig,
-    PayeeLedger,
     PayerConfig,
     PayerLedger,
-    PaymentAccepted,
-    PaymentReceived,
     PaymentRequested,
-    PaymentState,
-    Persist,
-    Persisted,
-    Refused,
-    SendAck,
     SendPayment,
     WinnerRecorded,
 )
@@ -92,11 +91,6 @@ def chain_and_commitment(
         expires=expires,
     )
     return chain, commitment
-
-
-def signed(identity: Identity, context: bytes, fields: dict[str, Any]) -> bytes:
-    payload = msgpack.packb(fields, use_bin_type=True)
-    return msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
 
 
 def payment_fields(chain: HashChain, index: int, units: int = 1, segment: int = 0, **over: Any):

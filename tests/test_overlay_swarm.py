@@ -182,6 +182,7 @@ def test_forged_and_replayed_route_claims_are_refused(swarm):
     """Runs after the move test: replays its epoch-1 claim and forges others."""
     from node.dissemination import Broadcast, encode_update
     from node.identity import load_or_create
+    from node.signed import sign_payload
     from overlay import claims
     from overlay.claims import sign_claim, sign_grant
 
@@ -212,7 +213,7 @@ def test_forged_and_replayed_route_claims_are_refused(swarm):
         epoch=99,
         expires=2**40,
     )
-    stolen = claims._sign(stranger, claims.ROUTE_CONTEXT, {
+    stolen = sign_payload(stranger, claims.ROUTE_CONTEXT, {
         "swarm": state["swarm_id"], "kind": 1, "node": stranger.node_id.key,
         "vm": stolen_grant.vm_address.packed, "epoch": 99, "issued_at": 1,
         "grant": stolen_grant.blob,

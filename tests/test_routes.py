@@ -6,6 +6,7 @@ from ipaddress import IPv6Address, IPv6Network
 
 import msgpack
 import pytest
+from fuzzing import edit_lists, mutate, signed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,12 +57,6 @@ def withdraw(node=A, epoch=1, address=ADDRESS, issued_at=NOW) -> bytes:
     return sign_withdraw(
         node, swarm_id=SWARM, vm_address=address, epoch=epoch, issued_at=issued_at
     ).blob
-
-
-def signed(identity: Identity, context: bytes, payload: dict) -> bytes:
-    """Sign an arbitrary payload, to build messages the signing helpers refuse to make."""
-    packed = msgpack.packb(payload, use_bin_type=True)
-    return msgpack.packb([packed, identity.sign(context + packed)], use_bin_type=True)
 
 
 def claim_fields(node=A, epoch=1, grant_blob=None, /, **overrides) -> dict:
@@ -579,24 +574,6 @@ def _only_remote_errors(blob: bytes) -> None:
         pass
 
 
-def _mutate(blob: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    data = bytearray(blob)
-    for kind, position, value in edits:
-        if not data:
-            data.append(value)
-            continue
-        position %= len(data)
-        if kind == 0:
-            data[position] = value
-        elif kind == 1:
-            del data[position]
-        elif kind == 2:
-            data.insert(position, value)
-        else:
-            del data[position:]
-    return bytes(data)
-
-
 FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -609,14 +586,10 @@ def test_fuzz_random_bytes(blob):
 @FUZZ
 @given(
     st.sampled_from(_valid_blobs()),
-    st.lists(
-        st.tuples(st.integers(0, 3), st.integers(0, 5000), st.integers(0, 255)),
-        min_size=1,
-        max_size=6,
-    ),
+    edit_lists(max_position=5000, max_size=6),
 )
 def test_fuzz_mutated_valid_blobs(blob, edits):
-    _only_remote_errors(_mutate(blob, edits))
+    _only_remote_errors(mutate(blob, edits))
 
 
 field_values = (

@@ -1,5 +1,6 @@
 import msgpack
 import pytest
+from fuzzing import edit_lists, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -111,24 +112,6 @@ def _decode_only_raises_protocol_error(data: bytes) -> None:
         pass
 
 
-def _mutate(frame: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    data = bytearray(frame)
-    for kind, position, value in edits:
-        if not data:
-            data.append(value)
-            continue
-        position %= len(data)
-        if kind == 0:
-            data[position] = value
-        elif kind == 1:
-            del data[position]
-        elif kind == 2:
-            data.insert(position, value)
-        else:
-            del data[position:]
-    return bytes(data)
-
-
 FUZZ = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -141,14 +124,10 @@ def test_fuzz_random_bytes(data):
 @FUZZ
 @given(
     st.sampled_from(valid_frames()),
-    st.lists(
-        st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)),
-        min_size=1,
-        max_size=8,
-    ),
+    edit_lists(max_position=10_000, max_size=8),
 )
 def test_fuzz_mutated_valid_frames(frame, edits):
-    _decode_only_raises_protocol_error(_mutate(frame, edits))
+    _decode_only_raises_protocol_error(mutate(frame, edits))
 
 
 msgpack_values = st.recursive(

@@ -1,0 +1,46 @@
+"""Helpers the fuzz tests share: byte-level mutations and raw signing of any fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from hypothesis import strategies as st
+
+from node.identity import Identity
+
+Edit = tuple[int, int, int]  # (kind: 0 set, 1 delete, 2 insert, 3 cut; position; byte)
+
+
+def edit_lists(max_position: int, max_size: int) -> st.SearchStrategy[list[Edit]]:
+    """Lists of 1 to ``max_size`` edits for ``mutate``."""
+    return st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, max_position), st.integers(0, 255)),
+        min_size=1,
+        max_size=max_size,
+    )
+
+
+def mutate(data: bytes, edits: list[Edit]) -> bytes:
+    """Apply ``edits`` to ``data``: set, delete or insert a byte, or cut the rest off."""
+    mutated = bytearray(data)
+    for kind, position, value in edits:
+        if not mutated:
+            mutated.append(value)
+            continue
+        position %= len(mutated)
+        if kind == 0:
+            mutated[position] = value
+        elif kind == 1:
+            del mutated[position]
+        elif kind == 2:
+            mutated.insert(position, value)
+        else:
+            del mutated[position:]
+    return bytes(mutated)
+
+
+def signed(identity: Identity, context: bytes, fields: dict[str, Any]) -> bytes:
+    """Sign an arbitrary payload, to build statements the signing helpers refuse to make."""
+    payload = msgpack.packb(fields, use_bin_type=True)
+    return msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
