@@ -45,8 +45,8 @@ log = logging.getLogger("gleaner.overlay")
 
 RECONCILE_PERIOD_S = 1.0
 DATA_PLANE_PRIORITY = 10  # wireguard-go runs at nice -10: packets before bookkeeping
-FAST_PERIOD_S = 0.1
-KICK_AFTER_S = 0.3
+FAST_PERIOD_S = 0.05
+KICK_AFTER_S = 0.15  # a handshake with a peer that knows us takes ~5 ms
 KICK_INTERVAL_S = 1.5
 SESSION_FRESH_S = 180.0
 IDLE_EXPIRY_S = 120.0
