@@ -25,6 +25,12 @@ CORES = [
     "segments/manifest.py",
     "overlay/claims.py",
     "overlay/routes.py",
+    "node/market.py",
+    "node/auction.py",
+    "node/bidder.py",
+    "node/reputation.py",
+    "node/jobs.py",
+    "node/segment_machine.py",
 ]
 FORBIDDEN = {
     "trio",
