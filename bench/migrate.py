@@ -15,24 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import netns, testbed, testbed_vm
-from node.control import call
-from node.identity import NodeId
+from node import netns, testbed
 from node.testbed_checks import full_mesh, ping, wait_for
-from overlay.addressing import vm_address
-from overlay.claims import derive_job_id, sign_grant
+from node.testbed_vm import NetworkVm
 from segments.image import build
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
@@ -50,26 +45,10 @@ def main() -> int:
     try:
         hosts = testbed.up(3, root=root)
         wait_for(lambda: full_mesh(hosts), 60, "full mesh")
-        state = json.loads((root / "testbed.json").read_text())
         image = build(RECIPE, root / "images")
-        owner = testbed_vm.owner_identity(root)
-        nonce = secrets.token_bytes(16)
-        address = str(vm_address(state["swarm_id"], derive_job_id(owner.node_id.key, nonce)))
-
-        def grant(host: dict[str, Any], epoch: int) -> bytes:
-            return sign_grant(
-                owner,
-                swarm_id=state["swarm_id"],
-                job_nonce=nonce,
-                node_id=NodeId.parse(host["node_id"]),
-                epoch=epoch,
-                expires=int(time.time()) + 3600,
-            ).blob
-
-        call(Path(hosts[0]["socket"]), "vm_start", {
-            "name": NAME, "tap": TAP, "image_id": image.id, "address": address,
-            "args": "gleaner.steps=0 gleaner.every=100", "grant": grant(hosts[0], 1),
-        }, timeout=120)  # fmt: skip
+        vm = NetworkVm(root, NAME, TAP)
+        vm.start(hosts[0], image.id, "gleaner.steps=0 gleaner.every=100")
+        address = vm.address
         wait_for(lambda: ping(hosts[2], address), 120, "the guest answering at its address")
         stop_file = root.parent / "stop-prober"
         prober = subprocess.Popen(
@@ -83,7 +62,16 @@ def main() -> int:
         runs = []
         for number in range(args.migrations):
             source, destination = (hosts[0], hosts[1]) if number % 2 == 0 else (hosts[1], hosts[0])
-            runs.append(migrate(source, destination, state, grant(destination, number + 2)))
+            start = time.monotonic()
+            result = vm.migrate(source, destination)
+            runs.append(
+                {
+                    **result,
+                    "start": start,
+                    "end": time.monotonic() + SETTLE_S,
+                    "claimed": bool(result["claim"]),
+                }
+            )
             time.sleep(SETTLE_S)
         stop_file.touch()
         probe = json.loads(prober.communicate(timeout=120)[0])
@@ -95,30 +83,6 @@ def main() -> int:
             prober.kill()
             prober.wait()
         testbed.down(root)
-
-
-def migrate(source: dict, destination: dict, state: dict, grant: bytes) -> dict[str, Any]:
-    dest_state = next(h for h in state["hosts"] if h["name"] == destination["name"])
-    arrival: dict[str, Any] = {}
-
-    def expect() -> None:
-        arrival.update(
-            call(
-                Path(destination["socket"]),
-                "vm_expect",
-                {"name": NAME, "tap": TAP, "grant": grant},
-                timeout=180,
-            )
-        )
-
-    waiter = threading.Thread(target=expect)
-    waiter.start()
-    start = time.monotonic()
-    result = call(Path(source["socket"]), "vm_migrate", {
-        "name": NAME, "dest_uri": dest_state["libvirt_uri"], "dest_address": dest_state["underlay"],
-    }, timeout=180)  # fmt: skip
-    waiter.join(timeout=180)
-    return {**result, "start": start, "end": time.monotonic() + SETTLE_S, "claimed": bool(arrival)}
 
 
 def summarise(probe: dict, runs: list, args: argparse.Namespace) -> dict[str, Any]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,12 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from node import testbed_vm
 from node.control import call
-from node.identity import NodeId
 from node.testbed_checks import ping, wait_for
-from overlay.addressing import vm_address
-from overlay.claims import derive_job_id, sign_grant
+from node.testbed_vm import NetworkVm
 from segments.image import Image, build
 from segments.workload import check_continuity, parse_progress, parse_result, reference_result
 
@@ -77,44 +71,15 @@ def segments_handoff(console: Console, image: Image, hosts: list[dict[str, Any]]
 
 
 def live_migration(console: Console, root: Path, image: Image, hosts: list[dict[str, Any]]) -> None:
-    state = json.loads((root / "testbed.json").read_text())
-    owner = testbed_vm.owner_identity(root)
-    nonce = secrets.token_bytes(16)
-    address = str(vm_address(state["swarm_id"], derive_job_id(owner.node_id.key, nonce)))
-
-    def grant(host: dict[str, Any], epoch: int) -> bytes:
-        return sign_grant(
-            owner, swarm_id=state["swarm_id"], job_nonce=nonce,
-            node_id=NodeId.parse(host["node_id"]), epoch=epoch, expires=int(time.time()) + 3600,
-        ).blob  # fmt: skip
-
     source, destination, observer = hosts[0], hosts[1], hosts[-1]
-    call(Path(source["socket"]), "vm_start", {
-        "name": "web1", "tap": "gtweb1", "image_id": image.id, "address": address,
-        "args": "gleaner.steps=0 gleaner.every=100", "grant": grant(source, 1),
-    }, timeout=120)  # fmt: skip
-    wait_for(lambda: ping(observer, address), 120, "the network guest answering")
-    arrival: dict[str, Any] = {}
-    waiter = threading.Thread(
-        target=lambda: arrival.update(
-            call(
-                Path(destination["socket"]),
-                "vm_expect",
-                {"name": "web1", "tap": "gtweb1", "grant": grant(destination, 2)},
-                timeout=180,
-            )
-        )
-    )
-    waiter.start()
-    dest = next(h for h in state["hosts"] if h["name"] == destination["name"])
-    result = call(Path(source["socket"]), "vm_migrate", {
-        "name": "web1", "dest_uri": dest["libvirt_uri"], "dest_address": dest["underlay"],
-    }, timeout=180)  # fmt: skip
-    waiter.join(timeout=180)
-    reachable = ping(observer, address, count=3)
+    vm = NetworkVm(root, "web1", "gtweb1")
+    vm.start(source, image.id, "gleaner.steps=0 gleaner.every=100")
+    wait_for(lambda: ping(observer, vm.address), 120, "the network guest answering")
+    result = vm.migrate(source, destination)
+    reachable = ping(observer, vm.address, count=3)
     console.print(
-        f"live migration of network guest web1 ({address}) {source['name']} → "
+        f"live migration of network guest web1 ({vm.address}) {source['name']} → "
         f"{destination['name']}: libvirt downtime {result['downtime_ms']:.0f} ms, "
-        f"address claimed at epoch {arrival.get('epoch')}, "
+        f"address claimed at epoch {(result['claim'] or {}).get('epoch')}, "
         f"{'answering' if reachable else 'NOT answering'} from {observer['name']} afterwards"
     )

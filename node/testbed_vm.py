@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,67 @@ def vm_exec(root: Path, name: str) -> list[str]:
     if vm is None or not vm["netns"]:
         raise TestbedError(f"no running VM {name!r}")
     return ["ip", "netns", "exec", vm["netns"]]
+
+
+class NetworkVm:
+    """A real guest with network on the testbed, driven through the agents' RPCs.
+
+    The testbed owner signs a grant per epoch; `start` boots it on a host (which
+    routes and claims its address), `migrate` live-migrates it (the destination is
+    told first, and claims the address the moment the guest runs there).
+    """
+
+    def __init__(self, root: Path, name: str, tap: str) -> None:
+        self.root = root
+        self.name = name
+        self.tap = tap
+        self.state = _require(root)
+        self.owner = owner_identity(root)
+        self.nonce = secrets.token_bytes(16)
+        job_id = derive_job_id(self.owner.node_id.key, self.nonce)
+        self.address = str(vm_address(self.state["swarm_id"], job_id))
+        self.epoch = 0
+
+    def grant(self, host: dict[str, Any]) -> bytes:
+        self.epoch += 1
+        return sign_grant(
+            self.owner,
+            swarm_id=self.state["swarm_id"],
+            job_nonce=self.nonce,
+            node_id=NodeId.parse(host["node_id"]),
+            epoch=self.epoch,
+            expires=int(time.time()) + GRANT_LIFETIME_S,
+        ).blob
+
+    def start(self, host: dict[str, Any], image_id: str, args: str) -> dict[str, Any]:
+        params = {
+            "name": self.name,
+            "tap": self.tap,
+            "image_id": image_id,
+            "address": self.address,
+            "args": args,
+            "grant": self.grant(host),
+        }
+        reply: dict[str, Any] = call(Path(host["socket"]), "vm_start", params, timeout=180)
+        return reply
+
+    def migrate(self, source: dict[str, Any], destination: dict[str, Any]) -> dict[str, Any]:
+        """Live-migrate; returns libvirt's figures plus the destination's claim."""
+        dest = _host(self.state, destination["name"])
+        arrival: dict[str, Any] = {}
+        grant = self.grant(destination)
+
+        def expect() -> None:
+            params = {"name": self.name, "tap": self.tap, "grant": grant}
+            arrival.update(call(Path(destination["socket"]), "vm_expect", params, timeout=180))
+
+        waiter = threading.Thread(target=expect)
+        waiter.start()
+        try:
+            result: dict[str, Any] = call(Path(source["socket"]), "vm_migrate", {
+                "name": self.name, "dest_uri": dest["libvirt_uri"],
+                "dest_address": dest["underlay"],
+            }, timeout=180)  # fmt: skip
+        finally:
+            waiter.join(timeout=180)
+        return {**result, "claim": arrival or None}
