@@ -5,11 +5,14 @@ user can reach it. Each message is a 4-byte big-endian length and a msgpack
 map. A request is ``{"id": n, "method": str, "params": map}``; the reply is
 ``{"id": n, "result": …}`` or ``{"id": n, "error": str}``. One connection may
 carry many requests. A malformed request closes that connection and is
-counted; the agent carries on.
+counted; a request whose handler fails unexpectedly is answered with an
+"internal error", logged with its traceback and counted. Either way the agent
+carries on: this is the supervisor of local requests.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -21,6 +24,8 @@ import msgpack
 import trio
 
 from node.wire import RemoteProtocolError
+
+log = logging.getLogger("gleaner.control")
 
 MAX_CONTROL_FRAME = 4 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
@@ -57,6 +62,7 @@ class ControlServer:
         self.handler = handler
         self.bad_requests = 0
         self.requests = 0
+        self.internal_errors = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -106,6 +112,10 @@ class ControlServer:
             return {"id": request_id, "result": await self.handler(method, params)}
         except RpcError as exc:
             return {"id": request_id, "error": str(exc)}
+        except Exception as exc:  # the request supervisor: one bad request never stops the agent
+            self.internal_errors += 1
+            log.exception("control request %r failed", method)
+            return {"id": request_id, "error": f"internal error in {method}: {exc!r}"}
 
 
 async def _receive(stream: trio.SocketStream) -> bytes | None:

@@ -79,12 +79,12 @@ class SegmentService:
             raise SegmentError(str(exc)) from None
         checkpoint = None
         fetched: dict[str, Any] = {}
-        if params.get("checkpoint"):
+        if params.get("checkpoint") is not None:
             try:
                 checkpoint = decode_manifest(params["checkpoint"])
             except RemoteProtocolError as exc:
                 raise SegmentError(f"bad checkpoint manifest: {exc}") from None
-            holders = [parse_endpoint(h) for h in params.get("holders", [])]
+            holders = _holders(params.get("holders"))
             try:
                 stats = await fetch(checkpoint, holders, self.store)
             except FetchError as exc:
@@ -131,6 +131,15 @@ class SegmentService:
                     self.replicas.pop(run.vm_name, None)
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
+
+
+def _holders(value: Any) -> list[tuple[str, int]]:
+    if not isinstance(value, list) or not value or not all(isinstance(h, str) for h in value):
+        raise SegmentError("parameter 'holders' must list at least one HOST:PORT")
+    try:
+        return [parse_endpoint(holder) for holder in value]
+    except ValueError as exc:
+        raise SegmentError(f"parameter 'holders': {exc}") from None
 
 
 def _text(params: dict[str, Any], name: str) -> str:

@@ -24,7 +24,9 @@ from typing import Any
 
 import trio
 
-from node.routing import RouteService
+from node.routing import RouteService, RoutingError
+from node.wire import RemoteProtocolError
+from overlay.claims import decode_grant
 from segments.image import ImageError, load
 from segments.vm import LibvirtRuntime, VmError, VmSpec, VmState
 
@@ -49,9 +51,19 @@ class VmService:
         self.routes = routes
 
     async def start(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Boot a VM with a tap, route its overlay address to it and claim it."""
+        """Boot a VM with a tap, route its overlay address to it and claim it.
+
+        Every parameter is checked before anything is booted; if routing or
+        claiming then fails, the VM is destroyed again: nothing is left half done.
+        """
         name, tap = _text(params, "name"), _text(params, "tap")
-        address = _text(params, "address")
+        grant_blob = _grant(params)
+        try:
+            address = str(decode_grant(grant_blob).vm_address)
+        except RemoteProtocolError as exc:
+            raise VmServiceError(f"bad grant: {exc}") from None
+        if params.get("address", address) != address:
+            raise VmServiceError(f"the grant is for {address}, not {params['address']}")
         try:
             image = await trio.to_thread.run_sync(load, self.image_store, _text(params, "image_id"))
         except ImageError as exc:
@@ -79,7 +91,19 @@ class VmService:
             await trio.to_thread.run_sync(boot)
         except VmError as exc:
             raise VmServiceError(str(exc)) from None
-        return await self._adopt(params["grant"], tap)
+        try:
+            return await self._adopt(grant_blob, tap)
+        except (VmServiceError, RoutingError):
+            await trio.to_thread.run_sync(self._discard, name)
+            raise
+
+    def _discard(self, name: str) -> None:
+        with LibvirtRuntime(self.libvirt_uri) as runtime:
+            for step in (runtime.destroy, runtime.undefine):
+                try:
+                    step(name)
+                except VmError:
+                    pass
 
     async def migrate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Live-migrate a VM of this host to another host's libvirt."""
@@ -105,9 +129,7 @@ class VmService:
     async def expect(self, params: dict[str, Any]) -> dict[str, Any]:
         """Wait for a VM migrating here to run, then route and claim its address at once."""
         name, tap = _text(params, "name"), _text(params, "tap")
-        grant = params.get("grant")
-        if not isinstance(grant, bytes):
-            raise VmServiceError("parameter 'grant' must be bytes")
+        grant = _grant(params)
         deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         prepared = False
         with LibvirtRuntime(self.libvirt_uri) as runtime:
@@ -125,9 +147,7 @@ class VmService:
                 await trio.sleep(ARRIVAL_POLL_S)
         raise VmServiceError(f"{name} did not arrive within {ARRIVAL_TIMEOUT_S:g} s")
 
-    async def _adopt(self, grant: Any, tap: str, configured: bool = False) -> dict[str, Any]:
-        if not isinstance(grant, bytes):
-            raise VmServiceError("parameter 'grant' must be bytes")
+    async def _adopt(self, grant: bytes, tap: str, configured: bool = False) -> dict[str, Any]:
         if not configured:
             await self._configure_tap(tap)
         return await self.routes.attach(grant, tap, None)
@@ -140,6 +160,13 @@ class VmService:
             result = await trio.run_process(command, capture_stderr=True, check=False)
             if result.returncode != 0:
                 raise VmServiceError(f"{' '.join(command)}: {result.stderr.decode().strip()}")
+
+
+def _grant(params: dict[str, Any]) -> bytes:
+    grant = params.get("grant")
+    if not isinstance(grant, bytes):
+        raise VmServiceError("parameter 'grant' must be the owner's signed grant (bytes)")
+    return grant
 
 
 def _text(params: dict[str, Any], name: str) -> str:

@@ -169,3 +169,31 @@ def test_record_message_is_verified_and_persisted(fuzzed_agent):
     stored = [row[0] for row in db.execute("SELECT record FROM peers")]
     db.close()
     assert record.blob in stored and forged not in stored
+
+
+BAD_REQUESTS = [
+    ("vm_start", {"name": "x", "tap": "t", "image_id": "i", "args": ""}),  # no grant
+    ("vm_start", {"name": "x", "tap": "t", "grant": b"not a grant"}),
+    ("vm_migrate", {"name": "x"}),
+    ("vm_expect", {"name": "x", "tap": "t"}),
+    ("vm_attach", {"grant": b"x", "device": "d", "gateway": "g"}),
+    ("vm_attach", {}),
+    ("segment_run", {"job": "j", "segment": "zero", "image_id": "i"}),
+    ("segment_run", {"job": "j", "segment": 0, "image_id": "0" * 64, "checkpoint": b"zz"}),
+    ("vm_start", {"name": 5, "tap": "t", "grant": b"g"}),
+    ("no_such_method", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), BAD_REQUESTS)
+def test_bad_control_requests_get_one_clear_error_and_the_agent_stays_up(
+    root_agent: AgentProcess, method, params
+):
+    from node.control import ControlError, call
+
+    root_agent.start()
+    with pytest.raises(ControlError) as info:
+        call(root_agent.socket, method, params)
+    assert "\n" not in str(info.value) and str(info.value)
+    assert root_agent.status()["node_id"]
+    assert root_agent.process is not None and root_agent.process.poll() is None
