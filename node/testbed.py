@@ -27,6 +27,7 @@ from typing import Any
 
 from node import netns
 from node.control import ControlError, call
+from node.procs import pid_alive, stop_recorded
 
 DEFAULT_ROOT = Path(os.environ.get("GLEANER_TESTBED_ROOT", "/run/gleaner-testbed"))
 UNDERLAY_PREFIX = "198.51.100."
@@ -254,7 +255,7 @@ def _wait_for_agent(host: dict[str, Any]) -> str:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         # Not _is_our_agent: between fork and exec the child still shows our cmdline.
-        if not _alive(host["pid"]):
+        if not pid_alive(host["pid"]):
             raise TestbedError(f"agent on {host['name']} exited: {_log_tail(host)}")
         try:
             status = call(Path(host["socket"]), "status", timeout=2.0)
@@ -301,26 +302,7 @@ def stop_agent(host: dict[str, Any], sig: signal.Signals = signal.SIGTERM) -> bo
 
 def _stop_left_wireguard(host: dict[str, Any]) -> None:
     pid_file = Path(host["dir"]) / "state" / "wireguard-go.pid"
-    try:
-        pid = int(pid_file.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if b"wireguard-go" in cmdline:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.02)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    stop_recorded(pid_file, (b"wireguard-go",), STOP_TIMEOUT_S)
 
 
 def kill_agent(host: dict[str, Any]) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import signal
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import trio
 
 from node.identity import Identity, NodeId
+from node.procs import stop_recorded
 from node.records import PeerRecord
 from overlay.addressing import PREFIX_LEN, node_address
 from overlay.desired import DEFAULT_EAGER_LIMIT, desired_device
@@ -44,6 +43,7 @@ from overlay.wgstate import (
 log = logging.getLogger("gleaner.overlay")
 
 RECONCILE_PERIOD_S = 1.0
+ORPHAN_STOP_S = 5.0
 DATA_PLANE_PRIORITY = 10  # wireguard-go runs at nice -10: packets before bookkeeping
 FAST_PERIOD_S = 0.05
 KICK_AFTER_S = 0.15  # a handshake with a peer that knows us takes ~5 ms
@@ -102,14 +102,10 @@ class OverlayService:
 
     def _stop_orphan(self) -> None:
         """A wireguard-go left running by a killed agent of ours holds our interface name."""
-        try:
-            pid = int(self.pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if self.ifname.encode() in cmdline and any(b"wireguard-go" in part for part in cmdline):
-            log.info("stopping wireguard-go PID %d left by a previous run", pid)
-            _terminate(pid)
+        markers = (b"wireguard-go", self.ifname.encode())
+        pid = stop_recorded(self.pid_file, markers, ORPHAN_STOP_S)
+        if pid is not None:
+            log.info("stopped wireguard-go PID %d left by a previous run", pid)
 
     async def run(self) -> None:
         while True:
@@ -267,23 +263,3 @@ class OverlayService:
     def peers(self) -> Iterable[tuple[PeerRecord, PeerStatus | None]]:
         for record in self.members.values():
             yield record, self.peer_status(record.node_id)
-
-
-def _terminate(pid: int, timeout_s: float = 5.0) -> None:
-    """SIGTERM a process that is not our child; SIGKILL it if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except (OSError, IndexError):
-            return
-        time.sleep(0.02)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -61,6 +61,8 @@ from typing import TypeVar
 
 import libvirt
 
+from node.procs import pid_alive, terminate_pid
+
 ETC_SOURCE = Path("/etc/libvirt")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -253,7 +255,7 @@ class Libvirtd:
         namespace (a recycled PID would be in another one).
         """
         try:
-            if _alive(pid) and mount_ns is not None and _mount_namespace(pid) == mount_ns:
+            if pid_alive(pid) and mount_ns is not None and _mount_namespace(pid) == mount_ns:
                 self._destroy_domains()
                 _kill_pid(pid, self.stop_timeout_s)
         finally:
@@ -269,7 +271,7 @@ class Libvirtd:
 
     def qemu_pids(self) -> list[int]:
         """PIDs of the QEMU processes this daemon started that still run."""
-        return [pid for pid in self._recorded_qemu_pids(self._mount_ns) if _alive(pid)]
+        return [pid for pid in self._recorded_qemu_pids(self._mount_ns) if pid_alive(pid)]
 
     # -- internals ---------------------------------------------------------------
 
@@ -398,24 +400,8 @@ def _terminate(process: subprocess.Popen[bytes], timeout_s: float, what: str) ->
 
 def _kill_pid(pid: int, timeout_s: float) -> None:
     """SIGTERM a process that is not our child, SIGKILL it after the timeout, wait until gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(POLL_INTERVAL_S)
-    raise LibvirtdError(f"stopping QEMU PID {pid}: it survived SIGKILL")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    if not terminate_pid(pid, timeout_s):
+        raise LibvirtdError(f"stopping QEMU PID {pid}: it survived SIGKILL")
 
 
 def _mount_namespace(pid: int) -> str | None:
