@@ -26,7 +26,7 @@ import trio
 
 from node.identity import Identity
 from node.state import State
-from node.wire import RemoteProtocolError
+from node.wire import LocalProtocolError, RemoteProtocolError
 from overlay.claims import decode_grant
 from overlay.routes import RouteChanged, RouteTable
 
@@ -93,9 +93,8 @@ class RouteService:
             self.devices[address] = (device, gateway)
         try:
             blob, effects = self.table.claim_local(grant, self.identity, time.time())
-        except RemoteProtocolError as exc:
-            await self._kernel_route("del", address, device, gateway)
-            self.devices.pop(address, None)
+        except (RemoteProtocolError, LocalProtocolError) as exc:  # e.g. a stale or expired grant
+            await self.unprepare(address)
             raise RoutingError(f"cannot claim {address}: {exc}") from None
         self.history.append(
             {
@@ -165,15 +164,27 @@ class RouteService:
         if self.overlay is not None:
             self.overlay.set_routes(self.table.allowed_ips())
 
+    async def unprepare(self, address: ipaddress.IPv6Address) -> None:
+        """Undo `prepare` (or a failed `attach`): drop the kernel route, forget the device."""
+        device = self.devices.pop(address, None)
+        if device is not None:
+            await self._kernel_route("del", address, *device)
+
     async def _release_after_linger(self, address: ipaddress.IPv6Address) -> None:
         await trio.sleep(self.linger_s)
+        route = self.table.route(address)
+        if route is not None and route.node_id == self.identity.node_id:
+            return  # it came back here during the linger (A -> B -> A): keep it
         device = self.devices.pop(address, None)
         if device is None:
             return
-        blob, effects = self.table.withdraw_local(address, self.identity, time.time())
+        await self._kernel_route("del", address, *device)
+        try:
+            blob, effects = self.table.withdraw_local(address, self.identity, time.time())
+        except LocalProtocolError:
+            return  # only prepared here, never claimed: nothing to withdraw
         await self._persist()
         await self.spread(address.packed, blob)
-        await self._kernel_route("del", address, *device)
         log.info("withdrew %s after %.1f s linger", address, self.linger_s)
         await self._changed(effects)
 

@@ -308,7 +308,7 @@ def _stop_left_wireguard(host: dict[str, Any]) -> None:
 def kill_agent(host: dict[str, Any]) -> None:
     """SIGKILL the host's agent and nothing else (a crash, for tests and benchmarks)."""
     if _is_our_agent(host):
-        os.kill(host["pid"], signal.SIGKILL)
+        _signal(host["pid"], signal.SIGKILL)
         while _is_our_agent(host):
             time.sleep(0.01)
         _reap(host["pid"])
@@ -333,16 +333,24 @@ def restart_agent(root: Path, name: str) -> dict[str, Any]:
 def _stop_agent(host: dict[str, Any], sig: signal.Signals) -> bool:
     if not _is_our_agent(host):
         return False
-    os.kill(host["pid"], sig)
+    _signal(host["pid"], sig)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline and _is_our_agent(host):
         time.sleep(0.02)
     if _is_our_agent(host):
-        os.kill(host["pid"], signal.SIGKILL)
+        _signal(host["pid"], signal.SIGKILL)
         while _is_our_agent(host):
             time.sleep(0.02)
     _reap(host["pid"])
     return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    """Signal a process that may have exited since we looked."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _reap(pid: int) -> None:
@@ -361,7 +369,7 @@ def down(root: Path = DEFAULT_ROOT) -> dict[str, list[str]]:
     for host in state["hosts"]:
         if stop_agent(host):
             removed["stopped"].append(host["name"])
-    if any(host.get("libvirtd_pid") for host in state["hosts"]):
+    if any(host.get("libvirt_root") for host in state["hosts"]):
         from node import testbed_libvirt
 
         for host in state["hosts"]:

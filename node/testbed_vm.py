@@ -91,6 +91,43 @@ def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
     state["namespaces"].append(instance)
     _save(root, state)
     host_side = f"gv{vm['index']}.{epoch}"
+    try:
+        reply = _start_instance(root, state, vm, host, instance, host_side, epoch)
+    except BaseException:
+        netns.delete_namespace(instance)  # its veth goes with it
+        state["namespaces"].remove(instance)
+        _save(root, state)
+        raise
+    started = time.monotonic()
+    old_instance = vm["netns"]
+    vm.update(epoch=epoch, host=host_name, netns=instance)
+    _save(root, state)
+    withdrawn_s = None
+    if old_host is not None:
+        withdrawn_s = _wait_withdrawn(old_host, vm["address"], started)
+    if old_instance:
+        netns.delete_namespace(old_instance)
+        state["namespaces"].remove(old_instance)
+        _save(root, state)
+    return {
+        "vm": name,
+        "host": host_name,
+        "epoch": epoch,
+        "claim": reply,
+        "old_host_withdrawn_s": withdrawn_s,
+    }
+
+
+def _start_instance(
+    root: Path,
+    state: dict[str, Any],
+    vm: dict[str, Any],
+    host: dict[str, Any],
+    instance: str,
+    host_side: str,
+    epoch: int,
+) -> Any:
+    """The new instance at `host`, answering at the VM's address, claimed by its agent."""
     netns.add_namespace(instance)
     netns.prepare_ipv6(instance)
     netns.add_veth_between(host["netns"], host_side, instance, "eth0")
@@ -109,29 +146,12 @@ def vm_move(root: Path, name: str, host_name: str) -> dict[str, Any]:
         epoch=epoch,
         expires=int(time.time()) + GRANT_LIFETIME_S,
     )
-    started = time.monotonic()
     reply = call(
         Path(host["socket"]),
         "vm_attach",
         {"grant": grant.blob, "device": host_side, "gateway": VM_GATEWAY},
     )
-    old_instance = vm["netns"]
-    vm.update(epoch=epoch, host=host_name, netns=instance)
-    _save(root, state)
-    withdrawn_s = None
-    if old_host is not None:
-        withdrawn_s = _wait_withdrawn(old_host, vm["address"], started)
-    if old_instance:
-        netns.delete_namespace(old_instance)
-        state["namespaces"].remove(old_instance)
-        _save(root, state)
-    return {
-        "vm": name,
-        "host": host_name,
-        "epoch": epoch,
-        "claim": reply,
-        "old_host_withdrawn_s": withdrawn_s,
-    }
+    return reply
 
 
 def _warm_neighbours(host_ns: str, host_side: str) -> None:

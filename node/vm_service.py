@@ -132,7 +132,8 @@ class VmService:
         grant = _grant(params)
         deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         prepared = False
-        with LibvirtRuntime(self.libvirt_uri) as runtime:
+        runtime = await self._open()
+        try:
             while time.monotonic() < deadline:
                 if not prepared and Path(f"/sys/class/net/{tap}").exists():
                     await self._configure_tap(tap)  # the incoming QEMU made it: route now
@@ -143,9 +144,22 @@ class VmService:
                     arrived = time.time()
                     claim = await self._adopt(grant, tap, configured=prepared)
                     claim["arrived_at"] = arrived
+                    prepared = False  # claimed: the route is the claim's now
                     return claim
                 await trio.sleep(ARRIVAL_POLL_S)
-        raise VmServiceError(f"{name} did not arrive within {ARRIVAL_TIMEOUT_S:g} s")
+            raise VmServiceError(f"{name} did not arrive within {ARRIVAL_TIMEOUT_S:g} s")
+        finally:
+            runtime.close()
+            if prepared:  # it never arrived (or the claim failed): leave no route behind
+                with trio.CancelScope(shield=True):
+                    await self.routes.unprepare(decode_grant(grant).vm_address)
+
+    async def _open(self) -> LibvirtRuntime:
+        """Connect to libvirt off the trio thread (a slow daemon must not stall the agent)."""
+        try:
+            return await trio.to_thread.run_sync(LibvirtRuntime, self.libvirt_uri)
+        except VmError as exc:
+            raise VmServiceError(str(exc)) from None
 
     async def _adopt(self, grant: bytes, tap: str, configured: bool = False) -> dict[str, Any]:
         if not configured:
