@@ -61,6 +61,7 @@ class AgentProcess:
                 return call(self.socket, "status", timeout=2.0)
             except ControlError:
                 time.sleep(0.05)
+        self.stop()
         raise AssertionError(f"agent did not answer: {self.log.read_text()}")
 
     def status(self) -> dict:

@@ -44,3 +44,22 @@ def signed(identity: Identity, context: bytes, fields: dict[str, Any]) -> bytes:
     """Sign an arbitrary payload, to build statements the signing helpers refuse to make."""
     payload = msgpack.packb(fields, use_bin_type=True)
     return msgpack.packb([payload, identity.sign(context + payload)], use_bin_type=True)
+
+
+def accepted_only_if_unchanged(decode, original: bytes, mutated: bytes) -> None:
+    """A mutated signed statement is refused, or it says exactly what the original said.
+
+    Re-encodings of the outer msgpack array (another length prefix, say) may still
+    decode; a changed payload under the original signature never may.
+    """
+    import msgpack
+
+    from node.wire import RemoteProtocolError
+
+    try:
+        decode(mutated)
+    except RemoteProtocolError:
+        return
+    assert msgpack.unpackb(mutated)[0] == msgpack.unpackb(original)[0], (
+        "a tampered payload verified"
+    )

@@ -98,11 +98,11 @@ def fuzzed_agent(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzzed")
     config = write_config(base / "agent.toml", base / "state")
     agent = AgentProcess(config, base / "state", base / "agent.log")
-    status = agent.start()
-    host, port = status["listen"].rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
     try:
+        status = agent.start()
+        host, port = status["listen"].rsplit(":", 1)
+        sock.bind(("127.0.0.1", 0))
         yield agent, sock, (host, int(port))
     finally:
         sock.close()
@@ -128,8 +128,9 @@ FRAMES = st.one_of(
 @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(FRAMES)
 def test_agent_survives_garbage_over_its_socket(fuzzed_agent, frame):
-    _, sock, address = fuzzed_agent
+    agent, sock, address = fuzzed_agent
     sock.sendto(frame, address)
+    assert agent.process is not None and agent.process.poll() is None  # still running
 
 
 def test_fuzzed_agent_still_answers(fuzzed_agent):

@@ -85,7 +85,11 @@ def test_put_then_get_through_a_block_server(tmp_path):
         assert "fetched 0 blocks" in again.stdout  # resumed: nothing verified is fetched twice
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def test_bad_manifest_and_holder_are_one_line_errors(tmp_path):

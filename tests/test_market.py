@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from fuzzing import edit_lists, mutate, signed
+from fuzzing import accepted_only_if_unchanged, edit_lists, mutate, signed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -324,7 +324,10 @@ def test_fuzz_random_bytes(blob):
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([s.blob for _, s in all_statements()]), edit_lists(3000, 8))
 def test_fuzz_mutated_statements(blob, edits):
-    _only_remote_errors(mutate(blob, edits))
+    mutated = mutate(blob, edits)
+    _only_remote_errors(mutated)
+    for decode in DECODERS:
+        accepted_only_if_unchanged(decode, blob, mutated)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])

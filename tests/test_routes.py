@@ -6,7 +6,7 @@ from ipaddress import IPv6Address, IPv6Network
 
 import msgpack
 import pytest
-from fuzzing import edit_lists, mutate, signed
+from fuzzing import accepted_only_if_unchanged, edit_lists, mutate, signed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -589,7 +589,10 @@ def test_fuzz_random_bytes(blob):
     edit_lists(max_position=5000, max_size=6),
 )
 def test_fuzz_mutated_valid_blobs(blob, edits):
-    _only_remote_errors(mutate(blob, edits))
+    mutated = mutate(blob, edits)
+    _only_remote_errors(mutated)
+    for decode in (decode_claim, decode_grant):
+        accepted_only_if_unchanged(decode, blob, mutated)
 
 
 field_values = (

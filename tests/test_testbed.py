@@ -77,8 +77,11 @@ def test_failed_up_cleans_up_after_itself(tmp_path, monkeypatch):
         return "[network]\nlisten = 'broken'\n"
 
     monkeypatch.setattr(testbed, "host_config", broken_host_config)
-    with pytest.raises(testbed.TestbedError, match="exited"):
-        testbed.up(2, root=root)
+    try:
+        with pytest.raises(testbed.TestbedError, match="exited"):
+            testbed.up(2, root=root)
+    finally:
+        testbed.down(root)  # had up() wrongly succeeded, nothing may stay behind
     assert set(netns.list_namespaces()) == namespaces_before
     assert not (root / "testbed.json").exists()
 
@@ -86,7 +89,10 @@ def test_failed_up_cleans_up_after_itself(tmp_path, monkeypatch):
 def test_demo_prints_three_distinct_node_ids_and_cleans_up(tmp_path):
     before = netns.root_snapshot()
     namespaces_before = set(netns.list_namespaces())
-    result = gleaner("demo", "--hosts", "3", "--root", str(tmp_path / "demo"))
+    try:
+        result = gleaner("demo", "--hosts", "3", "--root", str(tmp_path / "demo"), timeout=600)
+    finally:
+        testbed.down(tmp_path / "demo")  # a demo killed by the timeout cleans up nothing
     assert result.returncode == 0, result.stderr
     ids = {word for word in result.stdout.split() if len(word) == 52 and word.isalnum()}
     assert len(ids) == 3, result.stdout

@@ -272,8 +272,11 @@ def test_restart_then_stop(pair):
 def test_start_refuses_an_interface_name_in_use(pair, tmp_path):
     a, b = pair
     twin = WireGuardGo(a.daemon.ifname, tmp_path / "twin.log", netns=b.netns)
-    with pytest.raises(OverlayError, match="already answers"):
-        twin.start()
+    try:
+        with pytest.raises(OverlayError, match="already answers"):
+            twin.start()
+    finally:
+        twin.stop()  # had it wrongly started, it would keep b's namespace alive
     assert a.daemon.is_healthy()
 
 
