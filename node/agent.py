@@ -93,6 +93,7 @@ class Agent:
         self.identity = identity
         self.state = state
         self.swarm_id: str = config["node.swarm_id"]
+        self.image_store = Path(config["vm.image_store"] or config.state_dir / "images")
         self.overlay_address = node_address(self.swarm_id, identity.node_id.key)
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
@@ -141,9 +142,8 @@ class Agent:
             self._spread,
             self.config["overlay.move_linger_s"],
         )
-        image_store = self.config["vm.image_store"] or str(self.config.state_dir / "images")
         self.segments = SegmentService(
-            self.identity, self.config.state_dir, self.config["vm.libvirt_uri"], Path(image_store)
+            self.identity, self.config.state_dir, self.config["vm.libvirt_uri"], self.image_store
         )
         control = ControlServer(self.config.control_socket, self._rpc)
         self.control = control
@@ -449,10 +449,9 @@ class Agent:
         from node.vm_service import VmService, VmServiceError
 
         assert self.routes is not None
-        image_store = self.config["vm.image_store"] or str(self.config.state_dir / "images")
         service = VmService(
             self.config["vm.libvirt_uri"],
-            Path(image_store),
+            self.image_store,
             self.config.state_dir / "vms",
             self.routes,
         )

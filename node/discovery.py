@@ -76,9 +76,18 @@ class MdnsDiscovery:
         self.bad_entries = 0
 
     def start(self, instance: str, blob: bytes, port: int) -> None:
-        from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
+        from zeroconf import IPVersion, Zeroconf
 
         self._zc = Zeroconf(interfaces=[self.bind_address], ip_version=IPVersion.V4Only)
+        try:
+            self._register(instance, blob, port)
+        except BaseException:
+            self.stop()  # close its sockets and threads: nothing half started stays
+            raise
+
+    def _register(self, instance: str, blob: bytes, port: int) -> None:
+        from zeroconf import ServiceBrowser, ServiceInfo
+
         self._info = ServiceInfo(
             SERVICE_TYPE,
             f"{instance}.{SERVICE_TYPE}",

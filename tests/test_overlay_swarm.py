@@ -20,6 +20,23 @@ pytestmark = [needs_root, pytest.mark.netns]
 
 MESH_TIMEOUT_S = 30.0
 
+SEND_SCRIPT = (
+    "import socket,sys,json; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+    "[s.sendto(bytes.fromhex(f),(sys.argv[1],7946)) for f in json.loads(sys.argv[2])]"
+)
+
+
+def send_from(sender: dict, target: dict, frames: list[bytes]) -> None:
+    """Send raw UDP frames to `target`'s agent from inside `sender`'s namespace."""
+    argv = [
+        sys.executable,
+        "-c",
+        SEND_SCRIPT,
+        target["underlay"],
+        json.dumps([f.hex() for f in frames]),
+    ]
+    subprocess.run(["ip", "netns", "exec", sender["netns"], *argv], check=True, timeout=30)
+
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
@@ -124,25 +141,7 @@ def test_forged_records_and_claims_are_refused_and_the_agent_stays_up(swarm):
         ),
         encode_frame(sender, MessageType.PING, 4, {"nonce": 1}),  # unsigned on the underlay
     ]
-    script = (
-        "import socket,sys,json; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
-        "[s.sendto(bytes.fromhex(f),(sys.argv[1],7946)) for f in json.loads(sys.argv[2])]"
-    )
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            hosts[4]["netns"],
-            sys.executable,
-            "-c",
-            script,
-            target["underlay"],
-            json.dumps([f.hex() for f in frames]),
-        ],
-        check=True,
-        timeout=30,
-    )
+    send_from(hosts[4], target, frames)
 
     def counted():
         status = rpc(target, "status")
@@ -225,25 +224,7 @@ def test_forged_and_replayed_route_claims_are_refused(swarm):
         encode_update(Broadcast("route", b"k3", b"\x92\x01garbage")),
     ]
     frame = encode_frame(stranger, MessageType.GOSSIP, 1, {"updates": updates}, sign=True)
-    script = (
-        "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
-        "s.sendto(bytes.fromhex(sys.argv[2]),(sys.argv[1],7946))"
-    )
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            hosts[4]["netns"],
-            sys.executable,
-            "-c",
-            script,
-            target["underlay"],
-            frame.hex(),
-        ],
-        check=True,
-        timeout=30,
-    )
+    send_from(hosts[4], target, [frame])
 
     def refused() -> bool:
         stats = rpc(target, "routes")["stats"]
