@@ -324,6 +324,10 @@ class BlockStore:
         encoded = self.index.manifest(digest)
         return decode_manifest(encoded) if encoded is not None else None
 
+    def manifest_bytes(self, digest: bytes) -> bytes | None:
+        """A stored manifest as encoded (signed), or None; what a block server sends."""
+        return self.index.manifest(digest)
+
     def manifest_digests(self) -> list[bytes]:
         return self.index.manifest_digests()
 

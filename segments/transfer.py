@@ -8,9 +8,10 @@ from the store, so verified blocks are never fetched twice.
 The protocol and the receiver's logic are sans-IO in ``segments.transfer_core``
 (re-exported here). This module carries them out with trio:
 
-- ``serve_blocks(store, listener)`` answers QUERY and GET on every connection
-  from any ``BlockSource`` (a ``BlockStore``; a corrupt block there is answered
-  with LACK, never sent). A connection that breaks the protocol or idles is
+- ``serve_blocks(store, listener)`` answers QUERY, GET and MANIFEST_GET on
+  every connection from any ``BlockSource`` (a ``BlockStore``; a corrupt block
+  there is answered with LACK, never sent, and so is a manifest it lacks or one
+  too big for a frame). A connection that breaks the protocol or idles is
   closed.
 - ``fetch(manifest, holders, store, progress)`` connects only to the
   ``(host, port)`` pairs it is given, one task and one connection per holder.
@@ -26,9 +27,19 @@ The protocol and the receiver's logic are sans-IO in ``segments.transfer_core``
   loses verified blocks not yet written, and those are simply fetched again.
 - A GET is answered 16 blocks at a time, so a request for many large blocks
   cannot make a server hold them all in memory.
+- ``fetch_manifest(digest, holders)`` gets the manifest a node knows only by
+  its digest, for the caller to check and record (it stores nothing). It asks
+  the holders one after another, one connection each; a holder that fails
+  (unreachable, bad frame, timeout, LACK, a forged manifest or another one than
+  asked for) is passed over for the next, and FetchError says what each did.
+  Each network wait is bounded by ``timeout_s`` and one holder's whole exchange
+  by ``EXCHANGE_TIMEOUTS * timeout_s``, so a holder that trickles bytes cannot
+  hold the fetch up for long.
 
 Blocks need no sender authentication: they are named by their hash, and the
-manifest that names them is signed by its producer.
+manifest that names them is signed by its producer. A manifest needs none
+either: it is named by the hash of its body and carries its producer's
+signature, both checked before ``fetch_manifest`` returns it.
 """
 
 from __future__ import annotations
@@ -42,10 +53,11 @@ import trio
 
 from node.wire import RemoteProtocolError
 from segments.blocks import BlockStore, BlockStoreError
-from segments.manifest import Manifest
+from segments.manifest import DIGEST_BYTES, Manifest, decode_manifest
 from segments.transfer_core import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_FAULTS,
+    MAX_FRAME_BYTES,
     MAX_IDS,
     BlockArrived,
     BlockLacked,
@@ -63,6 +75,8 @@ from segments.transfer_core import (
     IdsMessage,
     Kind,
     LackMessage,
+    ManifestGetMessage,
+    ManifestMessage,
     Message,
     RequestBlocks,
     StoreBlock,
@@ -87,11 +101,14 @@ __all__ = [
     "IdsMessage",
     "Kind",
     "LackMessage",
+    "ManifestGetMessage",
+    "ManifestMessage",
     "RequestBlocks",
     "StoreBlock",
     "decode_message",
     "encode_message",
     "fetch",
+    "fetch_manifest",
     "serve_blocks",
 ]
 
@@ -102,6 +119,8 @@ RECEIVE_BYTES = 256 * 1024
 WRITE_QUEUE = 64
 SERVE_BATCH = 16
 WRITE_BATCH = 256
+SEND_CHUNK = 256 * 1024
+EXCHANGE_TIMEOUTS = 4  # one holder's manifest exchange: at most this many timeouts
 
 
 class BlockSource(Protocol):
@@ -111,9 +130,11 @@ class BlockSource(Protocol):
 
     def get(self, digest: bytes) -> bytes: ...
 
+    def manifest_bytes(self, digest: bytes) -> bytes | None: ...
+
 
 class FetchError(Exception):
-    """A fetch could not finish: some blocks are on no reachable, honest holder."""
+    """A fetch could not finish: blocks or a manifest on no reachable, honest holder."""
 
 
 Progress = Callable[[int, int], None]
@@ -127,7 +148,7 @@ async def serve_blocks(
     timeout_s: float = TIMEOUT_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer QUERY and GET from `store` on every connection `listener` accepts."""
+    """Answer QUERY, GET and MANIFEST_GET from `store` on every connection `listener` accepts."""
 
     async def handle(stream: trio.abc.Stream) -> None:
         async with stream:
@@ -149,12 +170,18 @@ async def serve_blocks(
 
 
 async def _serve_connection(store: BlockSource, stream: trio.abc.Stream, timeout_s: float) -> None:
-    reader = FrameReader()
+    reader = FrameReader(MAX_FRAME_BYTES)  # a server never receives MANIFEST
     while True:
         payload = await _receive_frame(stream, reader, timeout_s, idle_ok=True)
         if payload is None:
             return
         message = decode_message(payload)
+        if isinstance(message, ManifestGetMessage):
+            reply = await trio.to_thread.run_sync(_manifest_reply, store, message.digest)
+            for start in range(0, len(reply), SEND_CHUNK):  # a slow reader must keep reading
+                with trio.fail_after(timeout_s):
+                    await stream.send_all(reply[start : start + SEND_CHUNK])
+            continue
         if not isinstance(message, IdsMessage) or message.kind == Kind.HAVE:
             raise RemoteProtocolError(f"a block server got {type(message).__name__}")
         if message.kind == Kind.QUERY:
@@ -179,6 +206,17 @@ def _read_blocks(store: BlockSource, ids: tuple[bytes, ...]) -> list[Message]:
         except BlockStoreError:
             replies.append(LackMessage(digest))
     return replies
+
+
+def _manifest_reply(store: BlockSource, digest: bytes) -> bytes:
+    """The MANIFEST frame for a stored manifest, or LACK if there is none to send."""
+    encoded = store.manifest_bytes(digest)
+    if encoded is not None:
+        try:
+            return encode_message(ManifestMessage(encoded))
+        except ValueError as exc:
+            log.warning("block server: manifest %s cannot be sent: %s", digest.hex()[:16], exc)
+    return encode_message(LackMessage(digest))
 
 
 async def _receive_frame(
@@ -226,6 +264,69 @@ async def fetch(
             f"reachable, honest holder (faults: {stats.faults})"
         )
     return core.statistics()
+
+
+async def fetch_manifest(
+    digest: bytes,
+    holders: Sequence[tuple[str, int]],
+    timeout_s: float = TIMEOUT_S,
+    *,
+    connect: Connect = trio.open_tcp_stream,
+) -> Manifest:
+    """The manifest named `digest`, from the first of `holders` that sends it, verified.
+
+    Connects only to the given (host, port) pairs, one after another. The manifest's
+    signature and digest are checked; nothing is stored. Raises FetchError, saying what
+    each holder did, if none sent it.
+    """
+    if len(digest) != DIGEST_BYTES:
+        raise ValueError(f"a manifest digest is {DIGEST_BYTES} bytes, got {len(digest)}")
+    outcomes: list[str] = []
+    for host, port in dict.fromkeys(holders):
+        holder = f"{host}:{port}"
+        try:
+            with trio.fail_after(timeout_s * EXCHANGE_TIMEOUTS):
+                message = await _ask_for_manifest(digest, host, port, timeout_s, connect)
+            if isinstance(message, LackMessage) and message.id == digest:
+                outcomes.append(f"{holder} lacks it")
+                continue
+            if not isinstance(message, ManifestMessage):
+                raise RemoteProtocolError(f"answered with {type(message).__name__}")
+            manifest = await trio.to_thread.run_sync(decode_manifest, message.encoded)
+        except (
+            OSError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            RemoteProtocolError,
+        ) as exc:
+            log.info("holder %s: no manifest %s: %r", holder, digest.hex()[:16], exc)
+            outcomes.append(f"{holder} failed ({type(exc).__name__}: {exc})")
+            continue
+        if manifest.digest != digest:
+            log.warning("holder %s sent manifest %s for another", holder, manifest.digest.hex())
+            outcomes.append(f"{holder} sent another manifest ({manifest.digest.hex()[:16]})")
+            continue
+        return manifest
+    raise FetchError(
+        f"manifest {digest.hex()[:16]} from none of {len(outcomes)} holders: "
+        + ("; ".join(outcomes) or "no holders given")
+    )
+
+
+async def _ask_for_manifest(
+    digest: bytes, host: str, port: int, timeout_s: float, connect: Connect
+) -> Message:
+    """One holder's answer to MANIFEST_GET, on a connection of its own."""
+    with trio.fail_after(timeout_s):
+        stream = await connect(host, port)
+    async with stream:
+        with trio.fail_after(timeout_s):
+            await stream.send_all(encode_message(ManifestGetMessage(digest)))
+        payload = await _receive_frame(stream, FrameReader(), timeout_s)
+    if payload is None:
+        raise RemoteProtocolError("the holder closed the connection")
+    return decode_message(payload)
 
 
 class _Fetcher:

@@ -3,13 +3,30 @@
 Frames are length-prefixed msgpack (4-byte big-endian length, then
 ``[kind, ...]``):
 
-    receiver -> holder   QUERY [ids]    which of these do you have?
-    holder -> receiver   HAVE  [ids]    these (one HAVE per QUERY, in order)
-    receiver -> holder   GET   [ids]    send these
-    holder -> receiver   BLOCK id data  (or LACK id: not here after all)
+    receiver -> holder   QUERY [ids]         which of these do you have?
+    holder -> receiver   HAVE  [ids]         these (one HAVE per QUERY, in order)
+    receiver -> holder   GET   [ids]         send these
+    holder -> receiver   BLOCK id data       (or LACK id: not here after all)
+    receiver -> holder   MANIFEST_GET digest send the manifest of this digest
+    holder -> receiver   MANIFEST encoded    the encoded, signed manifest (or LACK digest)
+
+A frame is at most ``MAX_FRAME_BYTES``, except MANIFEST: a manifest is
+``DIGEST_BYTES`` per block (a 76 MB checkpoint's is about 231 KB), so a
+MANIFEST frame may take up to ``MAX_MANIFEST_FRAME_BYTES``. A frame announced
+over ``MAX_FRAME_BYTES`` must show that it is one as soon as its first two
+payload bytes arrive (``0x92 0x07``: msgpack for a 2-array starting with
+MANIFEST, the only form ``encode_message`` writes), so a peer cannot make a
+reader buffer megabytes of anything else; a reader on the serving side, which
+never receives MANIFEST, keeps the small limit altogether. MANIFEST carries the
+manifest's bytes undecoded: the receiver decodes and checks them with
+``segments.manifest.decode_manifest`` (signature included) and accepts them only
+if their digest is the one it asked for, so the frame itself need not name it.
+A manifest needs no state machine: one request, one answer, and the edge
+(``segments.transfer.fetch_manifest``) asks holders one after another.
 
 ``decode_message`` and ``FrameReader`` are where a peer's bytes come in; every
-fault there is ``RemoteProtocolError``.
+fault there is ``RemoteProtocolError``. ``encode_message`` refuses (ValueError)
+to write a frame the peer's reader would refuse.
 
 ``FetchCore`` is the receiver: ``handle(event) -> list[Effect]``, no sockets,
 no clock (timeouts are the edge's: a holder that stalls is reported lost). It
@@ -48,6 +65,7 @@ log = logging.getLogger("gleaner.transfer")
 
 MAX_IDS = 1024
 MAX_FRAME_BYTES = MAX_BLOCK_SIZE + 1024
+MAX_MANIFEST_FRAME_BYTES = 8 * 1024 * 1024  # MANIFEST only: about 260,000 blocks
 LENGTH = struct.Struct(">I")
 DEFAULT_IN_FLIGHT = 8
 DEFAULT_MAX_FAULTS = 3
@@ -62,6 +80,12 @@ class Kind(enum.IntEnum):
     GET = 3
     BLOCK = 4
     LACK = 5
+    MANIFEST_GET = 6
+    MANIFEST = 7
+
+
+# How every frame over MAX_FRAME_BYTES begins: msgpack for a 2-array, then MANIFEST.
+MANIFEST_PREFIX = bytes([0x92, Kind.MANIFEST])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,36 +104,64 @@ class BlockMessage:
 
 @dataclass(frozen=True, slots=True)
 class LackMessage:
+    """Not here: a block (answer to GET) or a manifest (answer to MANIFEST_GET)."""
+
     id: bytes
 
 
-Message = IdsMessage | BlockMessage | LackMessage
+@dataclass(frozen=True, slots=True)
+class ManifestGetMessage:
+    """MANIFEST_GET: send the manifest whose digest is this."""
+
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestMessage:
+    """MANIFEST: an encoded manifest, not yet decoded or verified."""
+
+    encoded: bytes
+
+
+Message = IdsMessage | BlockMessage | LackMessage | ManifestGetMessage | ManifestMessage
 
 
 def encode_message(message: Message) -> bytes:
-    """One frame: length prefix and msgpack payload."""
+    """One frame: length prefix and msgpack payload. ValueError if a peer would refuse it."""
     body: list[Any]
+    limit = MAX_FRAME_BYTES
     if isinstance(message, IdsMessage):
         if len(message.ids) > MAX_IDS:
             raise ValueError(f"{len(message.ids)} ids in one message, over {MAX_IDS}")
         body = [int(message.kind), list(message.ids)]
     elif isinstance(message, BlockMessage):
         body = [int(Kind.BLOCK), message.id, message.data]
-    else:
+    elif isinstance(message, LackMessage):
         body = [int(Kind.LACK), message.id]
+    elif isinstance(message, ManifestGetMessage):
+        body = [int(Kind.MANIFEST_GET), message.digest]
+    else:
+        body = [int(Kind.MANIFEST), message.encoded]
+        limit = MAX_MANIFEST_FRAME_BYTES
     payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > limit:
+        raise ValueError(f"a {Kind(body[0]).name} frame of {len(payload)} bytes, over {limit}")
     return LENGTH.pack(len(payload)) + payload
 
 
 def decode_message(payload: bytes) -> Message:
     """Decode one frame's payload strictly. Raises only RemoteProtocolError."""
+    if len(payload) > MAX_FRAME_BYTES and (
+        len(payload) > MAX_MANIFEST_FRAME_BYTES or not payload.startswith(MANIFEST_PREFIX)
+    ):
+        raise RemoteProtocolError(f"transfer frame of {len(payload)} bytes is too big")
     try:
         body = msgpack.unpackb(
             payload,
             raw=False,
             strict_map_key=True,
             max_str_len=0,
-            max_bin_len=MAX_BLOCK_SIZE,
+            max_bin_len=MAX_MANIFEST_FRAME_BYTES,  # bounded by the frame; BLOCK checked below
             max_array_len=MAX_IDS,
             max_map_len=0,
             max_ext_len=0,
@@ -121,23 +173,38 @@ def decode_message(payload: bytes) -> Message:
     kind, args = body[0], body[1:]
     if kind in (Kind.QUERY, Kind.HAVE, Kind.GET) and len(args) == 1 and isinstance(args[0], list):
         return IdsMessage(Kind(kind), tuple(_block_id(item) for item in args[0]))
-    if kind == Kind.BLOCK and len(args) == 2 and isinstance(args[1], bytes):
+    if kind == Kind.BLOCK and len(args) == 2 and _is_block_data(args[1]):
         return BlockMessage(_block_id(args[0]), args[1])
     if kind == Kind.LACK and len(args) == 1:
         return LackMessage(_block_id(args[0]))
+    if kind == Kind.MANIFEST_GET and len(args) == 1:
+        return ManifestGetMessage(_block_id(args[0]))
+    if kind == Kind.MANIFEST and len(args) == 1 and isinstance(args[0], bytes) and args[0]:
+        return ManifestMessage(args[0])
     raise RemoteProtocolError(f"bad transfer frame of kind {kind}")
 
 
 def _block_id(value: Any) -> bytes:
+    """A block's or a manifest's name: a 32-byte digest, never ZERO."""
     if not isinstance(value, bytes) or len(value) != DIGEST_BYTES or value == ZERO:
-        raise RemoteProtocolError("block id is not a 32-byte digest")
+        raise RemoteProtocolError("id is not a 32-byte digest")
     return value
 
 
-class FrameReader:
-    """Sans-IO splitter of a byte stream into frame payloads."""
+def _is_block_data(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) <= MAX_BLOCK_SIZE
 
-    def __init__(self) -> None:
+
+class FrameReader:
+    """Sans-IO splitter of a byte stream into frame payloads.
+
+    Frames up to ``max_frame_bytes``; those over ``MAX_FRAME_BYTES`` only if they
+    begin as MANIFEST. A server, which never receives MANIFEST, passes
+    ``MAX_FRAME_BYTES``.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_MANIFEST_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
 
     def feed(self, data: bytes | bytearray) -> None:
@@ -148,8 +215,14 @@ class FrameReader:
         if len(self._buffer) < LENGTH.size:
             return None
         (length,) = LENGTH.unpack_from(self._buffer)
-        if not 0 < length <= MAX_FRAME_BYTES:
+        if not 0 < length <= self.max_frame_bytes:
             raise RemoteProtocolError(f"frame length {length} out of range")
+        if length > MAX_FRAME_BYTES:  # only MANIFEST may be this big: see it before buffering
+            prefix = self._buffer[LENGTH.size : LENGTH.size + len(MANIFEST_PREFIX)]
+            if len(prefix) < len(MANIFEST_PREFIX):
+                return None
+            if prefix != MANIFEST_PREFIX:
+                raise RemoteProtocolError(f"a frame of {length} bytes that is not MANIFEST")
         if len(self._buffer) < LENGTH.size + length:
             return None
         payload = bytes(self._buffer[LENGTH.size : LENGTH.size + length])

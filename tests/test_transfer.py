@@ -377,6 +377,9 @@ class CorruptFirst:
             return bytes([data[0] ^ 0xFF]) + data[1:]
         return data
 
+    def manifest_bytes(self, digest: bytes) -> bytes | None:
+        return self.store.manifest_bytes(digest)
+
 
 class DiesAfter:
     """A block source that has its server killed after it served `count` blocks."""
@@ -395,6 +398,9 @@ class DiesAfter:
         if self.served == self.count:
             trio.from_thread.run_sync(self.kill)
         return self.store.get(digest)
+
+    def manifest_bytes(self, digest: bytes) -> bytes | None:
+        return self.store.manifest_bytes(digest)
 
 
 def source_file(path: Path, blocks: int = 96) -> bytes:
