@@ -52,7 +52,7 @@ def segments_handoff(console: Console, image: Image, hosts: list[dict[str, Any]]
         table.add_row(
             str(index), host["name"], f"{reply['cpu_s']:.1f}", f"{reply['wall_s']:.1f}",
             f"{fetched.get('bytes', 0) / 2**20:.1f} MiB" if fetched else "-",
-            f"{reply['checkpoint_bytes'] / 2**20:.1f} MiB" if reply["checkpoint"] else "done",
+            "done" if reply["powered_off"] else f"{reply['checkpoint_bytes'] / 2**20:.1f} MiB",
             f"{steps[0][0]}-{steps[-1][0]}" if steps else "booting",
         )  # fmt: skip
         checkpoint, holders = reply["checkpoint"], [reply["holder"]]

@@ -340,6 +340,18 @@ class BlockStore:
         present = self.index.present(lengths)
         return {digest: length for digest, length in lengths.items() if digest not in present}
 
+    def read_file(self, manifest: Manifest, name: str) -> bytes:
+        """One (small) file of a manifest, in memory, every block verified."""
+        entry = manifest.file(name)
+        data = bytearray(entry.size)
+        for ref in entry.blocks(manifest.block_size):
+            if not ref.zero:
+                block = self.get(ref.digest)
+                if len(block) != ref.length:
+                    raise CorruptBlock(ref.digest, "length differs from the manifest")
+                data[ref.offset : ref.offset + ref.length] = block
+        return bytes(data)
+
     def materialize(self, manifest: Manifest, dest: Path) -> None:
         """Write the manifest's file to `dest` (several files: into directory `dest`).
 

@@ -18,7 +18,16 @@ faster or less loaded host finishes it sooner. A replica:
    what changed) and turns those into a checkpoint: blocks in the store and a
    manifest signed by this node; a restore materialises both and joins them
    back, byte for byte, into the save file;
-4. removes the domain and the save file: the checkpoint lives on as blocks.
+4. adds the run's console (its serial log, started fresh for every run) to the
+   checkpoint as the file ``console``, and computes the run's progress digest
+   from it (``segments.progress``): a verifier (``segments.verify``) checks the
+   claim against that very file. A guest that powered off leaves a checkpoint
+   holding only its console (``powered_off`` says it cannot be restored);
+5. removes the domain and the save file: the checkpoint lives on as blocks.
+
+A restore (``rebuild_save_file``) materialises only the save file's parts
+(``ram`` and ``rest``, or ``memory``): the console is the previous run's
+record, not part of the guest.
 
 It is blocking (libvirt and file I/O); the agent runs it in a worker thread,
 and `cancel` (from any thread) stops a replica at its next poll, for losers
@@ -30,17 +39,19 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from node.identity import Identity
 from segments.blocks import BlockStore
 from segments.manifest import Manifest
+from segments.progress import console_text, encode_progress
 from segments.savestream import SaveStreamError, join, split
 from segments.vm import VmError, VmRuntime, VmSpec, VmState
 
 MEMORY_FILE = "memory"  # a checkpoint stored as one raw save file
 RAM_FILE, REST_FILE = "ram", "rest"  # a checkpoint split by segments.savestream
+CONSOLE_FILE = "console"  # the run's serial log: what the guest printed in the segment
 POLL_S = 0.1
 BOOT_TIMEOUT_S = 120.0
 
@@ -69,11 +80,51 @@ class SegmentRun:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaResult:
-    checkpoint: Manifest | None  # None when the guest powered off (the job is done)
+    checkpoint: Manifest  # save file parts and console; only the console if powered off
     cpu_s: float
     wall_s: float
-    powered_off: bool
+    powered_off: bool  # the guest ended (the job is done): the checkpoint is not restorable
     serial_log: Path
+    progress: bytes  # segments.progress.encode_progress of the checkpoint's console
+
+
+def save_file_parts(checkpoint: Manifest) -> tuple[str, ...]:
+    """The names of the checkpoint's save file parts: (ram, rest), (memory), or () if none."""
+    names = {entry.name for entry in checkpoint.files} - {CONSOLE_FILE}
+    if names == {RAM_FILE, REST_FILE}:
+        return (RAM_FILE, REST_FILE)
+    if names == {MEMORY_FILE}:
+        return (MEMORY_FILE,)
+    return ()
+
+
+def rebuild_save_file(
+    store: BlockStore, checkpoint: Manifest, save_file: Path, parts: Path
+) -> None:
+    """Materialise the checkpoint's save file at `save_file` (its console is left out).
+
+    A split checkpoint's ``ram`` and ``rest`` go to directory `parts` and are
+    joined into `save_file`; the caller removes both. Raises ReplicaError if
+    the checkpoint holds no save file or its parts do not join, and the block
+    store's MissingBlock or CorruptBlock if a block is not here intact.
+    """
+    names = save_file_parts(checkpoint)
+    if not names:
+        held = ", ".join(sorted(entry.name for entry in checkpoint.files))
+        raise ReplicaError(f"checkpoint holds no save file (files: {held})")
+    # A view of the manifest with only those files, for materialize alone: its
+    # body and signature still describe the whole checkpoint, so it must never
+    # be encoded, stored or sent.
+    view = replace(checkpoint, files=tuple(e for e in checkpoint.files if e.name in names))
+    if names == (MEMORY_FILE,):
+        store.materialize(view, save_file)
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    store.materialize(view, parts)
+    try:
+        join(parts, save_file)
+    except SaveStreamError as exc:
+        raise ReplicaError(f"rebuilding the save file: {exc}") from exc
 
 
 class Replica:
@@ -92,6 +143,7 @@ class Replica:
     def run(self, run: SegmentRun, checkpoint: Manifest | None) -> ReplicaResult:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         serial_log = self.work_dir / "serial.log"
+        serial_log.unlink(missing_ok=True)  # the console of this run only
         spec = VmSpec(
             name=run.vm_name,
             kernel=run.kernel,
@@ -107,12 +159,18 @@ class Replica:
         try:
             name = self._launch(spec, checkpoint)
             cpu_s, powered_off = self._run_extent(run, name)
-            manifest = None if powered_off else self._checkpoint(name)
+            manifest = self._checkpoint(name, serial_log, saved=not powered_off)
         except VmError as exc:
             raise ReplicaError(f"segment on {name}: {exc}") from exc
         finally:
             self._clean_up(name)
-        return ReplicaResult(manifest, cpu_s, time.monotonic() - started, powered_off, serial_log)
+        try:
+            progress = encode_progress(console_text(serial_log.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ReplicaError(f"reading the console of {name}: {exc}") from exc
+        return ReplicaResult(
+            manifest, cpu_s, time.monotonic() - started, powered_off, serial_log, progress
+        )
 
     def _launch(self, spec: VmSpec, checkpoint: Manifest | None) -> str:
         """Boot or restore; the running domain's name (a checkpoint keeps the name it had)."""
@@ -123,15 +181,10 @@ class Replica:
         save_file = self.work_dir / "restore.save"
         parts = self.work_dir / "restore.parts"
         try:
-            if {entry.name for entry in checkpoint.files} == {RAM_FILE, REST_FILE}:
-                parts.mkdir(exist_ok=True)
-                self.store.materialize(checkpoint, parts)
-                join(parts, save_file)
-            else:
-                self.store.materialize(checkpoint, save_file)
+            rebuild_save_file(self.store, checkpoint, save_file, parts)
             return self.runtime.restore(save_file, local=spec)
-        except SaveStreamError as exc:
-            raise ReplicaError(f"rebuilding the save file of {spec.name}: {exc}") from exc
+        except ReplicaError as exc:
+            raise ReplicaError(f"restoring {spec.name}: {exc}") from exc
         finally:
             save_file.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
@@ -160,20 +213,24 @@ class Replica:
         except VmError:
             return None
 
-    def _checkpoint(self, name: str) -> Manifest:
+    def _checkpoint(self, name: str, serial_log: Path, saved: bool) -> Manifest:
+        """Save the paused guest (if `saved`) and store its parts with the run's console."""
         save_file = self.work_dir / "checkpoint.save"
         parts = self.work_dir / "checkpoint.parts"
+        serial_log.touch()  # a guest that printed nothing has an empty console
         try:
-            self.runtime.save(name, save_file)
-            try:
-                split_result = split(save_file, parts)
-            except SaveStreamError:
-                # A stream this codec does not know: store it whole (it still
-                # deduplicates, only worse) rather than fail the segment.
-                return self.store.put_files({MEMORY_FILE: save_file}, self.identity)
-            return self.store.put_files(
-                {RAM_FILE: split_result.ram, REST_FILE: split_result.rest}, self.identity
-            )
+            files: dict[str, Path] = {}
+            if saved:
+                self.runtime.save(name, save_file)  # QEMU stops: the console is complete
+                try:
+                    split_result = split(save_file, parts)
+                    files = {RAM_FILE: split_result.ram, REST_FILE: split_result.rest}
+                except SaveStreamError:
+                    # A stream this codec does not know: store it whole (it still
+                    # deduplicates, only worse) rather than fail the segment.
+                    files = {MEMORY_FILE: save_file}
+            files[CONSOLE_FILE] = serial_log
+            return self.store.put_files(files, self.identity)
         finally:
             save_file.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
