@@ -32,7 +32,10 @@ from node.config import Config
 from node.control import ControlServer, RpcError
 from node.discovery import Discovery, MdnsDiscovery
 from node.dissemination import Broadcast, encode_update
-from node.identity import Identity
+from node.identity import Identity, NodeId
+from node.ledger_service import LedgerService
+from node.market import MarketKind
+from node.market_rpc import MARKET_METHODS, market_rpc
 from node.membership import (
     BroadcastReceived,
     Effect,
@@ -48,7 +51,8 @@ from node.membership import (
     SendMessage,
     SendToEndpoint,
 )
-from node.records import Capabilities, PeerRecord, decode_record, sign_record
+from node.payee import PayeeConfig
+from node.records import Capabilities, PeerRecord, decode_record, parse_endpoint, sign_record
 from node.routing import ROUTE_TOPIC, RouteService, RoutingError
 from node.segment_service import SegmentError, SegmentService
 from node.state import State
@@ -105,6 +109,9 @@ class Agent:
         self.routes: RouteService | None = None
         self.discovery: Discovery | None = None
         self.segments: SegmentService | None = None
+        self.ledger: LedgerService | None = None
+        self.host_market: Any = None  # node.market_host.HostMarket
+        self.owner_market: Any = None  # node.market_owner.OwnerMarket
         self.record_errors = 0
         self._wake = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -145,6 +152,9 @@ class Agent:
         self.segments = SegmentService(
             self.identity, self.config.state_dir, self.config["vm.libvirt_uri"], self.image_store
         )
+        self._start_market()
+        assert self.ledger is not None
+        await self.ledger.restore()
         control = ControlServer(self.config.control_socket, self._rpc)
         self.control = control
         async with trio.open_nursery() as nursery:
@@ -162,6 +172,9 @@ class Agent:
                 else self.transport.underlay_address[0]
             )
             await nursery.start(self.segments.serve, block_host, self.config["network.block_port"])
+            nursery.start_soon(self.ledger.run)
+            await nursery.start(self.host_market.run)
+            await nursery.start(self.owner_market.run)
             nursery.start_soon(self._membership_loop)
             nursery.start_soon(self._refresh_record_loop)
             nursery.start_soon(self._discovered_loop)
@@ -174,6 +187,71 @@ class Agent:
                 self.config.control_socket,
             )
             task_status.started()
+
+    def _start_market(self) -> None:
+        from node.market_host import HostMarket, host_policy
+        from node.market_owner import OwnerMarket, machine_config
+
+        assert self.segments is not None
+        config = self.config
+        self.ledger = LedgerService(
+            self.identity,
+            self.state,
+            self._send_ledger,
+            chain_length=config["market.chain_length"],
+            payee_config=PayeeConfig(
+                trusted_issuers=frozenset(map(NodeId.parse, config["market.trusted_issuers"])),
+                accept_self_issued=config["market.accept_self_issued"],
+            ),
+        )
+        self.host_market = HostMarket(
+            self.identity,
+            host_policy(config),
+            self.segments,
+            self._send_market,
+            self.block_endpoint,
+        )
+        self.owner_market = OwnerMarket(
+            self.identity,
+            self.state,
+            self.segments,
+            machine_config(
+                self.swarm_id, config["market.bid_window_s"], config["market.run_grace_s"]
+            ),
+            self._send_market,
+            self.ledger.pay,
+            self.live_members,
+            self.block_endpoint,
+            config["market.verify_timeout_s"],
+        )
+
+    async def _send_market(self, target: NodeId, kind: int, blob: bytes) -> None:
+        body = {"kind": int(kind), "blob": blob}
+        await self._send_to_member(SendMessage(target, MessageType.MARKET, body))
+
+    async def _send_ledger(self, target: NodeId, kind: int, blob: bytes) -> None:
+        body = {"kind": int(kind), "blob": blob}
+        await self._send_to_member(SendMessage(target, MessageType.LEDGER, body))
+
+    def live_members(self) -> list[NodeId]:
+        if self.membership is None:
+            return []
+        return [m.node_id for m in self.membership.members() if m.state is MemberState.ALIVE]
+
+    def block_endpoint(self, node: NodeId) -> tuple[str, int] | None:
+        """Where ``node`` serves blocks: its overlay address (or, without an overlay, its
+        underlay host), on the swarm's block port."""
+        port = self.config["network.block_port"]
+        if node == self.identity.node_id:
+            return self.segments.listen if self.segments else None
+        member = self.membership.member(node) if self.membership else None
+        if member is None:
+            return None
+        if self.overlay is not None:
+            return (member.record.overlay_address, port)
+        if not member.record.endpoints:
+            return None
+        return (parse_endpoint(member.record.endpoints[0])[0], port)
 
     def _membership_config(self) -> MembershipConfig:
         probe = self.config["membership.probe_interval_s"]
@@ -321,6 +399,15 @@ class Agent:
             await self._handle(
                 MessageReceived(envelope.sender, envelope.type, envelope.body, endpoint)
             )
+        elif envelope.type is MessageType.MARKET:
+            kind, blob = envelope.body["kind"], envelope.body["blob"]
+            if kind in (MarketKind.BID, MarketKind.COMPLETION):
+                await self.owner_market.deliver(envelope.sender, kind, blob)
+            else:
+                await self.host_market.deliver(envelope.sender, kind, blob)
+        elif envelope.type is MessageType.LEDGER:
+            assert self.ledger is not None
+            await self.ledger.deliver(envelope.sender, envelope.body["kind"], envelope.body["blob"])
         elif envelope.type is MessageType.RECORD:
             try:
                 record = decode_record(envelope.body["record"])
@@ -375,8 +462,12 @@ class Agent:
             await trio.to_thread.run_sync(
                 self.state.save_peer, record.node_id.key, record.seq, record.expires, record.blob
             )
-        elif self.overlay is not None:
-            self.overlay.remove_member(effect.node_id)
+        else:
+            if self.overlay is not None:
+                self.overlay.remove_member(effect.node_id)
+            gone = effect.state in (MemberState.DEAD, MemberState.LEFT)
+            if gone and self.owner_market is not None:
+                await self.owner_market.member_lost(effect.node_id)
 
     async def _spread(self, key: bytes, payload: bytes) -> None:
         """Spread a route update: push it to every live member now, and gossip it."""
@@ -482,6 +573,8 @@ class Agent:
                 return await self.segments.run_segment(params)
             except SegmentError as exc:
                 raise RpcError(str(exc)) from None
+        if method in MARKET_METHODS:
+            return await market_rpc(self, method, params)
         if method in ("vm_start", "vm_migrate", "vm_expect"):
             return await self._vm_rpc(method, params)
         if method == "vm_attach":

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         add("peers", cmd_peers, "list the swarm members this agent knows, with WireGuard state")
     )
 
+    from node.market_cli import add_commands
+
+    add_commands(add, add_target)
+
     from node.testbed import DEFAULT_ROOT
 
     testbed = add("testbed", cmd_testbed, "a local multi-host swarm in network namespaces")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.identity import NodeId
 from node.records import parse_endpoint
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -66,6 +67,15 @@ def _endpoint_list(value: list[Any]) -> str | None:
         problem = _endpoint(False)(item)
         if problem:
             return problem
+    return None
+
+
+def _key_list(value: list[Any]) -> str | None:
+    for item in value:
+        try:
+            NodeId.parse(item if isinstance(item, str) else "")
+        except ValueError:
+            return f"expected a list of node ids (52 base32 characters), found {item!r}"
     return None
 
 
@@ -121,6 +131,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
     Setting("vm", "libvirt_uri", str, lambda: "qemu:///system", _nonempty(4096)),
     Setting("vm", "image_store", str, lambda: "", lambda v: None),
+    # What this host lends to the swarm (the bidder never promises more); 0 = all it has.
+    Setting("host", "vcpus", int, lambda: 0, _range(0, 4096)),
+    Setting("host", "memory_mib", int, lambda: 0, _range(0, 1 << 24)),
+    Setting("host", "disk_mib", int, lambda: 10_240, _range(0, 1 << 30)),
+    Setting("host", "replicas", int, lambda: 2, _range(0, 64)),
+    Setting("host", "price_floor", int, lambda: 1, _range(1, 1 << 20)),
+    Setting("market", "bid_window_s", float, lambda: 2.0, _float_range(0.05, 600.0)),
+    Setting("market", "run_grace_s", float, lambda: 60.0, _float_range(1.0, 86400.0)),
+    Setting("market", "verify_timeout_s", float, lambda: 60.0, _float_range(1.0, 3600.0)),
+    Setting("market", "chain_length", int, lambda: 10_000, _range(16, 1_000_000)),
+    Setting("market", "accept_self_issued", bool, lambda: True),
+    Setting("market", "trusted_issuers", list, list, _key_list),
     Setting("control", "socket", str, lambda: ""),
     Setting("record", "lifetime_s", int, lambda: 3600, _range(60, 7 * 86400)),
     Setting("log", "level", str, lambda: "info", _one_of(LOG_LEVELS)),

@@ -62,6 +62,7 @@ from typing import Any
 from node.identity import NodeId
 from node.market import (
     MAX_ARCH_CHARS,
+    MAX_ARGS_CHARS,
     MAX_HOLDERS,
     MAX_IMAGE_CHARS,
     MAX_K,
@@ -97,6 +98,7 @@ class JobSpec:
     network: bool = False
     arch: str = "x86_64"
     kvm: bool = False
+    args: str = ""  # kernel command-line additions (the workload's parameters)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.owner, NodeId), "owner", "must be a node id")
@@ -121,6 +123,8 @@ class JobSpec:
         _integer(self.k, "k", 1, MAX_K, "k replicas run each segment")
         _integer(self.ceiling, "ceiling", 1, MAX_UNITS, "units paid for one segment")
         _integer(self.deadline, "deadline", 1, 2**63, "Unix seconds")
+        args_ok = isinstance(self.args, str) and len(self.args) <= MAX_ARGS_CHARS
+        _check(args_ok, "args", f"must be a string of at most {MAX_ARGS_CHARS} characters")
         for name in ("network", "kvm"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
 
@@ -176,6 +180,7 @@ _TOML_KEYS = {
     "network": "network",
     "arch": "arch",
     "kvm": "kvm",
+    "args": "args",
 }
 _REQUIRED = ("image", "memory_mib", "vcpus", "extent_s", "redundancy", "price_ceiling", "deadline")
 

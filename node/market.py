@@ -26,7 +26,8 @@ segment: uint, attempt: uint, offer: bin32``)::
                 memory: MiB, vcpus, arch: str, kvm: bool (wanted), network: bool,
                 extent: guest vCPU-seconds, checkpoint: bin32 | nil (nil: boot the image),
                 size: checkpoint bytes, holders: [bin32] (who serves the checkpoint),
-                k: 1..MAX_K, ceiling: 1..MAX_UNITS (units per segment), deadline: bid deadline}
+                k: 1..MAX_K, ceiling: 1..MAX_UNITS (units per segment), deadline: bid deadline,
+                args: str (the job's kernel command-line additions, may be empty)}
     bid:        by host, "gleaner/bid/v1\\0", {host, ref, price: 1..MAX_UNITS,
                 finish: estimated seconds, held: checkpoint bytes already held,
                 vcpus, memory, disk (MiB), slots: the host's free capacity before this run}
@@ -99,10 +100,11 @@ MAX_K = 8
 MAX_HOLDERS = 16
 MAX_ARCH_CHARS = 32
 MAX_IMAGE_CHARS = 128
+MAX_ARGS_CHARS = 512  # the job's kernel command-line additions
 MIN_MEMORY_MIB = 72  # below this no guest kernel boots
 MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 256
-MAX_OFFER_BYTES = 2048
+MAX_OFFER_BYTES = 2048 + MAX_ARGS_CHARS
 MAX_BID_BYTES = 1024
 MAX_AWARD_BYTES = 2048 + MAX_K * 1024
 MAX_COMPLETION_BYTES = 1024
@@ -199,6 +201,7 @@ class Offer:
     k: int
     ceiling: int
     bid_deadline: int
+    args: str = ""
     blob: bytes = field(default=b"", compare=False, repr=False)
 
 
@@ -306,6 +309,7 @@ def sign_offer(
     k: int,
     ceiling: int,
     bid_deadline: int,
+    args: str = "",
 ) -> Offer:
     """As job owner, offer ``segment`` (attempt ``attempt``) of the job ``job_nonce`` names."""
     payload = {
@@ -327,6 +331,7 @@ def sign_offer(
         "k": k,
         "ceiling": ceiling,
         "deadline": bid_deadline,
+        "args": args,
     }
     return decode_own(decode_offer, sign_payload(owner, OFFER_CONTEXT, payload))
 
@@ -449,6 +454,7 @@ def decode_offer(blob: bytes) -> Offer:
         k=uint_field(fields, "k", what, 1, MAX_K),
         ceiling=uint_field(fields, "ceiling", what, 1, MAX_UNITS),
         bid_deadline=uint_field(fields, "deadline", what),
+        args=_optional_text(fields, "args", what, MAX_ARGS_CHARS),
         blob=blob,
     )
 
@@ -620,6 +626,13 @@ def _short_text(fields: Mapping[str, Any], name: str, what: str, limit: int) -> 
     value = text_field(fields, name, what)
     if len(value) > limit:
         raise RemoteProtocolError(f"{what} {name!r} is over {limit} characters")
+    return value
+
+
+def _optional_text(fields: Mapping[str, Any], name: str, what: str, limit: int) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or len(value) > limit:
+        raise RemoteProtocolError(f"{what} {name!r} is not a string of at most {limit} characters")
     return value
 
 

@@ -318,6 +318,7 @@ class SegmentMachine:
             k=spec.k,
             ceiling=spec.ceiling,
             bid_deadline=math.ceil(deadline),
+            args=spec.args,
         )
         self._round = _Round(offer, Auctioneer(offer, now, self.config.auction, self._reputation))
         self._reoffer_at = math.inf

@@ -16,19 +16,23 @@ this service only knows how.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from node.identity import Identity
+from node.jobs import JobSpec
 from node.records import parse_endpoint
 from node.wire import RemoteProtocolError
-from segments.blocks import BlockStore
+from segments.blocks import BlockStore, BlockStoreError
 from segments.image import ImageError, load
-from segments.manifest import decode_manifest
-from segments.replica import Replica, ReplicaError, SegmentRun
+from segments.manifest import Manifest, decode_manifest
+from segments.progress import encode_progress
+from segments.replica import CONSOLE_FILE, Replica, ReplicaError, ReplicaResult, SegmentRun
 from segments.transfer import FetchError, fetch, serve_blocks
+from segments.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
 from segments.vm import LibvirtRuntime, VmError
 
 log = logging.getLogger("gleaner.segments")
@@ -70,21 +74,58 @@ class SegmentService:
         self.store.close()
 
     async def run_segment(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The ``segment_run`` control request: one replica, run by hand."""
         job = _text(params, "job")
-        index = _number(params, "segment", int)
-        image_id = _text(params, "image_id")
-        try:
-            image = await trio.to_thread.run_sync(load, self.image_store, image_id)
-        except ImageError as exc:
-            raise SegmentError(str(exc)) from None
+        if not job.replace("-", "").isalnum() or len(job) > 40:
+            raise SegmentError("job names are letters, digits and dashes, at most 40")
         checkpoint = None
-        fetched: dict[str, Any] = {}
+        holders: list[tuple[str, int]] = []
         if params.get("checkpoint") is not None:
             try:
                 checkpoint = decode_manifest(params["checkpoint"])
             except RemoteProtocolError as exc:
                 raise SegmentError(f"bad checkpoint manifest: {exc}") from None
             holders = _holders(params.get("holders"))
+        order = ReplicaOrder(
+            name=job,
+            segment=_number(params, "segment", int),
+            image_id=_text(params, "image_id"),
+            args=_text(params, "args"),
+            vcpus=1,
+            extent_cpu_s=_number(params, "extent_cpu_s", float),
+        )
+        outcome = await self.run_replica(order, checkpoint, holders)
+        result = outcome.result
+        return {
+            "checkpoint": result.checkpoint.encode(),
+            "checkpoint_digest": result.checkpoint.digest.hex(),
+            "checkpoint_bytes": result.checkpoint.total_size,
+            "progress": result.progress.hex(),
+            "cpu_s": result.cpu_s,
+            "wall_s": result.wall_s,
+            "powered_off": result.powered_off,
+            "serial_log": str(result.serial_log),
+            "fetched": outcome.fetched,
+            "holder": f"[{self.listen[0]}]:{self.listen[1]}" if self.listen else None,
+        }
+
+    async def run_replica(
+        self,
+        order: ReplicaOrder,
+        checkpoint: Manifest | None,
+        holders: list[tuple[str, int]],
+        cancel: trio.Event | None = None,
+    ) -> ReplicaOutcome:
+        """Fetch what this node lacks of ``checkpoint``, then run one replica of it.
+
+        Setting ``cancel`` stops the replica at its next poll (SegmentError).
+        """
+        try:
+            image = await trio.to_thread.run_sync(load, self.image_store, order.image_id)
+        except ImageError as exc:
+            raise SegmentError(str(exc)) from None
+        fetched: dict[str, Any] = {}
+        if checkpoint is not None:
             try:
                 stats = await fetch(checkpoint, holders, self.store)
             except FetchError as exc:
@@ -95,32 +136,95 @@ class SegmentService:
                 "bad_blocks": stats.bad_blocks,
             }
         run = SegmentRun(
-            vm_name=f"gl-{job}",
+            vm_name=f"gl-{order.name}",
             kernel=image.kernel,
             initrd=image.initrd,
-            cmdline=f"{image.cmdline} {_text(params, 'args')}".strip(),
-            memory_mb=image.memory_mb,
-            vcpus=1,
-            extent_cpu_s=_number(params, "extent_cpu_s", float),
+            cmdline=f"{image.cmdline} {order.args}".strip(),
+            memory_mb=order.memory_mib or image.memory_mb,
+            vcpus=order.vcpus,
+            extent_cpu_s=order.extent_cpu_s,
         )
-        work = self.state_dir / "replicas" / f"{job}-{index}"
-        if not job.replace("-", "").isalnum() or len(job) > 40:
-            raise SegmentError("job names are letters, digits and dashes, at most 40")
-        result = await trio.to_thread.run_sync(self._run_blocking, run, checkpoint, work)
+        work = self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
+        failure: SegmentError | None = None
+        async with trio.open_nursery() as nursery:
+            if cancel is not None:
+                nursery.start_soon(self._cancel_on, cancel, run.vm_name)
+            try:
+                result = await trio.to_thread.run_sync(self._run_blocking, run, checkpoint, work)
+            except SegmentError as exc:
+                failure = exc  # raised below, outside the nursery: not as an exception group
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         self.runs += 1
-        return {
-            "checkpoint": result.checkpoint.encode() if result.checkpoint else None,
-            "checkpoint_digest": result.checkpoint.digest.hex() if result.checkpoint else None,
-            "checkpoint_bytes": result.checkpoint.total_size if result.checkpoint else 0,
-            "cpu_s": result.cpu_s,
-            "wall_s": result.wall_s,
-            "powered_off": result.powered_off,
-            "serial_log": str(result.serial_log),
-            "fetched": fetched,
-            "holder": f"[{self.listen[0]}]:{self.listen[1]}" if self.listen else None,
-        }
+        return ReplicaOutcome(result, fetched)
 
-    def _run_blocking(self, run: SegmentRun, checkpoint: Any, work: Path) -> Any:
+    async def verify_completion(
+        self,
+        job: JobSpec,
+        manifest: Manifest,
+        claimed: bytes,
+        base_checkpoint: bytes | None,
+        halted: bool,
+        timeout_s: float,
+    ) -> Verdict:
+        """Restore a completed segment's checkpoint here and check the guest moved on.
+
+        ``base_checkpoint`` is the previous committed checkpoint (held here: the
+        owner verified it), whose console gives the progress to continue from.
+        """
+        try:
+            image = await trio.to_thread.run_sync(load, self.image_store, job.image)
+        except ImageError as exc:
+            raise SegmentError(str(exc)) from None
+        base = None
+        if base_checkpoint is not None:
+            console = await self.console_of(base_checkpoint)
+            if console is None:
+                raise SegmentError("the previous checkpoint's console is not held here")
+            base = encode_progress(console)
+        spec = VerifySpec(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=f"{image.cmdline} {job.args}".strip(),
+            memory_mb=job.memory_mib,
+            vcpus=job.vcpus,
+            work_dir=self.state_dir / "verify",
+        )
+
+        def verify() -> Verdict:
+            with LibvirtRuntime(self.libvirt_uri) as runtime:
+                return verify_checkpoint(
+                    runtime, self.store, spec, manifest, claimed, base, halted, timeout_s
+                )
+
+        try:
+            return await trio.to_thread.run_sync(verify)
+        except (VerifyError, VmError) as exc:
+            raise SegmentError(f"verifier: {exc}") from None
+
+    async def console_of(self, digest: bytes) -> str | None:
+        """The guest console a checkpoint carries (None: not held here, or no console)."""
+
+        def read() -> str | None:
+            manifest = self.store.manifest(digest)
+            if manifest is None or CONSOLE_FILE not in {f.name for f in manifest.files}:
+                return None
+            try:
+                data = self.store.read_file(manifest, CONSOLE_FILE)
+            except BlockStoreError:
+                return None
+            return data.decode("utf-8", "replace")
+
+        return await trio.to_thread.run_sync(read)
+
+    async def _cancel_on(self, cancel: trio.Event, vm_name: str) -> None:
+        await cancel.wait()
+        while (replica := self.replicas.get(vm_name)) is None:  # not started yet
+            await trio.sleep(0.05)
+        replica.cancel()
+
+    def _run_blocking(self, run: SegmentRun, checkpoint: Any, work: Path) -> ReplicaResult:
         try:
             with LibvirtRuntime(self.libvirt_uri) as runtime:
                 replica = Replica(runtime, self.store, self.identity, work)
@@ -131,6 +235,31 @@ class SegmentService:
                     self.replicas.pop(run.vm_name, None)
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaOrder:
+    """What to run: ``name`` names the VM and its work directory (letters, digits, dashes).
+
+    A restored guest keeps the domain name it was saved with, so every segment of
+    a job runs under the name of its first: one name per job, and a host runs
+    one replica of a job at a time.
+    """
+
+    name: str
+    segment: int
+    image_id: str
+    args: str
+    vcpus: int
+    extent_cpu_s: float
+    memory_mib: int | None = None  # None: the image's default
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaOutcome:
+    result: ReplicaResult
+    fetched: dict[str, Any]
 
 
 def _holders(value: Any) -> list[tuple[str, int]]:

@@ -33,6 +33,29 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE route_claims (position INTEGER PRIMARY KEY, claim BLOB NOT NULL);
     """,
+    # 2 -> 3: the market: jobs this node owns (spec, last snapshot, outcome), their
+    # segment history (for `gleaner watch`), and the ledgers' journals.
+    """
+    CREATE TABLE jobs (
+        job_id BLOB PRIMARY KEY,
+        spec BLOB NOT NULL,
+        snapshot BLOB,
+        submitted REAL NOT NULL,
+        outcome TEXT
+    );
+    CREATE TABLE job_history (
+        job_id BLOB NOT NULL REFERENCES jobs(job_id),
+        position INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        PRIMARY KEY (job_id, position)
+    );
+    CREATE TABLE ledger_journal (
+        side TEXT NOT NULL,
+        entry_id INTEGER NOT NULL,
+        entry BLOB NOT NULL,
+        PRIMARY KEY (side, entry_id)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -144,6 +167,64 @@ class State:
         with self._lock:
             cursor = self._db.execute("DELETE FROM peers WHERE expires <= ?", (int(now),))
         return cursor.rowcount
+
+    # -- the market ------------------------------------------------------------------
+
+    def add_job(self, job_id: bytes, spec: bytes, submitted: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (job_id, spec, submitted) VALUES (?, ?, ?)",
+                (job_id, spec, submitted),
+            )
+
+    def save_job_snapshot(self, job_id: bytes, snapshot: bytes) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET snapshot = ? WHERE job_id = ?", (snapshot, job_id))
+
+    def end_job(self, job_id: bytes, outcome: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET outcome = ? WHERE job_id = ?", (outcome, job_id))
+
+    def jobs(self) -> list[tuple[bytes, bytes, bytes | None, float, str | None]]:
+        """(job id, spec, snapshot, submitted, outcome) of every job, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, spec, snapshot, submitted, outcome FROM jobs ORDER BY submitted"
+            ).fetchall()
+        return [
+            (bytes(r[0]), bytes(r[1]), bytes(r[2]) if r[2] is not None else None, r[3], r[4])
+            for r in rows
+        ]
+
+    def append_job_history(self, job_id: bytes, record: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO job_history (job_id, position, record) VALUES (?, "
+                "(SELECT COALESCE(MAX(position), -1) + 1 FROM job_history WHERE job_id = ?), ?)",
+                (job_id, job_id, record),
+            )
+
+    def job_history(self, job_id: bytes) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record FROM job_history WHERE job_id = ? ORDER BY position", (job_id,)
+            ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    def append_journal(self, side: str, entry_id: int, entry: bytes) -> None:
+        """Make one ledger journal entry durable (committed when this returns)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO ledger_journal (side, entry_id, entry) VALUES (?, ?, ?)",
+                (side, entry_id, entry),
+            )
+
+    def journal(self, side: str) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry FROM ledger_journal WHERE side = ? ORDER BY entry_id", (side,)
+            ).fetchall()
+        return [bytes(row[0]) for row in rows]
 
     def integrity_check(self) -> str:
         with self._lock:

@@ -314,6 +314,33 @@ def kill_agent(host: dict[str, Any]) -> None:
         _reap(host["pid"])
 
 
+def crash_host(root: Path, name: str) -> None:
+    """The host loses power: SIGKILL its agent, and its libvirtd with every guest it runs."""
+    state, host = _host(root, name)
+    kill_agent(host)
+    if state.get("libvirt"):
+        from node import testbed_libvirt
+
+        testbed_libvirt.stop(host)
+        host["libvirt_root"] = None
+        _save(root, state)
+
+
+def is_up(root: Path, name: str) -> bool:
+    """Whether the named host's agent is running."""
+    return _is_our_agent(_host(root, name)[1])
+
+
+def _host(root: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = _load(root)
+    if state is None:
+        raise TestbedError(f"no testbed is up under {root}")
+    for host in state["hosts"]:
+        if host["name"] == name:
+            return state, host
+    raise TestbedError(f"no host {name!r}")
+
+
 def restart_agent(root: Path, name: str) -> dict[str, Any]:
     """Start the named host's agent again (after a crash); return its description."""
     state = _load(root)

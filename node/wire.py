@@ -68,6 +68,8 @@ class MessageType(enum.IntEnum):
     JOIN_REPLY = 5
     RECORD = 6
     GOSSIP = 7
+    MARKET = 8  # a signed market statement (node/market.py): {kind, blob}
+    LEDGER = 9  # a signed ledger statement (node/tokens.py): {kind, blob}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,8 @@ SPECS: dict[MessageType, MessageSpec] = {
         MessageSpec(MessageType.JOIN_REPLY, {"records": Field(list, True, bytes)}),
         MessageSpec(MessageType.RECORD, {"record": Field(bytes)}),
         MessageSpec(MessageType.GOSSIP, {"updates": Field(list, True, bytes)}),
+        MessageSpec(MessageType.MARKET, {"kind": Field(int), "blob": Field(bytes)}),
+        MessageSpec(MessageType.LEDGER, {"kind": Field(int), "blob": Field(bytes)}),
     )
 }
 

@@ -65,6 +65,7 @@ from node.procs import pid_alive, terminate_pid
 
 ETC_SOURCE = Path("/etc/libvirt")
 START_TIMEOUT_S = 30.0
+GUEST_NICE = 10  # the daemon and the QEMU it starts run this much below the agent
 STOP_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
@@ -154,7 +155,10 @@ class Libvirtd:
             f"mount --bind {shlex.quote(str(self.root_dir / sub))} {shlex.quote(target)}"
             for sub, target in PRIVATE_MOUNTS
         ]
-        daemon = ["libvirtd", "--pid-file", str(self.root_dir / "libvirtd.pid")]
+        # Guests inherit the daemon's priority: they get what the host and its agent
+        # (membership probes, transfers, verification) leave over.
+        daemon = ["nice", "-n", str(GUEST_NICE), "libvirtd"]
+        daemon += ["--pid-file", str(self.root_dir / "libvirtd.pid")]
         script = "set -e; " + "; ".join(mounts) + "; exec " + shlex.join(daemon)
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         return ["ip", "netns", "exec", self.netns, *command] if self.netns else command

@@ -31,6 +31,8 @@ CORES = [
     "node/reputation.py",
     "node/jobs.py",
     "node/segment_machine.py",
+    "node/job_records.py",
+    "segments/progress.py",
 ]
 FORBIDDEN = {
     "trio",

@@ -1,0 +1,109 @@
+"""The market on a running testbed: submit a job, wait for it, and audit what happened.
+
+Shared by the market tests, ``bench/market.py`` and the demo. ``audit`` reads
+the owner's job history (offers, awards, completions in arrival order,
+commits, payments) and every host's payee ledger, and checks the rules of the
+market from both sides:
+
+- every segment is committed once and paid once, to exactly one host;
+- that host is the first completer of the committed attempt (in the order the
+  owner received completions; a rejected completion does not count);
+- the host's own ledger holds that payment, and no other host's does;
+- the guest's console, joined across segments, is one unbroken run of the
+  demo workload's hash chain from the seed, equal to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.control import call
+from node.testbed_checks import wait_for
+from segments.workload import ContinuityError, check_continuity, parse_progress, parse_result
+
+
+def submit(owner: dict[str, Any], image_id: str, **settings: Any) -> str:
+    job = {
+        "image": image_id,
+        "memory_mib": 128,
+        "vcpus": 1,
+        "extent_s": 2,
+        "segments": 5,
+        "redundancy": 2,
+        "price_ceiling": 20,
+        **settings,
+    }
+    return str(call(Path(owner["socket"]), "job_submit", {"job": job}, timeout=30)["job_id"])
+
+
+def job(owner: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return dict(call(Path(owner["socket"]), "job", {"job": job_id}, timeout=10))
+
+
+def wait_job(owner: dict[str, Any], job_id: str, timeout_s: float) -> dict[str, Any]:
+    wait_for(lambda: job(owner, job_id)["outcome"] is not None, timeout_s, f"job {job_id[:12]}")
+    return job(owner, job_id)
+
+
+@dataclass
+class Audit:
+    rows: list[dict[str, Any]]
+    problems: list[str] = field(default_factory=list)
+    result: str | None = None
+    last_step: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def audit(owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str, seed: str) -> Audit:
+    detail = job(owner, job_id)
+    report = Audit(detail["rows"])
+    problems = report.problems
+    names = {h["node_id"]: h["name"] for h in hosts}
+    rejected = {(r["segment"], r["node"]) for r in detail["history"] if r["what"] == "rejected"}
+    received: dict[tuple[int, int], list[str]] = {}
+    for host in hosts:
+        if host is owner:
+            continue
+        for payment in call(Path(host["socket"]), "ledger", None, timeout=10)["payee"]["payments"]:
+            if payment["job_id"] == job_id:
+                key = (payment["segment"], 0)
+                received.setdefault(key, []).append(host["node_id"])
+    for row in detail["rows"]:
+        segment = row["segment"]
+        if row["winner"] is None:
+            problems.append(f"segment {segment} never committed")
+            continue
+        committed = [
+            r for r in detail["history"] if r["what"] == "committed" and r["segment"] == segment
+        ]
+        attempt = committed[0]["attempt"]
+        arrivals = [
+            c["node"]
+            for c in row["completions"]
+            if c["attempt"] == attempt and (segment, c["node"]) not in rejected
+        ]
+        paid = received.get((segment, 0), [])
+        if len(committed) != 1:
+            problems.append(f"segment {segment} committed {len(committed)} times")
+        if row["paid_to"] != row["winner"]:
+            problems.append(f"segment {segment}: paid {row['paid_to']}, won by {row['winner']}")
+        if not arrivals or arrivals[0] != row["winner"]:
+            first = names.get(arrivals[0], arrivals[0]) if arrivals else None
+            problems.append(f"segment {segment}: first valid completion by {first}, not the winner")
+        if paid != [row["winner"]]:
+            problems.append(f"segment {segment}: hosts' ledgers show payments to {paid}")
+    console = str(call(Path(owner["socket"]), "job_output", {"job": job_id}, timeout=30)["console"])
+    lines = parse_progress(console)
+    try:
+        every = lines[1][0] - lines[0][0] if len(lines) > 1 else 1
+        check_continuity(lines, seed=seed, every=every)
+        report.last_step = lines[-1][0]
+    except (ContinuityError, IndexError) as exc:
+        problems.append(f"the guest's output is not the reference chain: {exc}")
+    report.result = parse_result(console) or (lines[-1][1] if lines else None)
+    return report

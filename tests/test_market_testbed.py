@@ -1,0 +1,108 @@
+"""The market end to end on a testbed: a job with k = 2 over four hosts, and host crashes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from node import testbed
+from node.testbed_checks import full_mesh, rpc, wait_for
+from node.testbed_market import audit, job, submit, wait_job
+from segments.image import build
+
+pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
+
+RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
+SEED = "market"
+ARGS = f"gleaner.steps=0 gleaner.seed={SEED}"  # runs until stopped: the job ends by count
+JOB_TIMEOUT_S = 900.0
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """An owner and four hosts, each with its agent and libvirtd."""
+    root = tmp_path_factory.mktemp("market") / "tb"
+    try:
+        hosts = testbed.up(5, root=root)
+        wait_for(lambda: full_mesh(hosts), 90, "a full mesh")
+        image = build(RECIPE, root / "images")
+        yield root, hosts, image.id
+    finally:
+        logs = root.parent / "logs"  # kept after teardown, for a failure's post-mortem
+        logs.mkdir(exist_ok=True)
+        for log in (root / "hosts").glob("*/agent.log"):
+            shutil.copy2(log, logs / f"{log.parent.name}.log")
+        testbed.down(root)
+
+
+def test_five_segments_k2_on_four_hosts_pay_exactly_the_first_completers(swarm):
+    _root, hosts, image_id = swarm
+    owner, workers = hosts[0], hosts[1:]
+    job_id = submit(owner, image_id, segments=5, redundancy=2, args=ARGS)
+    detail = wait_job(owner, job_id, JOB_TIMEOUT_S)
+    assert detail["outcome"] == "completed", detail["history"][-5:]
+    report = audit(owner, hosts, job_id, SEED)
+    assert report.ok, report.problems
+    assert [row["segment"] for row in report.rows] == [0, 1, 2, 3, 4]
+    assert all(len(row["replicas"]) == 2 for row in report.rows)  # k = 2 ran each segment
+    assert report.last_step > 0
+    paid = rpc(owner, "ledger")["payer"]["payments"]
+    assert sorted(p["segment"] for p in paid if p["job_id"] == job_id) == [0, 1, 2, 3, 4]
+    assert len({r["winner"] for r in report.rows} - {h["node_id"] for h in workers}) == 0
+
+
+def _running_segment(owner, job_id):
+    """The segment whose replicas are running now (awarded, nothing completed), or None."""
+    rows = job(owner, job_id)["rows"]
+    row = rows[-1] if rows else None
+    if row and len(row["replicas"]) == 2 and not row["completions"] and row["winner"] is None:
+        return row
+    return None
+
+
+def test_crashed_replica_hosts_lose_no_committed_segment(swarm):
+    root, hosts, image_id = swarm
+    owner = hosts[0]
+    by_id = {h["node_id"]: h for h in hosts}
+    job_id = submit(owner, image_id, segments=4, redundancy=2, extent_s=3, args=ARGS)
+    # Segment 1 running: one replica's host crashes; the other finishes it.
+    wait_for(
+        lambda: (r := _running_segment(owner, job_id)) is not None and r["segment"] == 1,
+        JOB_TIMEOUT_S / 3,
+        "segment 1 running",
+        step_s=0.1,
+    )
+    row = _running_segment(owner, job_id)
+    assert row is not None
+    testbed.crash_host(root, by_id[row["replicas"][0]]["name"])
+    # A later segment running: both replicas' hosts crash; it is offered again.
+    wait_for(
+        lambda: (
+            (r := _running_segment(owner, job_id)) is not None
+            and r["segment"] >= 2
+            and by_id[r["replicas"][0]]["name"] != row["replicas"][0]
+            and all(testbed.is_up(root, by_id[n]["name"]) for n in r["replicas"])
+        ),
+        JOB_TIMEOUT_S / 3,
+        "a later segment running on two live hosts",
+        step_s=0.1,
+    )
+    both = _running_segment(owner, job_id)
+    assert both is not None
+    for node in both["replicas"]:
+        testbed.crash_host(root, by_id[node]["name"])
+    detail = wait_job(owner, job_id, JOB_TIMEOUT_S)
+    assert detail["outcome"] == "completed"
+    again = next(r for r in detail["rows"] if r["segment"] == both["segment"])
+    assert again["attempts"] >= 2, "the segment was offered again after both replicas died"
+    offers = [
+        r for r in detail["history"] if r["what"] == "offered" and r["segment"] == both["segment"]
+    ]
+    committed = [r for r in detail["history"] if r["what"] == "committed"]
+    assert [r["segment"] for r in committed] == [0, 1, 2, 3]  # none lost, none twice
+    assert len(offers) >= 2
+    report = audit(owner, [h for h in hosts if testbed.is_up(root, h["name"])], job_id, SEED)
+    assert not [p for p in report.problems if "ledgers" not in p], report.problems
