@@ -22,6 +22,7 @@ import platform
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +128,24 @@ class Agent:
             self.identity, self.swarm_id, self.config["network.listen"], self.boot
         )
         await self.transport.open_underlay()
+        started = False
+
+        def report_started() -> None:
+            nonlocal started
+            started = True
+            task_status.started()
+
         try:
-            await self._run_services(task_status)
+            await self._run_services(report_started)
         finally:
+            if not started:  # a signal stopped us while starting: a clean stop all the same
+                task_status.started()
             with trio.CancelScope(shield=True):
                 await self._stop_edges()
             self.transport.close()
             log.info("agent %s stopped", self.identity.node_id.short)
 
-    async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _run_services(self, report_started: Callable[[], None]) -> None:
         if self.config["overlay.enabled"]:
             await self._start_overlay()
         self.record = await self._sign_record(0)
@@ -186,7 +196,7 @@ class Agent:
                 self.overlay_address,
                 self.config.control_socket,
             )
-            task_status.started()
+            report_started()
 
     def _start_market(self) -> None:
         from node.market_host import HostMarket, host_policy

@@ -101,6 +101,8 @@ class HostMarket:
         self._lock = trio.Lock()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for name in await self.segments.reap_orphans():
+            log.warning("stopped replica %s left running by an earlier run of this agent", name)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -189,7 +191,7 @@ class HostMarket:
 
     async def _run_replica(self, offer: Offer, cancel: trio.Event) -> None:
         ref = offer.ref
-        name = ref.job_id.hex()[:16]
+        name = f"r{ref.job_id.hex()[:16]}"  # the VM is gl-<name>: see MARKET_VM
         lock = self._job_locks.setdefault(ref.job_id, trio.Lock())
         try:
             checkpoint, holders = None, []

@@ -81,6 +81,7 @@ log = logging.getLogger("gleaner.jobs")
 SendMarket = Callable[[NodeId, MarketKind, bytes], Awaitable[None]]
 BlockEndpoint = Callable[[NodeId], "tuple[str, int] | None"]
 Pay = Callable[[bytes, int, NodeId, int], Awaitable[None]]
+LOST_GRACE_S = 5.0  # a member declared dead must stay gone this long to lose its replicas
 
 
 @dataclass
@@ -212,6 +213,17 @@ class OwnerMarket:
             )
 
     async def member_lost(self, node: NodeId) -> None:
+        """Membership declared ``node`` dead: its replicas are lost unless it is soon back."""
+        self._spawn(self._lose_unless_back, node)
+
+    async def _lose_unless_back(self, node: NodeId) -> None:
+        # On a loaded host an agent can miss its probes, be declared dead and refute it
+        # a moment later; its replica ran on meanwhile. Only a node still gone after
+        # the grace loses its replicas (a re-offer would throw their work away).
+        await trio.sleep(LOST_GRACE_S)
+        if node in self.live_members():
+            self.stats["losses_refuted"] += 1
+            return
         for job_id, job in list(self.jobs.items()):
             if job.outcome is None:
                 await self._feed(job_id, ReplicaLost(node))

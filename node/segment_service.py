@@ -16,6 +16,7 @@ this service only knows how.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ from segments.progress import encode_progress
 from segments.replica import CONSOLE_FILE, Replica, ReplicaError, ReplicaResult, SegmentRun
 from segments.transfer import FetchError, fetch, serve_blocks
 from segments.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
-from segments.vm import LibvirtRuntime, VmError
+from segments.vm import LibvirtRuntime, VmError, VmState
 
 log = logging.getLogger("gleaner.segments")
 
 BLOCK_PORT = 7947
+MARKET_VM = re.compile(r"gl-r[0-9a-f]{16}")  # replicas the market starts: gl-r<job id prefix>
 
 
 class SegmentError(Exception):
@@ -202,6 +204,30 @@ class SegmentService:
             return await trio.to_thread.run_sync(verify)
         except (VerifyError, VmError) as exc:
             raise SegmentError(f"verifier: {exc}") from None
+
+    async def reap_orphans(self) -> list[str]:
+        """Stop market replicas a crashed run of this agent left running in libvirt."""
+
+        def reap() -> list[str]:
+            reaped = []
+            with LibvirtRuntime(self.libvirt_uri) as runtime:
+                for name, state in runtime.list_vms().items():
+                    if not MARKET_VM.fullmatch(name):
+                        continue
+                    if state in (VmState.RUNNING, VmState.PAUSED, VmState.SHUTTING_DOWN):
+                        runtime.destroy(name)
+                    try:
+                        runtime.undefine(name)
+                    except VmError:
+                        pass  # a transient domain is gone once destroyed
+                    reaped.append(name)
+            return reaped
+
+        try:
+            return await trio.to_thread.run_sync(reap)
+        except VmError as exc:
+            log.warning("could not look for orphaned replicas: %s", exc)
+            return []
 
     async def console_of(self, digest: bytes) -> str | None:
         """The guest console a checkpoint carries (None: not held here, or no console)."""
