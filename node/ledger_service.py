@@ -15,6 +15,9 @@ journal at start, and carries out their effects in order:
   token vendor instead), and add it.
 - ``Refused``: logged and counted by the cores; the sender is not trusted more.
 
+A LEDGER frame of a kind neither core takes is dropped and counted here
+(``frames_unexpected`` in the view's ``statistics``), as the market adapters do.
+
 A payer timer resends unacknowledged payments (``PayerLedger.tick``).
 """
 
@@ -25,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,7 +85,7 @@ class LedgerService:
         self.chain_length = chain_length
         self.payer = PayerLedger(identity)
         self.payee = PayeeLedger(identity, payee_config)
-        self.malformed = 0
+        self.stats: Counter[str] = Counter()  # frames no core takes (an unknown kind)
         self._wake = trio.Event()
         self._lock = trio.Lock()  # effects of one event are carried out in order
 
@@ -116,7 +120,7 @@ class LedgerService:
         elif kind == LedgerKind.ACK:
             await self._execute(self.payer, self.payer.handle(AckReceived(blob), now))
         else:
-            self.malformed += 1
+            self.stats["frames_unexpected"] += 1
             log.info("ledger frame of unknown kind %r from %s dropped", kind, sender.short)
 
     async def _execute(self, core: PayerLedger | PayeeLedger, effects: list[Any]) -> None:
@@ -170,6 +174,7 @@ class LedgerService:
     def view(self) -> dict[str, Any]:
         return {
             "node_id": str(self.identity.node_id),
+            "statistics": dict(self.stats),
             "payer": _side_view(self.payer),
             "payee": _side_view(self.payee),
         }

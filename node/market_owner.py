@@ -372,6 +372,11 @@ class OwnerMarket:
 
     # -- views ---------------------------------------------------------------------------
 
+    def statistics(self) -> dict[str, int]:
+        """What this adapter refused before any job's machine saw it (``refused_malformed``:
+        no job id to route by, ``refused_unknown_job``: not a job of ours)."""
+        return dict(self.stats)
+
     def find(self, prefix: str) -> bytes:
         """A job id from its hex form or a unique prefix of it; KeyError if none or many."""
         matches = [j for j in self.jobs if j.hex().startswith(prefix.lower())]

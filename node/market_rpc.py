@@ -25,7 +25,7 @@ async def market_rpc(agent: Agent, method: str, params: dict[str, Any]) -> Any:
     owner = agent.owner_market
     if method == "job_submit":
         job = params.get("job")
-        if not isinstance(job, dict):
+        if not isinstance(job, dict) or not all(isinstance(key, str) for key in job):
             raise RpcError("parameter 'job' must be a table of job settings")
         try:
             spec = spec_from_request(agent.identity, job, time.time())
@@ -38,8 +38,8 @@ async def market_rpc(agent: Agent, method: str, params: dict[str, Any]) -> Any:
     if method == "ledger":
         assert agent.ledger is not None
         return agent.ledger.view()
-    if method == "market":
-        return agent.host_market.view()
+    if method == "market":  # the host side, and what the owner side refused before any job
+        return {**agent.host_market.view(), "owner_statistics": owner.statistics()}
     job_id = _job(owner, params)
     if method == "job":
         return owner.detail(job_id)

@@ -17,7 +17,9 @@ from node.control import ControlError, call
 ROOT_AGENT_START_S = 20.0
 
 
-def write_config(path: Path, state_dir: Path, **network: str | bool) -> Path:
+def write_config(
+    path: Path, state_dir: Path, *, image_store: Path | None = None, **network: str | bool
+) -> Path:
     listen = network.pop("listen", "127.0.0.1:0")
     lines = [
         "[node]",
@@ -29,6 +31,8 @@ def write_config(path: Path, state_dir: Path, **network: str | bool) -> Path:
         "[overlay]",
         "enabled = false",  # and make no WireGuard device there
     ]
+    if image_store is not None:  # where `job_submit` finds a job's image
+        lines += ["[vm]", f'image_store = "{image_store}"']
     path.write_text("\n".join(lines) + "\n")
     return path
 

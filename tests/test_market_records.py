@@ -171,6 +171,6 @@ def test_forged_and_unknown_ledger_frames_are_counted_not_fatal(tmp_path):
         await payee.deliver(OWNER.node_id, 99, b"whatever")
         stats = payee.view()["payee"]["statistics"]
         assert sum(v for k, v in stats.items() if k.startswith("refused_")) == 1
-        assert payee.malformed == 1 and wire.frames == []
+        assert payee.view()["statistics"] == {"frames_unexpected": 1} and wire.frames == []
 
     trio.run(main)
