@@ -6,10 +6,13 @@
 3. Start a VM stand-in on one host and move its stable overlay address from
    host to host through the agents' route claims while another host probes it
    every millisecond; report each move and what the prober saw.
-4. Run a VM job as time segments, each on the next host: the host checkpoints
-   the guest after its vCPU-second extent, the next fetches only the blocks it
-   lacks and restores; the result is checked against the same computation done
-   outside the VM. Then live-migrate a network guest and watch its address follow.
+4. The market: the first host injects a VM job with k = 2; the others bid for
+   each segment, two run it, the owner verifies the first completion by
+   restoring it, commits it and pays that host with hash-chain tokens; the next
+   segment restores from the committed checkpoint on whichever hosts win it.
+   A summary table (segment, replicas, winner, time, tokens paid) and the
+   result, checked against the same computation done outside the VM. Then
+   live-migrate a network guest and watch its address follow.
 5. Crash one agent (SIGKILL), watch the others declare it dead and drop its
    WireGuard peer, restart it and watch it rejoin.
 6. Tear everything down, on every path.
@@ -50,7 +53,7 @@ def run(hosts: int, root: Path) -> int:
             from node import demo_vm
 
             image = demo_vm.build_image(console, root)
-            ok &= demo_vm.segments_handoff(console, image, described)
+            ok &= demo_vm.market_job(console, image, described)
             demo_vm.live_migration(console, root, image, described)
             _crash_and_rejoin(console, root, described)
         ids = {host["node_id"] for host in described}

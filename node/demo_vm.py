@@ -9,14 +9,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from node.control import call
-from node.testbed_checks import ping, wait_for
+from node import testbed_market
+from node.testbed_checks import ping, rpc, wait_for
 from node.testbed_vm import NetworkVm
 from segments.image import Image, build
-from segments.workload import check_continuity, parse_progress, parse_result, reference_result
+from segments.workload import reference_result
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
-STEPS, SEED = 2000, "demo"
+STEPS, SEED = 1200, "demo"
+JOB_TIMEOUT_S = 900.0
 
 
 def build_image(console: Console, root: Path) -> Image:
@@ -29,43 +30,46 @@ def build_image(console: Console, root: Path) -> Image:
     return image
 
 
-def segments_handoff(console: Console, image: Image, hosts: list[dict[str, Any]]) -> bool:
-    """Run the demo job as segments, each on the next host, from the previous checkpoint."""
-    table = Table(title=f"job demo1: {STEPS} hash-chain steps, one segment per host")
-    for column in ("segment", "host", "vCPU s", "wall s", "fetched", "checkpoint", "steps"):
-        table.add_column(column)
-    checkpoint: bytes | None = None
-    holders: list[str] = []
-    logs: list[str] = []
-    index, finished = 0, False
-    while not finished and index < 8:
-        host = hosts[index % len(hosts)]
-        reply = call(Path(host["socket"]), "segment_run", {
-            "job": "demo1", "segment": index, "image_id": image.id,
-            "args": f"gleaner.steps={STEPS} gleaner.seed={SEED} gleaner.every=10",
-            "extent_cpu_s": 3.0, "checkpoint": checkpoint, "holders": holders,
-        }, timeout=300)  # fmt: skip
-        text = Path(reply["serial_log"]).read_text(errors="replace")
-        logs.append(text)
-        steps = parse_progress(text)
-        fetched = reply["fetched"]
-        table.add_row(
-            str(index), host["name"], f"{reply['cpu_s']:.1f}", f"{reply['wall_s']:.1f}",
-            f"{fetched.get('bytes', 0) / 2**20:.1f} MiB" if fetched else "-",
-            "done" if reply["powered_off"] else f"{reply['checkpoint_bytes'] / 2**20:.1f} MiB",
-            f"{steps[0][0]}-{steps[-1][0]}" if steps else "booting",
-        )  # fmt: skip
-        checkpoint, holders = reply["checkpoint"], [reply["holder"]]
-        finished = reply["powered_off"]
-        index += 1
-    console.print(table)
-    every_step = [line for text in logs for line in parse_progress(text)]
-    check_continuity(every_step, seed=SEED, every=10)
-    result = parse_result(logs[-1])
-    ok = finished and result == reference_result(SEED, STEPS)
+def market_job(console: Console, image: Image, hosts: list[dict[str, Any]]) -> bool:
+    """The first host injects the demo job (k = 2); the others bid, run, and get paid."""
+    owner, bidders = hosts[0], hosts[1:]
+    names = {h["node_id"]: h["name"] for h in hosts}
+    args = f"gleaner.steps={STEPS} gleaner.seed={SEED}"
+    job_id = testbed_market.submit(
+        owner, image.id, segments="until-poweroff", redundancy=2, extent_s=2, args=args
+    )
     console.print(
-        f"result {result} — {'equals' if ok else 'DIFFERS from'} the same computation done "
-        "outside the VM; the count continued across every host with no reset and no gap"
+        f"{owner['name']} injected job {job_id[:12]} ({STEPS} hash-chain steps, 2 vCPU-s "
+        f"segments, k = 2, until the guest powers off); {len(bidders)} hosts bid for each segment"
+    )
+    started = time.monotonic()
+    detail = testbed_market.wait_job(owner, job_id, JOB_TIMEOUT_S)
+    report = testbed_market.audit(owner, hosts, job_id, SEED)
+    table = Table(
+        title=f"job {job_id[:12]}: {detail['outcome']} in {time.monotonic() - started:.0f} s"
+    )
+    for column in ("segment", "offers", "replicas", "first done", "winner", "time", "tokens paid"):
+        table.add_column(column)
+    for row in report.rows:
+        done = row["completions"]
+        took = (row["committed_at"] or row["offered_at"]) - row["offered_at"]
+        table.add_row(
+            str(row["segment"]), str(row["attempts"]),
+            ", ".join(names.get(n, n[:8]) for n in row["replicas"]),
+            names.get(done[0]["node"], "-") if done else "-",
+            names.get(row["winner"], "-"), f"{took:.1f} s", str(row["paid_units"]),
+        )  # fmt: skip
+    console.print(table)
+    for host in bidders:
+        payee = rpc(host, "ledger")["payee"]
+        earned = sum(p["units"] for p in payee["payments"] if p["job_id"] == job_id)
+        console.print(f"  {host['name']} holds {earned} token unit(s) from {owner['name']}")
+    ok = report.ok and report.result == reference_result(SEED, STEPS)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    console.print(
+        f"result {report.result} — {'equals' if ok else 'DIFFERS from'} the same computation "
+        "done outside the VM; each segment paid once, to its first verified completer"
     )
     return ok
 

@@ -453,7 +453,7 @@ def segment_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
         what = r["what"]
         if what == "offered":
-            row["attempts"] = max(row["attempts"], r["attempt"])
+            row["attempts"] += 1  # offers of this segment (attempt numbers count per job)
         elif what == "awarded" and r["node"] not in row["replicas"]:
             row["replicas"].append(r["node"])
         elif what == "completion":
