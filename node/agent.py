@@ -411,7 +411,7 @@ class Agent:
             )
         elif envelope.type is MessageType.MARKET:
             kind, blob = envelope.body["kind"], envelope.body["blob"]
-            if kind in (MarketKind.BID, MarketKind.COMPLETION):
+            if kind in (MarketKind.BID, MarketKind.COMPLETION, MarketKind.WITHDRAW):
                 await self.owner_market.deliver(envelope.sender, kind, blob)
             else:
                 await self.host_market.deliver(envelope.sender, kind, blob)

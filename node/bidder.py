@@ -70,6 +70,7 @@ from node.market import (
     refusal_of,
     sign_bid,
     sign_completion,
+    sign_withdraw,
 )
 from node.wire import RemoteProtocolError
 
@@ -280,8 +281,7 @@ class Bidder:
             elif isinstance(event, ReplicaFinished):
                 self._on_finished(event, now)
             elif isinstance(event, ReplicaFailed):
-                if self._holds.pop(event.ref.digest, None) is not None:
-                    self._stats["replicas_failed"] += 1
+                self._on_failed(event)
             elif isinstance(event, PolicyChanged):
                 self.policy = event.policy
         except RemoteProtocolError as exc:
@@ -419,6 +419,16 @@ class Bidder:
                 self._out.append(StopReplica(commit.ref, "committed elsewhere"))
         self._stats["commits"] += 1
         self._out.append(CheckpointCommitted(commit, holder))
+
+    def _on_failed(self, event: ReplicaFailed) -> None:
+        """Our replica failed or was given up: tell the owner at once, so it need not wait."""
+        hold = self._holds.pop(event.ref.digest, None)
+        if hold is None:
+            return
+        self._stats["replicas_failed"] += 1
+        if hold.phase is Phase.RUNNING:
+            withdraw = sign_withdraw(self._identity, hold.offer.ref, event.reason)
+            self._out.append(SendStatement(hold.offer.owner, MarketKind.WITHDRAW, withdraw.blob))
 
     def _on_finished(self, event: ReplicaFinished, now: float) -> None:
         hold = self._holds.get(event.ref.digest)

@@ -260,6 +260,13 @@ class CompletionReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class WithdrawReceived:
+    """A host gave up its replica (signed WITHDRAW): it is lost, at once."""
+
+    blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionVerified:
     """The answer to ``VerifyCompletion``: the checkpoint restored and shows progress."""
 
@@ -283,6 +290,7 @@ OwnerEvent = (
     | ReplicaStarted
     | ReplicaLost
     | CompletionReceived
+    | WithdrawReceived
     | CompletionVerified
     | CheckpointReplicated
 )

@@ -11,6 +11,7 @@ owner's side, node/bidder.py the host's, node/auction.py scores the bids)::
     host  --COMPLETION--> owner   "done: new checkpoint M, guest progress P"
     owner --CANCEL--> the others  "you lost the race (or the attempt is abandoned)"
     owner --COMMIT--> holders     "segment i is committed as M, held by these nodes"
+    host  --WITHDRAW--> owner     "I give up my replica" (it failed, or the volunteer is back)
 
 Every message is a signed statement in the envelope of ``node.signed``: msgpack
 ``[payload, signature]``, Ed25519 by its author over CONTEXT + payload, each kind
@@ -40,6 +41,7 @@ segment: uint, attempt: uint, offer: bin32``)::
                 the checkpoint now: the winner, unless it left after verification)}
     cancel:     by owner, "gleaner/cancel/v1\\0", {owner, ref, nodes: [bin32] 1..MAX_K,
                 reason: 1 LOST_RACE | 2 ABANDONED | 3 JOB_ENDED}
+    withdraw:   by host, "gleaner/withdraw/v1\\0", {host, ref, reason: str (<= 200 characters)}
 
 All integers are uint64 unless a range is given; times are Unix seconds.
 
@@ -94,6 +96,7 @@ AWARD_CONTEXT = b"gleaner/award/v1\x00"
 COMPLETION_CONTEXT = b"gleaner/completion/v1\x00"
 COMMIT_CONTEXT = b"gleaner/segment-commit/v1\x00"  # "gleaner/commit/v1" is a token commitment
 CANCEL_CONTEXT = b"gleaner/cancel/v1\x00"
+WITHDRAW_CONTEXT = b"gleaner/withdraw/v1\x00"
 OFFER_DIGEST_PERSON = b"gleaner-offer"
 DIGEST_BYTES = 32  # job ids, offer digests, manifest digests, progress digests
 MAX_K = 8
@@ -110,6 +113,8 @@ MAX_AWARD_BYTES = 2048 + MAX_K * 1024
 MAX_COMPLETION_BYTES = 1024
 MAX_COMMIT_BYTES = 2048
 MAX_CANCEL_BYTES = 1024
+MAX_WITHDRAW_BYTES = 1024
+MAX_REASON_CHARS = 200
 
 
 class MarketKind(enum.IntEnum):
@@ -119,6 +124,7 @@ class MarketKind(enum.IntEnum):
     COMPLETION = 4
     COMMIT = 5
     CANCEL = 6
+    WITHDRAW = 7
 
 
 class Refusal(enum.Enum):
@@ -269,7 +275,17 @@ class Cancel:
     blob: bytes = field(default=b"", compare=False, repr=False)
 
 
-Statement = Offer | Bid | Award | Completion | SegmentCommit | Cancel
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """A host gives up its replica (it failed, or the volunteer needs the machine)."""
+
+    host: NodeId
+    ref: OfferRef
+    reason: str
+    blob: bytes = field(default=b"", compare=False, repr=False)
+
+
+Statement = Offer | Bid | Award | Completion | SegmentCommit | Cancel | Withdraw
 
 
 # -- effects both market cores emit ----------------------------------------------------
@@ -415,6 +431,11 @@ def sign_cancel(
     return decode_own(decode_cancel, sign_payload(owner, CANCEL_CONTEXT, payload))
 
 
+def sign_withdraw(host: Identity, ref: OfferRef, reason: str) -> Withdraw:
+    payload = {"host": host.node_id.key, **_ref_fields(ref), "reason": reason[:MAX_REASON_CHARS]}
+    return decode_own(decode_withdraw, sign_payload(host, WITHDRAW_CONTEXT, payload))
+
+
 # -- decoding (where outside bytes come in; only RemoteProtocolError escapes) ----------
 
 
@@ -535,6 +556,17 @@ def decode_cancel(blob: bytes) -> Cancel:
     )
 
 
+def decode_withdraw(blob: bytes) -> Withdraw:
+    what = "withdraw"
+    host, _, fields = _open(blob, what, MAX_WITHDRAW_BYTES, WITHDRAW_CONTEXT, "host")
+    return Withdraw(
+        host=host,
+        ref=_read_ref(fields, what),
+        reason=_optional_text(fields, "reason", what, MAX_REASON_CHARS),
+        blob=blob,
+    )
+
+
 DECODERS: dict[MarketKind, Callable[[bytes], Statement]] = {
     MarketKind.OFFER: decode_offer,
     MarketKind.BID: decode_bid,
@@ -542,6 +574,7 @@ DECODERS: dict[MarketKind, Callable[[bytes], Statement]] = {
     MarketKind.COMPLETION: decode_completion,
     MarketKind.COMMIT: decode_commit,
     MarketKind.CANCEL: decode_cancel,
+    MarketKind.WITHDRAW: decode_withdraw,
 }
 
 

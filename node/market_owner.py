@@ -59,6 +59,7 @@ from node.jobs import (
     SegmentChanged,
     SegmentState,
     VerifyCompletion,
+    WithdrawReceived,
 )
 from node.market import (
     BroadcastOffer,
@@ -194,6 +195,11 @@ class OwnerMarket:
             await self._feed(job_id, BidReceived(blob))
         elif kind == MarketKind.COMPLETION:
             await self._on_completion(job_id, job, blob)
+        elif kind == MarketKind.WITHDRAW:
+            before = job.machine.statistics().get("withdrawals", 0)
+            await self._feed(job_id, WithdrawReceived(blob))
+            if job.machine.statistics().get("withdrawals", 0) > before:
+                await self._record(job_id, "withdrawn", job.machine.segment, None, sender)
         else:
             self.stats["frames_unexpected"] += 1
 
@@ -249,7 +255,15 @@ class OwnerMarket:
             for target in targets:
                 await self.send(target, MarketKind.OFFER, effect.offer.blob)
             ref = effect.offer.ref
-            await self._record(job_id, "offered", ref.segment, ref.attempt, hosts=len(targets))
+            checkpoint = effect.offer.checkpoint
+            await self._record(
+                job_id,
+                "offered",
+                ref.segment,
+                ref.attempt,
+                hosts=len(targets),
+                checkpoint=checkpoint.hex() if checkpoint else None,
+            )
             # Fed back after this batch (the job's lock is held): close early when all bid.
             self._spawn(self._feed, job_id, OfferDelivered(ref.attempt, len(targets)))
         elif isinstance(effect, SendStatement):

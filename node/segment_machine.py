@@ -85,6 +85,7 @@ from node.jobs import (
     SegmentState,
     Step,
     VerifyCompletion,
+    WithdrawReceived,
 )
 from node.market import (
     MAX_HOLDERS,
@@ -99,8 +100,10 @@ from node.market import (
     SegmentCommit,
     SendStatement,
     Winner,
+    Withdraw,
     decode_bid,
     decode_completion,
+    decode_withdraw,
     refusal_of,
     sign_award,
     sign_cancel,
@@ -242,6 +245,8 @@ class SegmentMachine:
                 self._on_lost(event.node, now)
             elif isinstance(event, CompletionReceived):
                 self._on_completion(decode_completion(event.blob), now)
+            elif isinstance(event, WithdrawReceived):
+                self._on_withdraw(decode_withdraw(event.blob), now)
             elif isinstance(event, CompletionVerified):
                 self._on_verified(event, now)
             elif isinstance(event, CheckpointReplicated):
@@ -480,6 +485,14 @@ class SegmentMachine:
             self._move(Step.REJECT)
         else:
             self._abandon(round_, now)
+
+    def _on_withdraw(self, withdraw: Withdraw, now: float) -> None:
+        self._judge_ref(withdraw.ref, self._round)
+        replica = self._replica(withdraw.host)
+        if replica is None:
+            raise MarketRefused(Refusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
+        self._stats["withdrawals"] += 1
+        self._on_lost(withdraw.host, now)
 
     def _on_lost(self, node: NodeId, now: float) -> None:
         round_ = self._round

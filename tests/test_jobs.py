@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
@@ -50,6 +51,7 @@ from node.jobs import (
     SegmentState,
     Step,
     VerifyCompletion,
+    WithdrawReceived,
 )
 from node.ledger import Refused
 from node.market import (
@@ -62,14 +64,20 @@ from node.market import (
     Offer,
     SegmentCommit,
     SendStatement,
+    Winner,
     decode_award,
+    decode_bid,
     decode_cancel,
     decode_commit,
     decode_completion,
+    decode_withdraw,
+    sign_award,
     sign_bid,
     sign_cancel,
     sign_commit,
     sign_completion,
+    sign_offer,
+    sign_withdraw,
 )
 from node.payer import ChainAdded, PayerLedger
 from node.reputation import Reputation
@@ -317,7 +325,11 @@ class Swarm:
 
     def host_effect(self, host: Host, e: Any) -> None:
         if isinstance(e, SendStatement):
-            event = BidReceived if e.kind is MarketKind.BID else CompletionReceived
+            event = {
+                MarketKind.BID: BidReceived,
+                MarketKind.COMPLETION: CompletionReceived,
+                MarketKind.WITHDRAW: WithdrawReceived,
+            }[e.kind]
             self.post(OWNER_TARGET, event(e.blob))
         elif isinstance(e, StartReplica):
             fails = host.black_hole or e.offer.ref.segment in host.fail_segments
@@ -869,3 +881,49 @@ def test_random_orders_drops_and_duplicates_never_pay_wrongly(data):
         assert len(committed) == len(set(committed)) and sorted(committed) == segments
         assert_paid_first_completers(swarm)
     target(float(len(swarm.paid)), label="segments paid")
+
+
+def test_a_withdrawn_replica_is_lost_at_once_and_its_sibling_completes():
+    m = machine()
+    offer = awarded(m, HOSTS[0], HOSTS[1])
+    withdraw = sign_withdraw(HOSTS[0], offer.ref, "the volunteer is back")
+    effects = m.handle(WithdrawReceived(withdraw.blob), NOW + 10)
+    assert m.statistics()["withdrawals"] == 1 and m.statistics()["replicas_lost"] == 1
+    assert not of(BroadcastOffer, effects), "the sibling runs on: no re-offer"
+    m.handle(CompletionReceived(completion_blob(HOSTS[1], offer)), NOW + 20)
+    assert m.state is SegmentState.COMPLETED
+
+
+def test_both_replicas_withdrawn_reoffers_and_forged_withdrawals_are_refused():
+    m = machine()
+    offer = awarded(m, HOSTS[0], HOSTS[1])
+    forged = sign_withdraw(STRANGER, offer.ref, "not mine")
+    m.handle(WithdrawReceived(forged.blob), NOW + 5)
+    payload, _ = msgpack.unpackb(sign_withdraw(HOSTS[0], offer.ref, "x").blob)
+    tampered = msgpack.packb([payload, bytes(64)])
+    m.handle(WithdrawReceived(tampered), NOW + 5)
+    stats = m.statistics()
+    assert stats["refused_not_awarded"] == 1 and stats["refused_bad_signature"] == 1
+    assert stats.get("replicas_lost", 0) == 0
+    m.handle(WithdrawReceived(sign_withdraw(HOSTS[0], offer.ref, "gone").blob), NOW + 10)
+    effects = m.handle(WithdrawReceived(sign_withdraw(HOSTS[1], offer.ref, "gone").blob), NOW + 11)
+    [again] = of(BroadcastOffer, effects)
+    assert again.offer.ref.segment == offer.ref.segment
+    assert again.offer.ref.attempt > offer.ref.attempt
+
+
+def test_a_failed_replica_tells_its_owner():
+    host = Host(HOSTS[0], run_s=10)
+    offer = sign_offer(
+        OWNER, job_nonce=NONCE, segment=0, attempt=1, image="tiny",
+        requirements=job().requirements, extent_s=100, checkpoint=None, checkpoint_size=0,
+        holders=(), k=2, ceiling=10, bid_deadline=NOW + 10,
+    )  # fmt: skip
+    [bid] = host.bidder.handle(OfferReceived(offer.blob), NOW)
+    award = sign_award(
+        OWNER, offer.ref, (Winner(HOSTS[0].node_id, decode_bid(bid.blob).price, 0, None),)
+    )
+    host.bidder.handle(AwardReceived(award.blob), NOW + 1)
+    [sent] = host.bidder.handle(ReplicaFailed(offer.ref, "disk full"), NOW + 2)
+    assert sent.kind is MarketKind.WITHDRAW and sent.target == OWNER.node_id
+    assert decode_withdraw(sent.blob).reason == "disk full"

@@ -104,5 +104,19 @@ def test_crashed_replica_hosts_lose_no_committed_segment(swarm):
     committed = [r for r in detail["history"] if r["what"] == "committed"]
     assert [r["segment"] for r in committed] == [0, 1, 2, 3]  # none lost, none twice
     assert len(offers) >= 2
+    crashed_attempt = max(
+        r["attempt"]
+        for r in detail["history"]
+        if r["what"] == "awarded"
+        and r["segment"] == both["segment"]
+        and r["node"] in both["replicas"]
+    )
+    [done] = [r for r in committed if r["segment"] == both["segment"]]
+    assert done["attempt"] > crashed_attempt, "committed from a new attempt"
+    assert done["node"] not in both["replicas"], "won by a host that was still up"
+    later = [o for o in offers if o["attempt"] > crashed_attempt]
+    assert later, "offered again after both replicas' hosts crashed"
+    [previous] = [r for r in committed if r["segment"] == both["segment"] - 1]
+    assert later[0]["checkpoint"] == previous["manifest"], "from the last committed checkpoint"
     report = audit(owner, [h for h in hosts if testbed.is_up(root, h["name"])], job_id, SEED)
     assert not [p for p in report.problems if "ledgers" not in p], report.problems
