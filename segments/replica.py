@@ -31,7 +31,10 @@ record, not part of the guest.
 
 It is blocking (libvirt and file I/O); the agent runs it in a worker thread,
 and `cancel` (from any thread) stops a replica at its next poll, for losers
-that must stop the moment a winner's completion is accepted.
+that must stop the moment a winner's completion is accepted. `hold` pauses the
+guest at the next poll (the volunteer is back; a held guest uses no vCPU time,
+so its extent waits) and releases it; `finish_now` ends the segment early with
+a checkpoint where the guest is (a sole replica vacating its host).
 """
 
 from __future__ import annotations
@@ -136,9 +139,25 @@ class Replica:
         self.identity = identity
         self.work_dir = work_dir
         self._cancelled = threading.Event()
+        self._held = threading.Event()
+        self._finish = threading.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def hold(self, held: bool) -> None:
+        """Pause the guest at the next poll (True) or let it run again (False).
+
+        A held guest uses no vCPU time, so its extent waits for it.
+        """
+        if held:
+            self._held.set()
+        else:
+            self._held.clear()
+
+    def finish_now(self) -> None:
+        """End the segment at the next poll: checkpoint the guest where it is."""
+        self._finish.set()
 
     def run(self, run: SegmentRun, checkpoint: Manifest | None) -> ReplicaResult:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -201,9 +220,15 @@ class Replica:
             if state not in (VmState.RUNNING, VmState.PAUSED):
                 return used, True  # powered off: gone (transient) or shut off (defined)
             used = self.runtime.cpu_time_s(name)
-            if used >= run.extent_cpu_s:
-                self.runtime.pause(name)
+            if used >= run.extent_cpu_s or self._finish.is_set():
+                if state is VmState.RUNNING:
+                    self.runtime.pause(name)
                 return self.runtime.cpu_time_s(name), False
+            held = self._held.is_set()
+            if held and state is VmState.RUNNING:
+                self.runtime.pause(name)  # the volunteer needs the CPU: the guest waits
+            elif not held and state is VmState.PAUSED:
+                self.runtime.resume(name)
             time.sleep(POLL_S)
 
     def _confirm_gone(self, name: str) -> VmState | None:
