@@ -93,6 +93,7 @@ class HostMarket:
         self.block_endpoint = block_endpoint
         self.stats: Counter[str] = Counter()
         self.running: dict[bytes, trio.Event] = {}  # offer digest -> cancel
+        self.offers: dict[bytes, Offer] = {}  # offer digest -> the offer of a running replica
         self.made: dict[bytes, bytes] = {}  # offer digest -> the checkpoint we made
         self._images: dict[str, bool] = {}
         self._job_locks: dict[bytes, trio.Lock] = {}
@@ -170,6 +171,7 @@ class HostMarket:
                     assert self._nursery is not None
                     cancel = trio.Event()
                     self.running[effect.offer.ref.digest] = cancel
+                    self.offers[effect.offer.ref.digest] = effect.offer
                     self._nursery.start_soon(guarded, self._run_replica, effect.offer, cancel)
                 elif isinstance(effect, StopReplica):
                     await self._stop(effect)
@@ -191,7 +193,7 @@ class HostMarket:
 
     async def _run_replica(self, offer: Offer, cancel: trio.Event) -> None:
         ref = offer.ref
-        name = f"r{ref.job_id.hex()[:16]}"  # the VM is gl-<name>: see MARKET_VM
+        name = _vm_name(offer)
         lock = self._job_locks.setdefault(ref.job_id, trio.Lock())
         try:
             checkpoint, holders = None, []
@@ -214,6 +216,7 @@ class HostMarket:
                 outcome = await self.segments.run_replica(order, checkpoint, holders, cancel)
         except (SegmentError, FetchError) as exc:
             self.running.pop(ref.digest, None)
+            self.offers.pop(ref.digest, None)
             if cancel.is_set():
                 return  # stopped on purpose; the bidder already let it go
             self.stats["replicas_failed"] += 1
@@ -221,6 +224,7 @@ class HostMarket:
             await self._execute(self.bidder.handle(ReplicaFailed(ref, str(exc)), time.time()))
             return
         self.running.pop(ref.digest, None)
+        self.offers.pop(ref.digest, None)
         result = outcome.result
         self.made[ref.digest] = result.checkpoint.digest
         self.stats["replicas_finished"] += 1
@@ -240,6 +244,44 @@ class HostMarket:
             halted=result.powered_off,
         )
         await self._execute(self.bidder.handle(finished, time.time()))
+
+    # -- the volunteer comes first (node/host_policy.py decides; these carry it out) ----
+
+    def hold_guests(self, held: bool) -> int:
+        """Pause (or resume) every replica's guest at its next poll; how many there are."""
+        self.segments.held = held
+        for replica in list(self.segments.replicas.values()):
+            replica.hold(held)
+        return len(self.segments.replicas)
+
+    async def vacate(self, reason: str) -> int:
+        """Empty this host: replicas with siblings are given up (WITHDRAW), a sole one
+        checkpoints where it is and completes early. Returns how many were running."""
+        count = 0
+        for digest in list(self.running):
+            offer = self.offers.get(digest)
+            if offer is None:
+                continue
+            count += 1
+            if offer.k > 1:
+                self.running.pop(digest).set()
+                self.stats["replicas_vacated"] += 1
+                await self._execute(
+                    self.bidder.handle(ReplicaFailed(offer.ref, reason), time.time())
+                )
+            else:
+                replica = self.segments.replicas.get(f"gl-{_vm_name(offer)}")
+                if replica is not None:
+                    replica.finish_now()
+                    self.stats["replicas_finished_early"] += 1
+        return count
+
+    def guest_names(self) -> list[str]:
+        """The libvirt domains of the replicas running here."""
+        return [f"gl-{_vm_name(self.offers[d])}" for d in self.running if d in self.offers]
+
+    def set_policy(self, policy: HostPolicy) -> None:
+        self.bidder.policy = policy
 
     def view(self) -> dict[str, Any]:
         free = self.bidder.free()
@@ -261,3 +303,8 @@ class HostMarket:
                 for c in self.bidder.commitments()
             ],
         }
+
+
+def _vm_name(offer: Offer) -> str:
+    """One domain name per job (see MARKET_VM in node/segment_service.py)."""
+    return f"r{offer.ref.job_id.hex()[:16]}"

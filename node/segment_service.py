@@ -58,6 +58,7 @@ class SegmentService:
         self.listen: tuple[str, int] | None = None
         self.runs = 0
         self.replicas: dict[str, Replica] = {}
+        self.held = False  # the volunteer is back: replicas start held
 
     async def serve(
         self,
@@ -254,6 +255,7 @@ class SegmentService:
         try:
             with LibvirtRuntime(self.libvirt_uri) as runtime:
                 replica = Replica(runtime, self.store, self.identity, work)
+                replica.hold(self.held)
                 self.replicas[run.vm_name] = replica
                 try:
                     return replica.run(run, checkpoint)
