@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.host_policy import PolicyConfig, parse_window
 from node.identity import NodeId
 from node.records import parse_endpoint
 
@@ -79,6 +80,15 @@ def _key_list(value: list[Any]) -> str | None:
     return None
 
 
+def _window_list(value: list[Any]) -> str | None:
+    for item in value:
+        try:
+            parse_window(item if isinstance(item, str) else "")
+        except ValueError:
+            return f'expected a list of local time windows like "22:00-07:00", found {item!r}'
+    return None
+
+
 def _range(low: int, high: int) -> Callable[[Any], str | None]:
     def check(value: int) -> str | None:
         if not low <= value <= high:
@@ -137,6 +147,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "disk_mib", int, lambda: 10_240, _range(0, 1 << 30)),
     Setting("host", "replicas", int, lambda: 2, _range(0, 64)),
     Setting("host", "price_floor", int, lambda: 1, _range(1, 1 << 20)),
+    # The volunteer's rules (node/host_policy.py): when Gleaner may run and bid here.
+    Setting("policy", "max_other_load", float, lambda: 0.5, _float_range(0.0, 1.0)),
+    Setting("policy", "input_idle_s", float, lambda: 0.0, _float_range(0.0, 86400.0)),
+    Setting("policy", "allowed_hours", list, list, _window_list),
+    Setting("policy", "run_on_battery", bool, lambda: False),
+    Setting("policy", "grace_s", float, lambda: 60.0, _float_range(0.0, 86400.0)),
+    Setting("policy", "resume_quiet_s", float, lambda: 5.0, _float_range(0.0, 3600.0)),
+    Setting("policy", "cpu_share", float, lambda: 1.0, _float_range(0.01, 1.0)),
+    Setting("policy", "sample_interval_s", float, lambda: 0.5, _float_range(0.1, 60.0)),
     Setting("market", "bid_window_s", float, lambda: 2.0, _float_range(0.05, 600.0)),
     Setting("market", "run_grace_s", float, lambda: 60.0, _float_range(1.0, 86400.0)),
     Setting("market", "verify_timeout_s", float, lambda: 60.0, _float_range(1.0, 3600.0)),
@@ -175,6 +194,22 @@ class Config:
                 raise ConfigError(f"{key}: no such setting")
             values[key] = value
         return validate(values, self.source)
+
+
+def policy_config(config: Config) -> PolicyConfig:
+    """The host policy core's rules from ``[policy]``, and the caps from ``[host]``."""
+    return PolicyConfig(
+        max_other_load=config["policy.max_other_load"],
+        input_idle_s=config["policy.input_idle_s"],
+        allowed_hours=tuple(parse_window(text) for text in config["policy.allowed_hours"]),
+        run_on_battery=config["policy.run_on_battery"],
+        grace_s=config["policy.grace_s"],
+        resume_quiet_s=config["policy.resume_quiet_s"],
+        cpu_share=config["policy.cpu_share"],
+        vcpus=config["host.vcpus"],
+        memory_mib=config["host.memory_mib"],
+        disk_mib=config["host.disk_mib"],
+    )
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

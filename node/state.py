@@ -142,6 +142,15 @@ class State:
             rows = self._db.execute("SELECT claim FROM route_claims ORDER BY position").fetchall()
         return [bytes(row[0]) for row in rows]
 
+    def set_counter(self, key: str, value: int) -> None:
+        """Set the durable value `key` (committed when this returns)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     def counter(self, key: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -28,6 +28,7 @@ CORES = [
     "node/market.py",
     "node/auction.py",
     "node/bidder.py",
+    "node/host_policy.py",
     "node/reputation.py",
     "node/jobs.py",
     "node/segment_machine.py",
