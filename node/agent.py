@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from node import __version__
-from node.config import Config
+from node.config import Config, policy_config
 from node.control import ControlServer, RpcError
 from node.discovery import Discovery, MdnsDiscovery
 from node.dissemination import Broadcast, encode_update
@@ -112,6 +112,7 @@ class Agent:
         self.segments: SegmentService | None = None
         self.ledger: LedgerService | None = None
         self.host_market: Any = None  # node.market_host.HostMarket
+        self.policy: Any = None  # node.policy_service.PolicyService
         self.owner_market: Any = None  # node.market_owner.OwnerMarket
         self.record_errors = 0
         self._wake = trio.Event()
@@ -169,10 +170,6 @@ class Agent:
         self.control = control
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-            await nursery.start(control.serve)
-            nursery.start_soon(self.transport.receive_loop, UNDERLAY, self._deliver)
-            if self.transport.overlay is not None:
-                nursery.start_soon(self.transport.receive_loop, OVERLAY, self._deliver)
             if self.overlay is not None:
                 nursery.start_soon(self.overlay.run)
             await nursery.start(self.routes.run)
@@ -184,7 +181,13 @@ class Agent:
             await nursery.start(self.segments.serve, block_host, self.config["network.block_port"])
             nursery.start_soon(self.ledger.run)
             await nursery.start(self.host_market.run)
+            await nursery.start(self.policy.run)
             await nursery.start(self.owner_market.run)
+            # Frames and requests only once every service that handles them runs.
+            nursery.start_soon(self.transport.receive_loop, UNDERLAY, self._deliver)
+            if self.transport.overlay is not None:
+                nursery.start_soon(self.transport.receive_loop, OVERLAY, self._deliver)
+            await nursery.start(control.serve)
             nursery.start_soon(self._membership_loop)
             nursery.start_soon(self._refresh_record_loop)
             nursery.start_soon(self._discovered_loop)
@@ -199,8 +202,10 @@ class Agent:
             report_started()
 
     def _start_market(self) -> None:
+        from node.host_probe import HostProbe
         from node.market_host import HostMarket, host_policy
         from node.market_owner import OwnerMarket, machine_config
+        from node.policy_service import PolicyService
 
         assert self.segments is not None
         config = self.config
@@ -221,6 +226,15 @@ class Agent:
             self._send_market,
             self.block_endpoint,
         )
+        self.policy = PolicyService(
+            policy_config(config),
+            self.state,
+            self.host_market,
+            HostProbe(namespace_only=config["policy.scope"] == "netns"),
+            config["policy.sample_interval_s"],
+            host_policy(config),
+            self._helper_pids,
+        )
         self.owner_market = OwnerMarket(
             self.identity,
             self.state,
@@ -234,6 +248,10 @@ class Agent:
             self.block_endpoint,
             config["market.verify_timeout_s"],
         )
+
+    def _helper_pids(self) -> list[int]:
+        pid = self.overlay.process.pid if self.overlay is not None else None
+        return [pid] if pid else []
 
     async def _send_market(self, target: NodeId, kind: int, blob: bytes) -> None:
         body = {"kind": int(kind), "blob": blob}
@@ -521,6 +539,7 @@ class Agent:
             "protocol_errors": stats.protocol_errors_total + self.record_errors,
             "protocol_errors_by_peer": dict(stats.protocol_errors.most_common(20)),
             "membership": membership,
+            "policy": self.policy.status() if self.policy else None,
             "state_dir": str(self.config.state_dir),
         }
 

@@ -108,6 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("underlay", ", ".join(status["underlay"]) or status["listen"]),
         ("overlay", status["overlay_address"]),
         ("peers", str(status["peer_count"])),
+        ("policy", _policy_line(status.get("policy"))),
         ("protocol errors", str(status["protocol_errors"])),
         ("state", status["state_dir"]),
     ]
@@ -115,6 +116,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(key, value)
     _console().print(table)
     return 0
+
+
+def _policy_line(policy: dict[str, Any] | None) -> str:
+    if not policy:
+        return "-"
+    bidding = "bidding" if policy["bidding"] else "not bidding"
+    running = policy["replicas_running"]
+    return f"{policy['state']} ({policy['reason']}); {bidding}; {running} replica(s) here"
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

@@ -156,6 +156,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("policy", "resume_quiet_s", float, lambda: 5.0, _float_range(0.0, 3600.0)),
     Setting("policy", "cpu_share", float, lambda: 1.0, _float_range(0.01, 1.0)),
     Setting("policy", "sample_interval_s", float, lambda: 0.5, _float_range(0.1, 60.0)),
+    # "host": the whole machine is the volunteer's; "netns": only this network
+    # namespace (a testbed host, one namespace among several on one machine).
+    Setting("policy", "scope", str, lambda: "host", _one_of(("host", "netns"))),
     Setting("market", "bid_window_s", float, lambda: 2.0, _float_range(0.05, 600.0)),
     Setting("market", "run_grace_s", float, lambda: 60.0, _float_range(1.0, 86400.0)),
     Setting("market", "verify_timeout_s", float, lambda: 60.0, _float_range(1.0, 3600.0)),

@@ -6,6 +6,8 @@
     gleaner watch JOB            live: segments, replicas, winner, payments; a progress bar
     gleaner fetch JOB [-o DIR]   the job's console output (and its result line)
     gleaner ledger               balances, chains and payments, paid and received
+    gleaner drain [--deadline S] stop bidding, empty this host (progress until empty)
+    gleaner undrain              bid again
 
 A job file is a TOML table of the same settings (``image``, ``memory_mib``,
 ``vcpus``, ``extent_s``, ``segments``, ``redundancy``, ``price_ceiling``,
@@ -52,6 +54,11 @@ def add_commands(add: Any, add_target: Any) -> None:
     fetch.add_argument("job")
     fetch.add_argument("-o", "--output", type=Path, help="write console.txt into this directory")
     add_target(add("ledger", cmd_ledger, "balances, hash chains and payments"))
+    drain = add("drain", cmd_drain, "stop bidding and empty this host (survives restarts)")
+    add_target(drain)
+    drain.add_argument("--deadline", type=float, help="seconds from now to be empty by")
+    drain.add_argument("--no-wait", action="store_true", help="start the drain and return")
+    add_target(add("undrain", cmd_undrain, "take this host back into the market"))
 
 
 def job_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,4 +230,38 @@ def cmd_ledger(args: argparse.Namespace) -> int:
                 str(b["accepted"]),
             )
     _console().print(table)
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    params = {"deadline_s": args.deadline} if args.deadline is not None else {}
+    policy = _rpc(args, "drain", params)
+    if args.no_wait:
+        _print_json(policy) if args.json else print(f"draining: {policy['reason']}")
+        return 0
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    start = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=_console()) as bar:
+        task = bar.add_task("draining")
+        while policy["state"] != "drained":
+            guests = ", ".join(policy["guests"]) or "none"
+            bar.update(
+                task, description=f"draining: {policy['replicas_running']} replica(s) ({guests})"
+            )
+            time.sleep(0.5)
+            policy = _rpc(args, "status")["policy"]
+            if policy is None or not policy["draining"]:
+                raise CliError("the drain was called off (undrain)")
+    elapsed = time.monotonic() - start
+    if args.json:
+        _print_json({**policy, "time_to_empty_s": round(elapsed, 3)})
+    else:
+        print(f"host empty after {elapsed:.1f} s; not bidding until `gleaner undrain`")
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    policy = _rpc(args, "undrain")
+    _print_json(policy) if args.json else print(f"{policy['state']}: {policy['reason']}")
     return 0

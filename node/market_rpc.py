@@ -18,7 +18,9 @@ from segments.workload import parse_result
 if TYPE_CHECKING:
     from node.agent import Agent
 
-MARKET_METHODS = frozenset({"job_submit", "jobs", "job", "job_output", "ledger", "market"})
+MARKET_METHODS = frozenset(
+    {"job_submit", "jobs", "job", "job_output", "ledger", "market", "drain", "undrain"}
+)
 
 
 async def market_rpc(agent: Agent, method: str, params: dict[str, Any]) -> Any:
@@ -38,6 +40,16 @@ async def market_rpc(agent: Agent, method: str, params: dict[str, Any]) -> Any:
     if method == "ledger":
         assert agent.ledger is not None
         return agent.ledger.view()
+    if method == "drain":
+        deadline_s = params.get("deadline_s")
+        if deadline_s is not None and (
+            type(deadline_s) not in (int, float) or not 0 < deadline_s <= 7 * 86400
+        ):
+            raise RpcError("parameter 'deadline_s' must be seconds from now (up to a week)")
+        deadline = time.time() + deadline_s if deadline_s is not None else None
+        return await agent.policy.drain(deadline)
+    if method == "undrain":
+        return await agent.policy.undrain()
     if method == "market":  # the host side, and what the owner side refused before any job
         return {**agent.host_market.view(), "owner_statistics": owner.statistics()}
     job_id = _job(owner, params)

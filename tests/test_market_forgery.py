@@ -335,18 +335,19 @@ def garbage(attack: Attack, agent: MarketAgent) -> None:
     ]
     # Routed by its job id to the job's own machine, which then finds no author.
     named = msgpack.packb([msgpack.packb({"job": agent.job_id}), bytes(64)])
+    to_owner = (MarketKind.BID, MarketKind.COMPLETION, MarketKind.WITHDRAW)
     for kind in MarketKind:
         for blob in blobs:
-            where = "owner" if kind in (MarketKind.BID, MarketKind.COMPLETION) else "host"
+            where = "owner" if kind in to_owner else "host"
             attack.market(where, "refused_malformed", kind, blob)
-        where = "job" if kind in (MarketKind.BID, MarketKind.COMPLETION) else "host"
+        where = "job" if kind in to_owner else "host"
         attack.market(where, "refused_malformed", kind, named)
     for kind in LedgerKind:
         for blob in [*blobs, named]:
             attack.ledger(
                 "payer" if kind is LedgerKind.ACK else "payee", "refused_malformed", kind, blob
             )
-    for unknown in (0, 7, 99, -1, 1 << 40):
+    for unknown in (0, 8, 99, -1, 1 << 40):
         attack.market("host", "frames_unexpected", unknown, named)
     for unknown in (0, 4, 99, -1, 1 << 40):
         attack.ledger("ledger", "frames_unexpected", unknown, named)
