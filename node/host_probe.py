@@ -26,8 +26,10 @@ construction; too short an interval (no tick passed) repeats the last value.
 of the processes in the agent's own network namespace (less ours), not the
 whole machine's: how a testbed host, one namespace among several on one
 machine, sees only its own "volunteer" (a load started in it) and not its
-neighbours' guests. On a real host the agent runs in the root namespace with
-everything else, and the whole machine is the right measure.
+neighbours' guests. There a process counts its CPU *demand* (run plus run-queue
+wait, /proc/PID/schedstat), since the neighbours' load would otherwise hide it.
+On a real host the agent runs in the root namespace with everything else, and
+the whole machine is the right measure.
 
 *Input idle time.* Lines of /proc/interrupts whose device names a keyboard,
 mouse, touchpad or HID device (i8042, ``keyboard``, ``mouse``, ``hid``, ...):
@@ -228,6 +230,20 @@ class HostProbe:
         others = self._namespace_others(set(ours)) if self.namespace_only else None
         return CpuReading(total, busy, uptime_ticks, ours, others)
 
+    def _demand_ticks(self, entry: Path, fallback: int) -> int:
+        """A process's CPU *demand* in ticks: time run plus time waiting for a CPU.
+
+        Several testbed hosts share one machine, so a volunteer's busy loop may
+        get only a slice of a core while other hosts' guests run; what it asked
+        for is the fair measure of the volunteer being back. Without schedstat,
+        the CPU time it got.
+        """
+        try:
+            nanoseconds = parse_schedstat((entry / "schedstat").read_text())
+        except (OSError, ValueError):
+            return fallback
+        return nanoseconds * self.ticks_per_s // 1_000_000_000
+
     def _namespace_others(self, ours: set[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """CPU ticks of every other process in our network namespace."""
         try:
@@ -242,6 +258,7 @@ class HostProbe:
                 if os.readlink(entry / "ns" / "net") != mine:
                     continue
                 ticks, started = parse_process_stat((entry / "stat").read_text())
+                ticks = self._demand_ticks(entry, ticks)
             except (OSError, ValueError, IndexError):
                 continue
             if (int(entry.name), started) not in ours:
@@ -260,6 +277,12 @@ class HostProbe:
             self._input_at = now  # changed, or the first look: taken as input just now
             self._input_counts = counts
         return max(now - self._input_at, 0.0)
+
+
+def parse_schedstat(text: str) -> int:
+    """Nanoseconds a task ran plus waited on a run queue, from /proc/PID/schedstat."""
+    ran, waited = text.split()[:2]
+    return int(ran) + int(waited)
 
 
 def _delta(previous: CpuReading, current: dict[tuple[int, int], int]) -> int:
