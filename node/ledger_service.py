@@ -53,7 +53,7 @@ from node.payer import (
     SendPayment,
 )
 from node.state import State
-from node.tokens import HashChain, sign_commitment
+from node.tokens import HashChain, Refusal, sign_commitment
 
 log = logging.getLogger("gleaner.ledger")
 
@@ -166,7 +166,9 @@ class LedgerService:
             )
         elif isinstance(effect, Refused):
             peer = effect.peer.short if effect.peer else "-"
-            log.info("ledger refused (%s) from %s: %s", effect.reason.value, peer, effect.detail)
+            # NO_CHAIN is the payer asking itself for a chain (ChainNeeded follows), not a fault.
+            level = logging.DEBUG if effect.reason is Refusal.NO_CHAIN else logging.INFO
+            log.log(level, "ledger refused (%s) %s: %s", effect.reason.value, peer, effect.detail)
         return []
 
     # -- views -------------------------------------------------------------------------
