@@ -15,12 +15,15 @@ market from both sides:
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.control import call
-from node.testbed_checks import wait_for
+from node.testbed_checks import full_mesh, wait_for
 from segments.workload import ContinuityError, check_continuity, parse_progress, parse_result
 
 
@@ -107,3 +110,74 @@ def audit(owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str, seed:
         problems.append(f"the guest's output is not the reference chain: {exc}")
     report.result = parse_result(console) or (lines[-1][1] if lines else None)
     return report
+
+
+def guest_states(host: dict[str, Any]) -> dict[str, str]:
+    """The libvirt state of every domain on the host's private libvirtd."""
+    from segments.vm import LibvirtRuntime
+
+    with LibvirtRuntime(host["libvirt_uri"]) as runtime:
+        return {name: state.value for name, state in runtime.list_vms().items()}
+
+
+def running_replica_hosts(
+    owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str
+) -> list[dict[str, Any]]:
+    """The hosts running a replica of the job's current segment (awarded, not completed)."""
+    rows = job(owner, job_id)["rows"]
+    if not rows or rows[-1]["winner"] is not None:
+        return []
+    by_id = {h["node_id"]: h for h in hosts}
+    done = {c["node"] for c in rows[-1]["completions"]}
+    return [by_id[n] for n in rows[-1]["replicas"] if n in by_id and n not in done]
+
+
+class Load:
+    """A volunteer's CPU load: a busy loop in a testbed host's namespace, stopped by PID."""
+
+    def __init__(self, host: dict[str, Any]) -> None:
+        import subprocess
+        import sys
+
+        from node import netns
+
+        argv = [sys.executable, "-c", "while True: pass"]
+        self.process = subprocess.Popen(netns.exec_command(host["netns"], argv))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
+
+
+@contextmanager
+def market_swarm(root: Path, hosts: int) -> Iterator[tuple[list[dict[str, Any]], str]]:
+    """A testbed of `hosts` in a full mesh and the demo image: (hosts, image id).
+
+    The agents' logs are copied to ``root``'s sibling ``logs`` before teardown,
+    for a failure's post-mortem; teardown happens on every path.
+    """
+    from node import testbed
+    from segments.image import build
+
+    try:
+        described = testbed.up(hosts, root=root)
+        wait_for(lambda: full_mesh(described), 90, "a full mesh")
+        yield described, build(RECIPE, root / "images").id
+    finally:
+        logs = root.parent / "logs"
+        logs.mkdir(exist_ok=True)
+        for log in (root / "hosts").glob("*/agent.log"):
+            shutil.copy2(log, logs / f"{log.parent.name}.log")
+        testbed.down(root)
+
+
+def finish(
+    owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str, seed: str, timeout_s: float
+) -> tuple[dict[str, Any], Audit]:
+    """Wait for the job to end and audit it: (its detail, the audit)."""
+    detail = wait_job(owner, job_id, timeout_s)
+    return detail, audit(owner, hosts, job_id, seed)

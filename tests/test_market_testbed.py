@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 from conftest import needs_root
 
 from node import testbed
-from node.testbed_checks import full_mesh, rpc, wait_for
-from node.testbed_market import audit, job, submit, wait_job
-from segments.image import build
+from node.testbed_checks import rpc, wait_for
+from node.testbed_market import audit, job, market_swarm, submit, wait_job
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
 
-RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 SEED = "market"
 ARGS = f"gleaner.steps=0 gleaner.seed={SEED}"  # runs until stopped: the job ends by count
 JOB_TIMEOUT_S = 900.0
@@ -25,17 +20,8 @@ JOB_TIMEOUT_S = 900.0
 def swarm(tmp_path_factory):
     """An owner and four hosts, each with its agent and libvirtd."""
     root = tmp_path_factory.mktemp("market") / "tb"
-    try:
-        hosts = testbed.up(5, root=root)
-        wait_for(lambda: full_mesh(hosts), 90, "a full mesh")
-        image = build(RECIPE, root / "images")
-        yield root, hosts, image.id
-    finally:
-        logs = root.parent / "logs"  # kept after teardown, for a failure's post-mortem
-        logs.mkdir(exist_ok=True)
-        for log in (root / "hosts").glob("*/agent.log"):
-            shutil.copy2(log, logs / f"{log.parent.name}.log")
-        testbed.down(root)
+    with market_swarm(root, 5) as (hosts, image_id):
+        yield root, hosts, image_id
 
 
 def test_five_segments_k2_on_four_hosts_pay_exactly_the_first_completers(swarm):
