@@ -56,6 +56,18 @@ def decode_snapshot(blob: bytes) -> JobSnapshot:
         raise JobRecordError(f"stored job snapshot: {exc}") from None
 
 
+def encode_history(row: dict[str, Any]) -> bytes:
+    """One step of a job's history (see node/market_owner.py ``_record``)."""
+    return bytes(msgpack.packb(row, use_bin_type=True))
+
+
+def decode_history(blob: bytes) -> dict[str, Any]:
+    row = _unpack(blob, "job history row")
+    if not isinstance(row.get("what"), str) or not isinstance(row.get("t"), (int, float)):
+        raise JobRecordError("stored job history row lacks its 'what' or 't'")
+    return row
+
+
 def _unpack(blob: bytes, what: str) -> dict[str, Any]:
     try:
         fields = msgpack.unpackb(blob, raw=False, strict_map_key=True)

@@ -36,12 +36,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import trio
 
 from node.auction import AuctionConfig
 from node.identity import Identity, NodeId
-from node.job_records import decode_snapshot, decode_spec, encode_snapshot, encode_spec
+from node.job_records import (
+    JobRecordError,
+    decode_history,
+    decode_snapshot,
+    decode_spec,
+    encode_history,
+    encode_snapshot,
+    encode_spec,
+)
 from node.jobs import (
     BidReceived,
     CheckpointReplicated,
@@ -73,7 +80,7 @@ from node.reputation import Reputation
 from node.segment_machine import MachineConfig, SegmentMachine
 from node.segment_service import SegmentError, SegmentService
 from node.state import State
-from node.wire import RemoteProtocolError
+from node.wire import LocalProtocolError, RemoteProtocolError
 from segments.image import ImageError, load
 from segments.transfer import FetchError, fetch, fetch_manifest
 
@@ -130,14 +137,13 @@ class OwnerMarket:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         rows = await trio.to_thread.run_sync(self.state.jobs)
         for job_id, spec_blob, snap_blob, submitted, outcome in rows:
-            spec = decode_spec(spec_blob)
-            snapshot = decode_snapshot(snap_blob) if snap_blob is not None else None
-            job = self._add(spec, snapshot, submitted)
-            job.outcome = outcome
-            job.history = [
-                msgpack.unpackb(r, raw=False)
-                for r in await trio.to_thread.run_sync(self.state.job_history, job_id)
-            ]
+            history = await trio.to_thread.run_sync(self.state.job_history, job_id)
+            try:
+                self._restore(job_id, spec_blob, snap_blob, submitted, outcome, history)
+            except (JobRecordError, LocalProtocolError) as exc:
+                # Left in the database as it is: nothing is lost, the agent runs on.
+                self.stats["jobs_unreadable"] += 1
+                log.error("job %s cannot be restored, skipped: %s", job_id.hex()[:12], exc)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -155,6 +161,23 @@ class OwnerMarket:
                     with trio.move_on_after(min(delay, 1.0)):
                         await self._wake.wait()
                     self._wake = trio.Event()
+
+    def _restore(
+        self,
+        job_id: bytes,
+        spec_blob: bytes,
+        snap_blob: bytes | None,
+        submitted: float,
+        outcome: str | None,
+        history: list[bytes],
+    ) -> None:
+        spec = decode_spec(spec_blob)
+        if spec.job_id != job_id:
+            raise JobRecordError("the stored spec is not this job's")
+        snapshot = decode_snapshot(snap_blob) if snap_blob is not None else None
+        rows = [decode_history(blob) for blob in history]
+        job = self._add(spec, snapshot, submitted)
+        job.outcome, job.history = outcome, rows
 
     def _add(self, spec: JobSpec, snapshot: Any, submitted: float) -> _Job:
         machine = SegmentMachine(
@@ -381,7 +404,7 @@ class OwnerMarket:
             **detail,
         }
         self.jobs[job_id].history.append(row)
-        blob = msgpack.packb(row, use_bin_type=True)
+        blob = encode_history(row)
         await trio.to_thread.run_sync(self.state.append_job_history, job_id, blob)
 
     # -- views ---------------------------------------------------------------------------

@@ -174,3 +174,38 @@ def test_forged_and_unknown_ledger_frames_are_counted_not_fatal(tmp_path):
         assert payee.view()["statistics"] == {"frames_unexpected": 1} and wire.frames == []
 
     trio.run(main)
+
+
+def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
+    from node.market_owner import OwnerMarket, machine_config
+    from node.segment_service import SegmentService
+
+    state = State(tmp_path / "state.db")
+    good = spec()
+    state.add_job(good.job_id, encode_spec(good), 1.0)
+    state.add_job(b"x" * 32, b"\xc1 not a spec", 2.0)  # a corrupt row
+    other = spec(nonce=b"m" * 16)
+    state.add_job(other.job_id, encode_spec(other), 3.0)
+    state.append_job_history(other.job_id, b"\xc1")  # its history is corrupt
+
+    async def main() -> None:
+        segments = SegmentService(OWNER, tmp_path, "test:///default", tmp_path / "images")
+
+        async def nowhere(*_args) -> None:
+            raise AssertionError("nothing is sent for a job restored as finished")
+
+        owner = OwnerMarket(
+            OWNER, state, segments, machine_config("s", 1.0, 60.0), nowhere, nowhere,
+            lambda: [], lambda node: None, 10.0,
+        )  # fmt: skip
+        state.end_job(good.job_id, "completed")  # finished: restored, not resumed
+        async with trio.open_nursery() as nursery:
+            await nursery.start(owner.run)
+            assert list(owner.jobs) == [good.job_id]
+            assert owner.statistics()["jobs_unreadable"] == 2
+            nursery.cancel_scope.cancel()
+        segments.close()
+
+    trio.run(main)
+    assert len(state.jobs()) == 3, "nothing deleted"
+    state.close()
