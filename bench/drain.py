@@ -33,12 +33,8 @@ does not complete, the drained host never empties, or a wait runs out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -54,12 +50,16 @@ from node.testbed_market import (
     audit,
     guest_states,
     job,
+    keep_logs,
+    market_conditions,
+    replica_domain,
     running_replica_hosts,
+    spread,
     submit,
     wait_job,
 )
 from segments.image import build
-from segments.vm import LibvirtRuntime, VmError, kvm_usable
+from segments.vm import LibvirtRuntime, VmError
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 SEED = "bench"
@@ -163,11 +163,6 @@ def pause_job(owner: dict[str, Any], image_id: str) -> str:
     return submit(owner, image_id, segments=1, redundancy=2, extent_s=PAUSE_EXTENT_S, args=ARGS)
 
 
-def domain_of(job_id: str) -> str:
-    """The libvirt domain of a job's replica (one per job per host: node/market_host.py)."""
-    return f"gl-r{job_id[:16]}"
-
-
 def running_guest(
     owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str
 ) -> tuple[dict[str, Any], str] | None:
@@ -175,7 +170,7 @@ def running_guest(
 
     Only a host whose policy is idle again: a trial's pause must be the policy's first.
     """
-    domain = domain_of(job_id)
+    domain = replica_domain(job_id)
     found: list[dict[str, Any]] = []
 
     def running_or_over() -> bool:
@@ -303,7 +298,7 @@ def busiest_host(
         by_name = {h["name"]: h for h in hosts}
         for job_id in jobs:
             for h in running_replica_hosts(owner, hosts, job_id):
-                if (states_of(h) or {}).get(domain_of(job_id)) == "running":
+                if (states_of(h) or {}).get(replica_domain(job_id)) == "running":
                     running.setdefault(h["name"], []).append(job_id)
         if not running:
             return False
@@ -373,20 +368,6 @@ def states_of(host: dict[str, Any]) -> dict[str, str] | None:
         return None
 
 
-def keep_logs(root: Path, logs: Path) -> None:
-    """Copy every agent's log out of the testbed before `down` removes it."""
-    logs.mkdir(parents=True, exist_ok=True)
-    for log in (root / "hosts").glob("*/agent.log"):
-        shutil.copy2(log, logs / f"{log.parent.name}.log")
-
-
-def spread(name: str, values: list[float]) -> dict[str, float | None]:
-    """`name`_median and `name`_max; None when there is no sample."""
-    if not values:
-        return {f"{name}_median": None, f"{name}_max": None}
-    return {f"{name}_median": round(statistics.median(values), 3), f"{name}_max": max(values)}
-
-
 def other_testbeds(root: Path) -> list[str]:
     """Tags of testbeds up on this machine besides ours: their load is in our figures."""
     ours = testbed._tag(root)
@@ -398,19 +379,9 @@ def conditions(
     args: argparse.Namespace, load_before: float, others_before: list[str], others_after: list[str]
 ) -> dict[str, Any]:
     return {
-        "cores": os.cpu_count(),
-        "accelerator": "KVM" if kvm_usable() else "TCG",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "load_1m_before": round(load_before, 2),
-        "load_1m_after": round(os.getloadavg()[0], 2),
-        "owner": "h1 (does not bid)",
-        "bidders": args.hosts - 1,
+        **market_conditions(args.hosts, load_before),
         "policy": "scope netns, max_other_load 0.3, grace 20 s, quiet 2 s, sample 0.5 s",
         "load": "one busy Python loop in the host's namespace (one core)",
-        "guest": "demo image, hash-chain workload run until stopped",
-        "guest_memory_mib": 128,
-        "guest_vcpus": 1,
         "state_poll_s": POLL_S,
         "clock": "the bench's monotonic clock (one machine)",
         "other_testbeds_before": others_before,

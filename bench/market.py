@@ -30,12 +30,8 @@ Prints one JSON object: medians and maxima, the samples, and the conditions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -45,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node import testbed
 from node.testbed_checks import full_mesh, rpc, wait_for
-from node.testbed_market import audit, submit, wait_job
+from node.testbed_market import audit, keep_logs, market_conditions, spread, submit, wait_job
 from segments.image import build
-from segments.vm import kvm_usable
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 SEED = "bench-market"
@@ -107,13 +102,6 @@ def main() -> int:
     finally:
         keep_logs(root, logs)
         testbed.down(root)
-
-
-def keep_logs(root: Path, logs: Path) -> None:
-    """Copy every agent's log out of the testbed before `down` removes it."""
-    logs.mkdir(parents=True, exist_ok=True)
-    for log in (root / "hosts").glob("*/agent.log"):
-        shutil.copy2(log, logs / f"{log.parent.name}.log")
 
 
 def summarise(
@@ -203,26 +191,9 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def spread(name: str, values: list[float]) -> dict[str, float | None]:
-    """`name`_median and `name`_max; None when there is no sample."""
-    if not values:
-        return {f"{name}_median": None, f"{name}_max": None}
-    return {f"{name}_median": round(statistics.median(values), 3), f"{name}_max": max(values)}
-
-
 def conditions(args: argparse.Namespace, load_before: float) -> dict[str, Any]:
     return {
-        "cores": os.cpu_count(),
-        "accelerator": "KVM" if kvm_usable() else "TCG",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "load_1m_before": round(load_before, 2),
-        "load_1m_after": round(os.getloadavg()[0], 2),
-        "owner": "h1 (does not bid)",
-        "bidders": args.hosts - 1,
-        "guest": "demo image, hash-chain workload run until stopped",
-        "guest_memory_mib": 128,
-        "guest_vcpus": 1,
+        **market_conditions(args.hosts, load_before),
         "clock": "the owner's wall clock (one machine)",
     }
 

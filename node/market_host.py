@@ -47,7 +47,7 @@ from node.config import Config
 from node.identity import Identity, NodeId
 from node.market import MarketKind, Offer, SendStatement, decode_offer
 from node.market_owner import guarded
-from node.segment_service import ReplicaOrder, SegmentError, SegmentService
+from node.segment_service import ReplicaOrder, SegmentError, SegmentService, market_vm_name
 from node.wire import RemoteProtocolError
 from segments.image import ImageError, load
 from segments.transfer import FetchError, fetch_manifest
@@ -307,4 +307,4 @@ class HostMarket:
 
 def _vm_name(offer: Offer) -> str:
     """One domain name per job (see MARKET_VM in node/segment_service.py)."""
-    return f"r{offer.ref.job_id.hex()[:16]}"
+    return market_vm_name(offer.ref.job_id)

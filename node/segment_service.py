@@ -42,6 +42,11 @@ BLOCK_PORT = 7947
 MARKET_VM = re.compile(r"gl-r[0-9a-f]{16}")  # replicas the market starts: gl-r<job id prefix>
 
 
+def market_vm_name(job_id: bytes) -> str:
+    """A market replica's ``ReplicaOrder.name`` (its domain is ``gl-<name>``, see MARKET_VM)."""
+    return f"r{job_id.hex()[:16]}"
+
+
 class SegmentError(Exception):
     """A segment request could not be carried out; the message says why."""
 

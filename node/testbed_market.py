@@ -15,7 +15,11 @@ market from both sides:
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import shutil
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from node.control import call
+from node.segment_service import market_vm_name
 from node.testbed_checks import full_mesh, wait_for
 from segments.workload import ContinuityError, check_continuity, parse_progress, parse_result
 
@@ -168,11 +173,46 @@ def market_swarm(root: Path, hosts: int) -> Iterator[tuple[list[dict[str, Any]],
         wait_for(lambda: full_mesh(described), 90, "a full mesh")
         yield described, build(RECIPE, root / "images").id
     finally:
-        logs = root.parent / "logs"
-        logs.mkdir(exist_ok=True)
-        for log in (root / "hosts").glob("*/agent.log"):
-            shutil.copy2(log, logs / f"{log.parent.name}.log")
+        keep_logs(root, root.parent / "logs")
         testbed.down(root)
+
+
+def keep_logs(root: Path, logs: Path) -> None:
+    """Copy every agent's log out of the testbed before `down` removes it."""
+    logs.mkdir(parents=True, exist_ok=True)
+    for log in (root / "hosts").glob("*/agent.log"):
+        shutil.copy2(log, logs / f"{log.parent.name}.log")
+
+
+def replica_domain(job_id: str) -> str:
+    """The libvirt domain a host runs the job's replica as (hex job id)."""
+    return f"gl-{market_vm_name(bytes.fromhex(job_id))}"
+
+
+def spread(name: str, values: list[float]) -> dict[str, float | None]:
+    """`name`_median and `name`_max, for a benchmark's JSON; None without a sample."""
+    if not values:
+        return {f"{name}_median": None, f"{name}_max": None}
+    return {f"{name}_median": round(statistics.median(values), 3), f"{name}_max": max(values)}
+
+
+def market_conditions(hosts: int, load_before: float) -> dict[str, Any]:
+    """What a market benchmark ran on: the machine, the swarm and the guest."""
+    from segments.vm import kvm_usable
+
+    return {
+        "cores": os.cpu_count(),
+        "accelerator": "KVM" if kvm_usable() else "TCG",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "load_1m_before": round(load_before, 2),
+        "load_1m_after": round(os.getloadavg()[0], 2),
+        "owner": "h1 (does not bid)",
+        "bidders": hosts - 1,
+        "guest": "demo image, hash-chain workload run until stopped",
+        "guest_memory_mib": 128,
+        "guest_vcpus": 1,
+    }
 
 
 def finish(
