@@ -13,6 +13,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
+from market_kit import MIB, NONCE, NOW, SWARM
+from market_kit import identity as _identity
 
 from node.auction import AuctionConfig
 from node.bidder import (
@@ -85,16 +87,6 @@ from node.segment_machine import MachineConfig, SegmentMachine
 from node.tokens import HashChain, Refusal, sign_commitment
 from overlay.claims import derive_job_id, sign_claim
 from overlay.routes import RouteTable
-
-NOW = 1_800_000_000
-SWARM = "alpha"
-NONCE = b"job-nonce-0001"
-MIB = 1 << 20
-
-
-def _identity(n: int) -> Identity:
-    return Identity.from_seeds(bytes([n]) * 32, bytes([n + 100]) * 32)
-
 
 OWNER, STRANGER = _identity(1), _identity(99)
 HOSTS = [_identity(n) for n in range(2, 9)]

@@ -11,6 +11,8 @@ import pytest
 from fuzzing import accepted_only_if_unchanged, edit_lists, mutate, signed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from market_kit import MIB, NONCE, NOW, SWARM
+from market_kit import identity as _identity
 
 import node.market as market
 from node.auction import AuctionConfig, Auctioneer, BidOutcome, ScoreWeights, score_bids
@@ -64,16 +66,6 @@ from node.market import (
 from node.reputation import Reputation, ReputationConfig
 from node.wire import LocalProtocolError, RemoteProtocolError
 from overlay.claims import derive_job_id, sign_claim, sign_grant
-
-NOW = 1_800_000_000
-SWARM = "alpha"
-NONCE = b"job-nonce-0001"
-MIB = 1 << 20
-
-
-def _identity(n: int) -> Identity:
-    return Identity.from_seeds(bytes([n]) * 32, bytes([n + 100]) * 32)
-
 
 OWNER, H1, H2, H3, STRANGER = (_identity(n) for n in range(1, 6))
 JOB = derive_job_id(OWNER.node_id.key, NONCE)

@@ -13,6 +13,7 @@ import trio.testing
 from fuzzing import Edit, edit_lists, mutate
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_transfer import start_server
 
 from node.identity import Identity
 from node.wire import RemoteProtocolError
@@ -30,7 +31,6 @@ from segments.manifest import (
 from segments.transfer import (
     EXCHANGE_TIMEOUTS,
     BlockMessage,
-    BlockSource,
     FetchError,
     FrameReader,
     IdsMessage,
@@ -41,7 +41,6 @@ from segments.transfer import (
     decode_message,
     encode_message,
     fetch_manifest,
-    serve_blocks,
 )
 from segments.transfer_core import (
     LENGTH,
@@ -219,20 +218,6 @@ def test_every_bit_flip_in_a_manifest_frame_is_refused_or_harmless() -> None:
 
 
 # -- over loopback -----------------------------------------------------------------------
-
-
-async def start_server(nursery: trio.Nursery, source: BlockSource) -> tuple[trio.CancelScope, int]:
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listener.socket.getsockname()[1]
-    scope = trio.CancelScope()
-
-    async def run() -> None:
-        with scope:
-            async with listener:
-                await serve_blocks(source, listener, timeout_s=10)
-
-    nursery.start_soon(run)
-    return scope, port
 
 
 async def closed_port() -> int:
