@@ -78,7 +78,7 @@ from node.market import (
 )
 from node.reputation import Reputation
 from node.segment_machine import MachineConfig, SegmentMachine
-from node.segment_service import SegmentError, SegmentService
+from node.segment_service import SegmentError, SegmentService, VerifierUnavailable
 from node.state import State
 from node.wire import LocalProtocolError, RemoteProtocolError
 from segments.image import ImageError, load
@@ -89,6 +89,8 @@ log = logging.getLogger("gleaner.jobs")
 SendMarket = Callable[[NodeId, MarketKind, bytes], Awaitable[None]]
 BlockEndpoint = Callable[[NodeId], "tuple[str, int] | None"]
 Pay = Callable[[bytes, int, NodeId, int], Awaitable[None]]
+VERIFY_TRIES = 3  # a verifier failure of our own is retried before the completion is judged
+VERIFY_RETRY_S = 5.0
 LOST_GRACE_S = 5.0  # a member declared dead must stay gone this long to lose its replicas
 
 
@@ -338,19 +340,28 @@ class OwnerMarket:
         job = self.jobs[job_id]
         started = time.monotonic()
         ok, reason = False, ""
-        try:
-            manifest = await self._fetch_checkpoint(effect.manifest, (effect.node,))
-            verdict = await self.segments.verify_completion(
-                job.spec,
-                manifest,
-                effect.progress,
-                effect.base,
-                job.halted.get(effect.manifest, False),
-                self.verify_timeout_s,
-            )
-            ok, reason = verdict.ok, verdict.reason
-        except (FetchError, SegmentError) as exc:
-            reason = str(exc)
+        for attempt in range(1, VERIFY_TRIES + 1):
+            try:
+                manifest = await self._fetch_checkpoint(effect.manifest, (effect.node,))
+                verdict = await self.segments.verify_completion(
+                    job.spec,
+                    manifest,
+                    effect.progress,
+                    effect.base,
+                    job.halted.get(effect.manifest, False),
+                    self.verify_timeout_s,
+                )
+                ok, reason = verdict.ok, verdict.reason
+            except VerifierUnavailable as exc:  # our own failure: try again before judging
+                reason = str(exc)
+                self.stats["verifier_unavailable"] += 1
+                log.warning("verifying (try %d of %d): %s", attempt, VERIFY_TRIES, reason)
+                if attempt < VERIFY_TRIES:
+                    await trio.sleep(VERIFY_RETRY_S * attempt)
+                    continue
+            except (FetchError, SegmentError) as exc:
+                reason = str(exc)
+            break
         elapsed_ms = round((time.monotonic() - started) * 1000)
         await self._record(
             job_id,

@@ -51,6 +51,10 @@ class SegmentError(Exception):
     """A segment request could not be carried out; the message says why."""
 
 
+class VerifierUnavailable(SegmentError):
+    """This host could not verify (its libvirt, image or store failed): not the replica's fault."""
+
+
 class SegmentService:
     def __init__(
         self, identity: Identity, state_dir: Path, libvirt_uri: str, image_store: Path
@@ -184,12 +188,12 @@ class SegmentService:
         try:
             image = await trio.to_thread.run_sync(load, self.image_store, job.image)
         except ImageError as exc:
-            raise SegmentError(str(exc)) from None
+            raise VerifierUnavailable(str(exc)) from None
         base = None
         if base_checkpoint is not None:
             console = await self.console_of(base_checkpoint)
             if console is None:
-                raise SegmentError("the previous checkpoint's console is not held here")
+                raise VerifierUnavailable("the previous checkpoint's console is not held here")
             base = encode_progress(console)
         spec = VerifySpec(
             kernel=image.kernel,
@@ -209,7 +213,7 @@ class SegmentService:
         try:
             return await trio.to_thread.run_sync(verify)
         except (VerifyError, VmError) as exc:
-            raise SegmentError(f"verifier: {exc}") from None
+            raise VerifierUnavailable(f"verifier: {exc}") from None
 
     async def reap_orphans(self) -> list[str]:
         """Stop market replicas a crashed run of this agent left running in libvirt."""

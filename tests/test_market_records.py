@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from node.identity import Identity
 from node.job_records import (
@@ -208,4 +209,56 @@ def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
 
     trio.run(main)
     assert len(state.jobs()) == 3, "nothing deleted"
+    state.close()
+
+
+def test_a_verifier_failure_of_our_own_is_retried_not_blamed_on_the_replica(tmp_path):
+    from types import SimpleNamespace
+
+    from node.jobs import VerifyCompletion
+    from node.market_owner import VERIFY_TRIES, OwnerMarket, machine_config
+    from node.segment_service import VerifierUnavailable
+
+    state = State(tmp_path / "state.db")
+    job = spec()
+    state.add_job(job.job_id, encode_spec(job), 1.0)
+
+    class Segments:
+        """A segment service twin whose verifier fails `failures` times, then verifies."""
+
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        async def verify_completion(self, *_args):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise VerifierUnavailable("verifier: libvirtd is not answering")
+            return SimpleNamespace(ok=True, reason="the guest took step 8")
+
+    async def nowhere(*_args) -> None:
+        return None
+
+    async def verify(failures: int) -> tuple[OwnerMarket, list]:
+        owner = OwnerMarket(
+            OWNER, state, Segments(failures), machine_config("s", 1.0, 60.0), nowhere, nowhere,
+            lambda: [], lambda node: None, 10.0,
+        )  # fmt: skip
+        owner._add(job, None, 1.0)
+
+        async def fetched(*_args):
+            return object()
+
+        owner._fetch_checkpoint = fetched  # type: ignore[method-assign]
+        effect = VerifyCompletion(job.job_id, 0, HOST.node_id, b"m" * 32, b"p" * 32, None)
+        await owner._verify(job.job_id, effect)
+        return owner, [r["what"] for r in owner.jobs[job.job_id].history]
+
+    async def main() -> None:
+        owner, rows = await verify(VERIFY_TRIES - 1)
+        assert rows == ["verified"], "judged only after the verifier worked"
+        assert owner.statistics()["verifier_unavailable"] == VERIFY_TRIES - 1
+        owner, rows = await verify(VERIFY_TRIES)
+        assert rows == ["rejected"], "it cannot wait for ever: after the last try it rejects"
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     state.close()
