@@ -14,7 +14,8 @@ carried out on the host side of the market (node/market_host.py):
 - once a draining host runs no replica, ``GuestsEmpty`` makes it DRAINED.
 
 *Ours* (not the volunteer's load): the agent, its wireguard-go and the QEMU
-processes of its replicas, found by their libvirt domain names in /proc.
+processes of market domains in our namespace (replicas, and the owner's
+restores that verify completions), found by their libvirt names in /proc.
 
 Drain is the operator's: ``drain`` / ``undrain`` are persisted (state meta
 ``drain`` and ``drain_deadline``) before they take effect, and restored at start,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,11 +49,13 @@ from node.host_policy import (
     VacateGuests,
 )
 from node.host_probe import Probe, ProbeError
+from node.segment_service import MARKET_VM
 from node.state import State
 
 log = logging.getLogger("gleaner.policy")
 
 DRAIN_KEY, DEADLINE_KEY = "drain", "drain_deadline"
+MARKET_QEMU = re.compile(rb"guest=" + MARKET_VM.pattern.encode() + rb",")
 
 
 class PolicyService:
@@ -145,10 +149,8 @@ class PolicyService:
         self.market.set_policy(replace(self.base_policy, draining=not allowed))
 
     def _guest_pids(self) -> list[int]:
-        """The QEMU processes of our replicas: their libvirt names, in our namespace."""
-        names = [f"guest={name},".encode() for name in self.market.guest_names()]
-        if not names:
-            return []
+        """Our QEMU processes in our namespace: every market domain (``MARKET_VM``), the
+        replicas' and the owner's verifications of its jobs' checkpoints alike."""
         try:
             mine = os.readlink("/proc/self/ns/net")
         except OSError:
@@ -159,7 +161,7 @@ class PolicyService:
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-                ours = any(name in cmdline for name in names)
+                ours = MARKET_QEMU.search(cmdline) is not None
                 if ours and os.readlink(entry / "ns" / "net") == mine:
                     pids.append(int(entry.name))
             except OSError:
