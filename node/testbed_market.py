@@ -73,14 +73,13 @@ def audit(owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str, seed:
     problems = report.problems
     names = {h["node_id"]: h["name"] for h in hosts}
     rejected = {(r["segment"], r["node"]) for r in detail["history"] if r["what"] == "rejected"}
-    received: dict[tuple[int, int], list[str]] = {}
+    received: dict[int, list[str]] = {}  # segment -> hosts whose ledgers hold its payment
     for host in hosts:
         if host is owner:
             continue
         for payment in call(Path(host["socket"]), "ledger", None, timeout=10)["payee"]["payments"]:
             if payment["job_id"] == job_id:
-                key = (payment["segment"], 0)
-                received.setdefault(key, []).append(host["node_id"])
+                received.setdefault(payment["segment"], []).append(host["node_id"])
     for row in detail["rows"]:
         segment = row["segment"]
         if row["winner"] is None:
@@ -95,7 +94,7 @@ def audit(owner: dict[str, Any], hosts: list[dict[str, Any]], job_id: str, seed:
             for c in row["completions"]
             if c["attempt"] == attempt and (segment, c["node"]) not in rejected
         ]
-        paid = received.get((segment, 0), [])
+        paid = received.get(segment, [])
         if len(committed) != 1:
             problems.append(f"segment {segment} committed {len(committed)} times")
         if row["paid_to"] != row["winner"]:
