@@ -239,6 +239,16 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     return blocks_main(args.blocks_args)
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from node.sim.cli import main as sim_main
+    from node.sim.scenario import ScenarioError
+
+    try:
+        return sim_main(args.scenario, args.seed, args.json, args.plot, print)
+    except ScenarioError as exc:
+        raise CliError(f"scenario: {exc}", EXIT_USAGE) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gleaner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gleaner {__version__}")
@@ -310,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     blocks.add_argument("blocks_args", nargs=argparse.REMAINDER)
     blocks.set_defaults(func=cmd_blocks)
+
+    sim = add("sim", cmd_sim, "run a simulation scenario (node/sim/scenarios/*.toml)")
+    sim.add_argument("scenario", help="the scenario's TOML file")
+    sim.add_argument("--seed", type=int, default=1, help="the run's seed (default 1)")
+    sim.add_argument("--json", action="store_true", help="print JSON")
+    sim.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
 
     demo = add("demo", cmd_demo, "run the main demo on a local testbed swarm")
     demo.add_argument("--hosts", type=int, default=4)

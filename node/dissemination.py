@@ -57,7 +57,16 @@ import hashlib
 import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Container, Hashable, Iterator, MutableSequence
+from collections.abc import (
+    Callable,
+    Container,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableSequence,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -216,6 +225,8 @@ class TransmitLimitedQueue:
 
     def take(self, members: int, max_count: int, max_bytes: int) -> list[bytes]:
         """Hand out up to `max_count` items within `max_bytes`, least-sent and newest first."""
+        if not self._where:
+            return []
         limit = retransmit_limit(self._mult, members)
         picked: list[tuple[int, Hashable, bytes]] = []
         used = 0
@@ -260,29 +271,53 @@ class TransmitLimitedQueue:
 
 
 class RandomSet(Generic[T]):
-    """A set with O(1) add, discard and uniform random sampling."""
+    """A set with O(1) add, discard and uniform random sampling.
 
-    def __init__(self) -> None:
+    It may start from a shared, immutable ``base`` (a tuple and its position
+    index, never mutated here): then it keeps only its own differences from it,
+    the base items it discarded and the items it added, so many sets that are
+    nearly equal (every node's view of a converged swarm) share one copy.
+    """
+
+    def __init__(self, base: tuple[T, ...] = (), base_index: Mapping[T, int] | None = None) -> None:
         self._items: list[T] = []
         self._index: dict[T, int] = {}
+        self._base = base
+        self._base_index: Mapping[T, int] = base_index if base_index is not None else {}
+        self._removed: set[T] = set()  # base items discarded
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._base) - len(self._removed) + len(self._items)
 
     def __contains__(self, item: object) -> bool:
-        return item in self._index
+        if item in self._index:
+            return True
+        return item in self._base_index and item not in self._removed
 
     def __iter__(self) -> Iterator[T]:
-        return iter(list(self._items))
+        if not self._base:
+            return iter(list(self._items))
+        removed = self._removed
+        return iter([item for item in self._base if item not in removed] + self._items)
+
+    def snapshot(self) -> tuple[Sequence[T], list[T]]:
+        """The items as (shared base, own copy); base items discarded since are still listed."""
+        return self._base, list(self._items)
 
     def add(self, item: T) -> None:
-        if item not in self._index:
+        if item in self._base_index and item in self._removed:
+            self._removed.discard(item)
+        elif item not in self._index and item not in self._base_index:
             self._index[item] = len(self._items)
             self._items.append(item)
 
     def discard(self, item: T) -> None:
         position = self._index.pop(item, None)
         if position is None:
+            if item in self._base_index and item not in self._removed:
+                self._removed.add(item)
+                if len(self._removed) > len(self._base) // 2:
+                    self._own_everything()
             return
         last = self._items.pop()
         if position < len(self._items):
@@ -291,11 +326,11 @@ class RandomSet(Generic[T]):
 
     def sample(self, rng: RandomSource, k: int, exclude: Container[T] = ()) -> list[T]:
         """Up to `k` distinct random items not in `exclude` (a small container)."""
-        size = len(self._items)
+        size = len(self)
         if k <= 0 or size == 0:
             return []
         if size <= 4 * k + 4:  # small set: a partial shuffle of the eligible items
-            eligible = [item for item in self._items if item not in exclude]
+            eligible = [item for item in self if item not in exclude]
             chosen: list[T] = []
             while eligible and len(chosen) < k:
                 j = rng.randrange(len(eligible))
@@ -303,13 +338,27 @@ class RandomSet(Generic[T]):
                 chosen.append(eligible.pop())
             return chosen
         chosen = []
+        base, removed, items = self._base, self._removed, self._items
+        slots = len(base) + len(items)
         for _ in range(8 * k):  # rejection sampling; misses are rare when size >> k
-            item = self._items[rng.randrange(size)]
+            slot = rng.randrange(slots)
+            if slot < len(base):
+                item = base[slot]
+                if item in removed:
+                    continue
+            else:
+                item = items[slot - len(base)]
             if item not in exclude and item not in chosen:
                 chosen.append(item)
                 if len(chosen) == k:
                     break
         return chosen
+
+    def _own_everything(self) -> None:
+        """Most of the base is gone: copy what is left, so sampling rarely misses."""
+        self._items = list(self)
+        self._index = {item: i for i, item in enumerate(self._items)}
+        self._base, self._base_index, self._removed = (), {}, set()
 
 
 class SeenSet:
@@ -366,6 +415,32 @@ class _Entry:
 OnChange = Callable[[NodeId, MemberState, PeerRecord], None]
 
 
+class Roster:
+    """Verified, unexpired peer records of a swarm that agrees on them: shared, never mutated.
+
+    ``MemberTable.seed`` starts a table from a roster instead of one JOIN per
+    member; the table then stores only its differences from it. One roster can
+    seed every node of a simulated swarm (n tables, one copy of n records).
+    The records must have been verified (``decode_record``) by the caller.
+    """
+
+    def __init__(self, records: Iterable[PeerRecord], now: float) -> None:
+        newest: dict[NodeId, PeerRecord] = {}
+        for record in records:
+            held = newest.get(record.node_id)
+            if not record.is_expired(now) and (held is None or record.seq > held.seq):
+                newest[record.node_id] = record
+        self.records: Mapping[NodeId, PeerRecord] = newest
+        self.ids: tuple[NodeId, ...] = tuple(newest)
+        self.positions: Mapping[NodeId, int] = {node: i for i, node in enumerate(self.ids)}
+        self.by_signature: Mapping[bytes, NodeId] = {
+            r.signature: r.node_id for r in newest.values()
+        }
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class MemberTable:
     """The other members, SWIM's precedence rules, suspicion timers and the news queue."""
 
@@ -398,32 +473,93 @@ class MemberTable:
         self._suspicions: list[tuple[float, int, NodeId]] = []  # heap, stale items skipped
         self._pushes = 0
         self._reclaims: deque[tuple[float, NodeId, float]] = deque()
-        self._order: list[NodeId] = []
+        # the probe round-robin: a lazy Fisher-Yates shuffle of (base + extra), swaps kept sparse
+        self._order_base: Sequence[NodeId] = ()
+        self._order_extra: list[NodeId] = []
+        self._order_swaps: dict[int, NodeId] = {}
         self._order_pos = 0
+        # a seeded table: members of the roster not shadowed are ALIVE since `_roster_since`
+        self._roster: Roster | None = None
+        self._roster_since = 0.0
+        self._shadowed: set[NodeId] = set()  # roster members with an entry of their own, or gone
+
+    def seed(self, roster: Roster, now: float) -> None:
+        """Start an empty table from `roster`: its members (not this node) are ALIVE since `now`.
+
+        No news is queued and no change reported: the swarm already agrees on the
+        roster. The table keeps only its differences from it afterwards.
+        """
+        if self._entries or self.known or self._roster is not None:
+            raise ValueError("only an empty member table can be seeded")
+        self._roster, self._roster_since = roster, now
+        self._shadowed = {self.own_id}
+        for name in ("live", "alive", "known"):
+            members: RandomSet[NodeId] = RandomSet(roster.ids, roster.positions)
+            members.discard(self.own_id)
+            setattr(self, name, members)
+        self._order_base, self._order_extra = self.live.snapshot()
 
     def __contains__(self, node: object) -> bool:
-        return node in self._entries
+        return node in self._entries or self._in_roster(node)
 
     def get(self, node: NodeId) -> Member | None:
         entry = self._entries.get(node)
         if entry is None:
-            return None
+            if not self._in_roster(node):
+                return None
+            record = self._roster_record(node)
+            return Member(node, record, MemberState.ALIVE, record.seq, self._roster_since)
         return Member(node, entry.record, entry.state, entry.record.seq, entry.since)
 
     def members(self) -> list[Member]:
-        return [m for m in map(self.get, self._entries) if m is not None]
+        nodes = list(self._entries)
+        if self._roster is not None:
+            nodes += [node for node in self._roster.ids if node not in self._shadowed]
+        return [m for m in map(self.get, nodes) if m is not None]
 
     def state_of(self, node: NodeId) -> MemberState | None:
         entry = self._entries.get(node)
-        return None if entry is None else entry.state
+        if entry is None:
+            return MemberState.ALIVE if self._in_roster(node) else None
+        return entry.state
 
     def record_of(self, node: NodeId) -> PeerRecord:
-        return self._entries[node].record
+        entry = self._entries.get(node)
+        return self._roster_record(node) if entry is None else entry.record
 
     def holds(self, data: bytes) -> bool:
         """True if `data` ends with the blob of a record we hold (a blob ends in its signature)."""
-        node = self._held.get(data[-64:])
-        return node is not None and data.endswith(self._entries[node].record.blob)
+        signature = data[-64:]
+        node = self._held.get(signature)
+        if node is not None:
+            return data.endswith(self._entries[node].record.blob)
+        if self._roster is None:
+            return False
+        node = self._roster.by_signature.get(signature)
+        return (
+            node is not None
+            and self._in_roster(node)
+            and data.endswith(self._roster_record(node).blob)
+        )
+
+    def _in_roster(self, node: object) -> bool:
+        roster = self._roster
+        return roster is not None and node in roster.positions and node not in self._shadowed
+
+    def _roster_record(self, node: NodeId) -> PeerRecord:
+        assert self._roster is not None
+        return self._roster.records[node]
+
+    def _entry(self, node: NodeId) -> _Entry | None:
+        """The entry of `node`, a roster member's made our own (copied on first change)."""
+        entry = self._entries.get(node)
+        if entry is None and self._in_roster(node):
+            record = self._roster_record(node)
+            entry = _Entry(record, MemberState.ALIVE, self._roster_since)
+            self._entries[node] = entry
+            self._held[record.signature] = node
+            self._shadowed.add(node)
+        return entry
 
     def tombstone(self, node: NodeId) -> int | None:
         return self._tombstones.get(node)
@@ -439,7 +575,7 @@ class MemberTable:
         if record.is_expired(now):
             self._stats["updates_rejected"] += 1
             return
-        entry = self._entries.get(node)
+        entry = self._entry(node)
         if entry is None:
             if record.seq <= self._tombstones.get(node, -1):
                 self._stats["updates_stale"] += 1  # a late copy of a forgotten dead record
@@ -469,7 +605,7 @@ class MemberTable:
 
     def accuse(self, claim: Claim, now: float) -> None:
         """Apply a SUSPECT or DEAD claim about another node, by SWIM's precedence."""
-        entry = self._entries.get(claim.node)
+        entry = self._entry(claim.node)
         if entry is None:
             self._stats["updates_ignored"] += 1  # about a node we do not know
         elif claim.incarnation < entry.record.seq:
@@ -483,7 +619,7 @@ class MemberTable:
 
     def suspect(self, node: NodeId, now: float) -> None:
         """Our own probe of `node` failed."""
-        entry = self._entries.get(node)
+        entry = self._entry(node)
         if entry is not None and entry.state in LIVE:
             self._suspect(node, entry, self.own_id, now)
 
@@ -497,17 +633,38 @@ class MemberTable:
         return [encode_update(Claim(kind, node, entry.record.seq, accuser))]
 
     def next_probe_target(self) -> NodeId | None:
-        """The next live member of a shuffled round-robin, reshuffled every pass."""
-        for _ in range(len(self._order) + 1 if self.live else 0):
-            if self._order_pos >= len(self._order):
-                self._order = list(self.live)
-                self._rng.shuffle(self._order)
+        """The next live member of a shuffled round-robin, reshuffled every pass.
+
+        The shuffle is Fisher-Yates done one step per probe over a snapshot of
+        ``live`` taken at the start of the pass (for a seeded table, the shared
+        roster plus a copy of the table's own additions): no O(n) copy or
+        shuffle of the roster, and O(probes) memory for the swaps.
+        """
+        for _ in range(self._order_length() + 1 if self.live else 0):
+            if self._order_pos >= self._order_length():
+                self._order_base, self._order_extra = self.live.snapshot()
+                self._order_swaps = {}
                 self._order_pos = 0
-            node = self._order[self._order_pos]
+            position = self._order_pos
+            chosen = self._rng.randrange(position, self._order_length())
+            node = self._order_at(chosen)
+            if chosen != position:
+                self._order_swaps[chosen] = self._order_at(position)
+            self._order_swaps.pop(position, None)
             self._order_pos += 1
             if self.state_of(node) in LIVE:
                 return node
         return None
+
+    def _order_length(self) -> int:
+        return len(self._order_base) + len(self._order_extra)
+
+    def _order_at(self, position: int) -> NodeId:
+        node = self._order_swaps.get(position)
+        if node is not None:
+            return node
+        base = self._order_base
+        return base[position] if position < len(base) else self._order_extra[position - len(base)]
 
     def next_deadline(self) -> float:
         return self._suspicions[0][0] if self._suspicions else math.inf
@@ -582,6 +739,4 @@ class MemberTable:
 
     def _became_live(self, node: NodeId) -> None:
         self.live.add(node)
-        self._order.append(node)  # into the current pass at a random place, in O(1)
-        j = self._rng.randrange(len(self._order))
-        self._order[j], self._order[-1] = self._order[-1], self._order[j]
+        self._order_extra.append(node)  # into the rest of the current pass, at a random place

@@ -53,6 +53,9 @@ Choices beyond the brief, and why
   dead in someone's view (found by the loss and refutation tests).
 - A blob we already hold skips decoding (an Ed25519 check), and the decoder can
   be replaced, so a simulator can share one verified-record cache.
+- ``seed(roster, now)`` starts the table from a shared ``Roster`` of verified
+  records (a converged swarm); the table then stores only its differences, so a
+  simulator holds 10,000 views of 10,000 members in one copy plus the deltas.
 - Leaving is final for a core: a later ``OwnRecordSigned`` is kept, not spread.
 - ``max_update_bytes`` is 8 KiB, not the 48 KiB ceiling: a big UDP datagram is
   many IP fragments, and losing any one loses all of it.
@@ -104,6 +107,9 @@ from node.dissemination import (
 )
 from node.dissemination import (
     MemberState as MemberState,
+)
+from node.dissemination import (
+    Roster as Roster,
 )
 from node.identity import NodeId
 from node.records import PeerRecord, decode_record
@@ -373,6 +379,15 @@ class Membership:
         if self._table.queue:
             wakeup = min(wakeup, self._next_gossip_at)
         return wakeup
+
+    def seed(self, roster: Roster, now: float) -> None:
+        """Know every member of `roster` as ALIVE since `now`, as in a swarm already converged.
+
+        For simulators and tests that start from an agreed membership instead of
+        n squared JOIN exchanges: the records are trusted as verified, no news is
+        queued, no ``MemberChanged`` reported. Only before the table holds anyone.
+        """
+        self._table.seed(roster, now)
 
     def enqueue_broadcast(self, topic: str, key: bytes, payload: bytes) -> None:
         """Spread a broadcast from this node; it replaces a queued one with the same key."""
