@@ -225,6 +225,7 @@ class Agent:
             self.segments,
             self._send_market,
             self.block_endpoint,
+            self.routes if self.overlay is not None else None,  # network jobs need an overlay
         )
         self.policy = PolicyService(
             policy_config(config),

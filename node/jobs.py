@@ -127,6 +127,11 @@ class JobSpec:
         _check(args_ok, "args", f"must be a string of at most {MAX_ARGS_CHARS} characters")
         for name in ("network", "kvm"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
+        _check(
+            not self.network or self.k == 1,
+            "k",
+            "must be 1 for a network job: its address is at one host at a time",
+        )
 
     @property
     def job_id(self) -> bytes:

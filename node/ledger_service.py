@@ -97,11 +97,11 @@ class LedgerService:
         """Resend unacknowledged payments when the payer's timer says."""
         while True:
             await self._execute(self.payer, self.payer.tick(time.time()))
+            self._wake = trio.Event()  # after our own effects, which set the old one
             delay = self.payer.next_wakeup() - time.time()
             if delay > 0:
                 with trio.move_on_after(min(delay, 5.0) if math.isfinite(delay) else 5.0):
                     await self._wake.wait()
-                self._wake = trio.Event()
 
     async def pay(self, job_id: bytes, segment: int, winner: NodeId, units: int) -> None:
         """Pay the segment's first completer (the ledger refuses a second payee)."""

@@ -44,12 +44,21 @@ from node.bidder import (
     StopReplica,
 )
 from node.config import Config
+from node.guest_address import GuestAddressError, grant_address, market_tap_name, route_guest
 from node.identity import Identity, NodeId
 from node.market import MarketKind, Offer, SendStatement, decode_offer
 from node.market_owner import guarded
-from node.segment_service import ReplicaOrder, SegmentError, SegmentService, market_vm_name
+from node.routing import RouteService
+from node.segment_service import (
+    ReplicaOrder,
+    ReplicaOutcome,
+    SegmentError,
+    SegmentService,
+    market_vm_name,
+)
 from node.wire import RemoteProtocolError
 from segments.image import ImageError, load
+from segments.manifest import Manifest
 from segments.transfer import FetchError, fetch_manifest
 
 log = logging.getLogger("gleaner.market")
@@ -85,8 +94,10 @@ class HostMarket:
         segments: SegmentService,
         send: SendMarket,
         block_endpoint: BlockEndpoint,
+        routes: RouteService | None = None,
     ) -> None:
         self.identity = identity
+        self.routes = routes  # None: no overlay here, so no network jobs
         self.bidder = Bidder(identity, policy)
         self.segments = segments
         self.send = send
@@ -109,11 +120,11 @@ class HostMarket:
             task_status.started()
             while True:
                 await self._execute(self.bidder.tick(time.time()))
+                self._wake = trio.Event()  # after our own effects, which set the old one
                 delay = self.bidder.next_wakeup() - time.time()
                 if delay > 0:
                     with trio.move_on_after(min(delay, 5.0)):
                         await self._wake.wait()
-                    self._wake = trio.Event()
 
     async def deliver(self, sender: NodeId, kind: int, blob: bytes) -> None:
         """A MARKET frame for the host side (offers, awards, cancels, commits)."""
@@ -142,6 +153,9 @@ class HostMarket:
             return None
         if not await self._have_image(offer.image):
             self.stats["declined_image"] += 1
+            return None
+        if offer.requirements.network and self.routes is None:
+            self.stats["declined_network"] += 1  # no overlay here to route its address
             return None
         return OfferReceived(blob, self._held_bytes(offer))
 
@@ -172,7 +186,9 @@ class HostMarket:
                     cancel = trio.Event()
                     self.running[effect.offer.ref.digest] = cancel
                     self.offers[effect.offer.ref.digest] = effect.offer
-                    self._nursery.start_soon(guarded, self._run_replica, effect.offer, cancel)
+                    self._nursery.start_soon(
+                        guarded, self._run_replica, effect.offer, _grant_blob(effect), cancel
+                    )
                 elif isinstance(effect, StopReplica):
                     await self._stop(effect)
                 elif isinstance(effect, CheckpointCommitted):
@@ -191,7 +207,7 @@ class HostMarket:
             await trio.to_thread.run_sync(self.segments.store.gc)
         log.info("replica of segment %d stopped: %s", effect.ref.segment, effect.reason)
 
-    async def _run_replica(self, offer: Offer, cancel: trio.Event) -> None:
+    async def _run_replica(self, offer: Offer, grant: bytes | None, cancel: trio.Event) -> None:
         ref = offer.ref
         name = _vm_name(offer)
         lock = self._job_locks.setdefault(ref.job_id, trio.Lock())
@@ -202,6 +218,7 @@ class HostMarket:
                 checkpoint = self.segments.store.manifest(offer.checkpoint)
                 if checkpoint is None:
                     checkpoint = await fetch_manifest(offer.checkpoint, holders)
+            tap = market_tap_name(ref.job_id) if grant is not None else None
             order = ReplicaOrder(
                 name=name,
                 segment=ref.segment,
@@ -211,13 +228,15 @@ class HostMarket:
                 vcpus=offer.requirements.vcpus,
                 extent_cpu_s=float(offer.extent_s),
                 memory_mib=offer.requirements.memory_mib,
+                tap=tap,
+                address=str(grant_address(grant)) if grant is not None else None,
             )
             async with lock:  # a stopped replica of this job may still be tearing down
-                outcome = await self.segments.run_replica(order, checkpoint, holders, cancel)
-        except (SegmentError, FetchError) as exc:
+                outcome = await self._run_addressed(order, checkpoint, holders, cancel, grant)
+        except (SegmentError, FetchError, GuestAddressError) as exc:
             self.running.pop(ref.digest, None)
             self.offers.pop(ref.digest, None)
-            if cancel.is_set():
+            if cancel.is_set() and not isinstance(exc, GuestAddressError):
                 return  # stopped on purpose; the bidder already let it go
             self.stats["replicas_failed"] += 1
             log.warning("replica %s failed: %s", name, exc)
@@ -244,6 +263,42 @@ class HostMarket:
             halted=result.powered_off,
         )
         await self._execute(self.bidder.handle(finished, time.time()))
+
+    async def _run_addressed(
+        self,
+        order: ReplicaOrder,
+        checkpoint: Manifest | None,
+        holders: list[tuple[str, int]],
+        cancel: trio.Event,
+        grant: bytes | None,
+    ) -> ReplicaOutcome:
+        """Run the replica; a network job's guest gets its address routed and claimed
+        here while it runs, and withdrawn when it ends, however it ends."""
+        if grant is None or order.tap is None or self.routes is None:
+            return await self.segments.run_replica(order, checkpoint, holders, cancel)
+        routes, tap, routing = self.routes, order.tap, trio.CancelScope()
+        unreachable = False
+
+        async def route() -> None:
+            nonlocal unreachable
+            with routing:
+                if not await route_guest(routes, grant, tap):
+                    unreachable = True
+                    cancel.set()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(route)
+        try:
+            return await self.segments.run_replica(order, checkpoint, holders, cancel)
+        except SegmentError:
+            if unreachable:
+                message = f"the guest's address could not be claimed on {tap}"
+                raise GuestAddressError(message) from None
+            raise
+        finally:
+            routing.cancel()
+            with trio.CancelScope(shield=True):
+                await routes.detach(grant_address(grant))
 
     # -- the volunteer comes first (node/host_policy.py decides; these carry it out) ----
 
@@ -308,3 +363,9 @@ class HostMarket:
 def _vm_name(offer: Offer) -> str:
     """One domain name per job (see MARKET_VM in node/segment_service.py)."""
     return market_vm_name(offer.ref.job_id)
+
+
+def _grant_blob(start: StartReplica) -> bytes | None:
+    """The signed route grant a network job's award gave this host (None: no network)."""
+    grant = start.award.grant
+    return grant.blob if grant is not None and grant.blob else None

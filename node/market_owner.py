@@ -81,6 +81,7 @@ from node.segment_machine import MachineConfig, SegmentMachine
 from node.segment_service import SegmentError, SegmentService, VerifierUnavailable
 from node.state import State
 from node.wire import LocalProtocolError, RemoteProtocolError
+from overlay.addressing import vm_address
 from segments.image import ImageError, load
 from segments.transfer import FetchError, fetch, fetch_manifest
 
@@ -155,6 +156,7 @@ class OwnerMarket:
             while True:
                 for job_id, job in list(self.jobs.items()):
                     await self._execute(job_id, job.machine.tick(time.time()))
+                self._wake = trio.Event()  # after our own effects, which set the old one
                 wakeup = min(
                     (j.machine.next_wakeup() for j in self.jobs.values()), default=math.inf
                 )
@@ -162,7 +164,6 @@ class OwnerMarket:
                 if delay > 0:
                     with trio.move_on_after(min(delay, 1.0)):
                         await self._wake.wait()
-                    self._wake = trio.Event()
 
     def _restore(
         self,
@@ -463,6 +464,8 @@ class OwnerMarket:
                 "deadline": job.spec.deadline,
                 "network": job.spec.network,
             },
+            # a network job's stable overlay address, wherever its guest runs
+            "address": str(vm_address(self.config.swarm_id, job_id)) if job.spec.network else None,
             "rows": segment_rows(job.history),
             "history": job.history,
             "statistics": job.machine.statistics(),

@@ -175,18 +175,23 @@ class RouteService:
         route = self.table.route(address)
         if route is not None and route.node_id == self.identity.node_id:
             return  # it came back here during the linger (A -> B -> A): keep it
+        if address in self.devices and await self.detach(address):
+            log.info("withdrew %s after %.1f s linger", address, self.linger_s)
+
+    async def detach(self, address: ipaddress.IPv6Address) -> bool:
+        """The VM behind `address` is gone from here: drop its kernel route and withdraw
+        our claim on it (persisted before it is spread). True if there was one."""
         device = self.devices.pop(address, None)
-        if device is None:
-            return
-        await self._kernel_route("del", address, *device)
-        try:
+        if device is not None:
+            await self._kernel_route("del", address, *device)
+        try:  # withdrawn even if a newer claim moved it: stale there, news elsewhere
             blob, effects = self.table.withdraw_local(address, self.identity, time.time())
         except LocalProtocolError:
-            return  # only prepared here, never claimed: nothing to withdraw
+            return False  # only prepared here, never claimed: nothing to withdraw
         await self._persist()
         await self.spread(address.packed, blob)
-        log.info("withdrew %s after %.1f s linger", address, self.linger_s)
         await self._changed(effects)
+        return True
 
     async def _persist(self) -> None:
         await trio.to_thread.run_sync(self.state.save_route_claims, self.table.snapshot())

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from node.guest_address import guest_cmdline
 from node.identity import Identity
 from node.jobs import JobSpec
 from node.records import parse_endpoint
@@ -147,14 +148,16 @@ class SegmentService:
                 "bytes": stats.bytes_done,
                 "bad_blocks": stats.bad_blocks,
             }
+        network = guest_cmdline(order.address) if order.address else ""
         run = SegmentRun(
             vm_name=f"gl-{order.name}",
             kernel=image.kernel,
             initrd=image.initrd,
-            cmdline=f"{image.cmdline} {order.args}".strip(),
+            cmdline=" ".join(part for part in (image.cmdline, order.args, network) if part),
             memory_mb=order.memory_mib or image.memory_mb,
             vcpus=order.vcpus,
             extent_cpu_s=order.extent_cpu_s,
+            tap=order.tap,
         )
         work = self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
         failure: SegmentError | None = None
@@ -202,6 +205,7 @@ class SegmentService:
             memory_mb=job.memory_mib,
             vcpus=job.vcpus,
             work_dir=self.state_dir / "verify",
+            tap=f"gv{job.job_id.hex()[:12]}" if job.network else None,  # never a replica's tap
         )
 
         def verify() -> Verdict:
@@ -291,6 +295,8 @@ class ReplicaOrder:
     extent_cpu_s: float
     memory_mib: int | None = None  # None: the image's default
     attempt: int = 0
+    tap: str | None = None  # a network job's NIC: the tap libvirt creates here
+    address: str | None = None  # a network job's overlay address (kernel command line)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from node.guest_address import GuestAddressError, configure_tap, guest_cmdline
 from node.routing import RouteService, RoutingError
 from node.wire import RemoteProtocolError
 from overlay.claims import decode_grant
@@ -34,7 +35,6 @@ log = logging.getLogger("gleaner.vms")
 
 ARRIVAL_POLL_S = 0.005
 ARRIVAL_TIMEOUT_S = 120.0
-HOST_LINK_LOCAL = "fe80::1"
 
 
 class VmServiceError(Exception):
@@ -72,10 +72,7 @@ class VmService:
             name=name,
             kernel=image.kernel,
             initrd=image.initrd,
-            cmdline=(
-                f"{image.cmdline} {_text(params, 'args')} "
-                f"gleaner.addr={address}/128 gleaner.gw={HOST_LINK_LOCAL}"
-            ),
+            cmdline=f"{image.cmdline} {_text(params, 'args')} {guest_cmdline(address)}",
             serial_log=self.work_dir / f"{name}.serial.log",
             memory_mb=image.memory_mb,
             tap=tap,
@@ -136,7 +133,7 @@ class VmService:
         try:
             while time.monotonic() < deadline:
                 if not prepared and Path(f"/sys/class/net/{tap}").exists():
-                    await self._configure_tap(tap)  # the incoming QEMU made it: route now
+                    await _configure(tap)  # the incoming QEMU made it: route now
                     await self.routes.prepare(grant, tap, None)
                     prepared = True
                 state = await trio.to_thread.run_sync(lambda: runtime.list_vms().get(name))
@@ -163,17 +160,15 @@ class VmService:
 
     async def _adopt(self, grant: bytes, tap: str, configured: bool = False) -> dict[str, Any]:
         if not configured:
-            await self._configure_tap(tap)
+            await _configure(tap)
         return await self.routes.attach(grant, tap, None)
 
-    async def _configure_tap(self, tap: str) -> None:
-        for command in (
-            ["ip", "-6", "addr", "replace", f"{HOST_LINK_LOCAL}/64", "dev", tap, "nodad"],
-            ["ip", "link", "set", tap, "up"],
-        ):
-            result = await trio.run_process(command, capture_stderr=True, check=False)
-            if result.returncode != 0:
-                raise VmServiceError(f"{' '.join(command)}: {result.stderr.decode().strip()}")
+
+async def _configure(tap: str) -> None:
+    try:
+        await configure_tap(tap)
+    except GuestAddressError as exc:
+        raise VmServiceError(str(exc)) from None
 
 
 def _grant(params: dict[str, Any]) -> bytes:

@@ -152,10 +152,13 @@ def test_spec_from_toml_table():
         "redundancy": 3,
         "price_ceiling": 8,
         "deadline": NOW + 86_400,
-        "network": True,
     }
     spec = JobSpec.from_mapping(OWNER.node_id, NONCE, table)
-    assert (spec.k, spec.ceiling, spec.segments, spec.network) == (3, 8, None, True)
+    assert (spec.k, spec.ceiling, spec.segments, spec.network) == (3, 8, None, False)
+    networked = table | {"network": True, "redundancy": 1}
+    assert JobSpec.from_mapping(OWNER.node_id, NONCE, networked).network
+    with pytest.raises(JobSpecError, match=r"^k: must be 1 for a network job"):
+        JobSpec.from_mapping(OWNER.node_id, NONCE, networked | {"redundancy": 2})
     assert JobSpec.from_mapping(OWNER.node_id, NONCE, table | {"segments": 4}).segments == 4
     with pytest.raises(JobSpecError, match="unknown job key"):
         JobSpec.from_mapping(OWNER.node_id, NONCE, table | {"redundnacy": 2})
@@ -618,7 +621,7 @@ def test_an_open_ended_job_ends_when_the_guest_powers_off():
 
 
 def test_a_network_job_awards_route_grants_with_fresh_epochs():
-    swarm = Swarm(four_hosts(), spec=job(network=True, segments=3))
+    swarm = Swarm(four_hosts(), spec=job(network=True, segments=3, k=1))
     swarm.start()
     swarm.run(until=lambda: swarm.finished)
     epochs = [w.epoch for a in swarm.awards for w in a.winners]

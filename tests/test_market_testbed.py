@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from conftest import needs_root
 
 from node import testbed
-from node.testbed_checks import rpc, wait_for
+from node.testbed_checks import ping, rpc, wait_for
 from node.testbed_market import audit, job, market_swarm, submit, wait_job
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
@@ -38,6 +40,48 @@ def test_five_segments_k2_on_four_hosts_pay_exactly_the_first_completers(swarm):
     paid = rpc(owner, "ledger")["payer"]["payments"]
     assert sorted(p["segment"] for p in paid if p["job_id"] == job_id) == [0, 1, 2, 3, 4]
     assert len({r["winner"] for r in report.rows} - {h["node_id"] for h in workers}) == 0
+
+
+def test_a_network_job_answers_at_its_address_wherever_its_segments_run(swarm):
+    _root, hosts, image_id = swarm
+    owner = hosts[0]
+    job_id = submit(owner, image_id, segments=3, redundancy=1, network=True, extent_s=4, args=ARGS)
+    address = job(owner, job_id)["address"]
+    assert ipaddress.IPv6Address(address) in ipaddress.IPv6Network("fd00::/8")
+    answered: set[int] = set()  # segments whose guest answered a ping at the job's address
+
+    def finished() -> bool:
+        detail = job(owner, job_id)
+        if detail["outcome"] is not None:
+            return True
+        rows = detail["rows"]
+        if rows and rows[-1]["replicas"] and rows[-1]["winner"] is None and ping(owner, address):
+            answered.add(rows[-1]["segment"])
+        return False
+
+    wait_for(finished, JOB_TIMEOUT_S, "the network job to end", step_s=0.2)
+    detail = job(owner, job_id)
+    assert detail["outcome"] == "completed", detail["history"][-5:]
+    assert len(answered) >= 2, f"the guest answered at {address} only in segments {answered}"
+    report = audit(owner, hosts, job_id, SEED)
+    assert report.ok, report.problems
+    # each segment's host claimed the address at a higher epoch, and the last withdrew it
+    claims = [
+        (h["epoch"], h["node_id"])
+        for h in rpc(owner, "routes")["history"]
+        if h["address"] == address and h["event"] == "routed" and h["node_id"]
+    ]
+    epochs = [epoch for epoch, _ in claims]
+    assert epochs == sorted(epochs) and len(set(epochs)) >= 3, claims
+    hosts_by_segment = {r["segment"]: r["winner"] for r in report.rows}
+    assert {node for _, node in claims} >= set(hosts_by_segment.values())
+    wait_for(
+        lambda: (
+            not any(r["node_id"] for r in rpc(owner, "routes")["routes"] if r["address"] == address)
+        ),
+        30,
+        "the last host to withdraw the address",
+    )
 
 
 def _running_segment(owner, job_id):
