@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import random
 from pathlib import Path
 
 import pytest
+from test_purity import imported_roots
 
 from node.identity import Identity
 from node.sim.engine import InvariantViolated, Simulator
@@ -156,11 +156,5 @@ def test_the_simulator_reads_no_clock_and_does_no_io():
     """Wall-clock time belongs in bench/sim.py only; the simulator is pure computation."""
     forbidden = {"trio", "socket", "time", "asyncio", "subprocess", "os", "zeroconf", "libvirt"}
     for module in sorted((SCENARIOS.parent).glob("*.py")):
-        tree = ast.parse(module.read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
+        imported = imported_roots(module)
         assert not imported & forbidden, f"{module.name} imports {sorted(imported & forbidden)}"
