@@ -78,8 +78,14 @@ class ReplayWindow:
     def accept(self, sender: NodeId, seq: int) -> bool:
         highest, bitmap = self._windows.get(sender, (-1, 0))
         if seq > highest:
+            # A jump beyond the window (a restarted sender's seq carries its boot
+            # counter in the high 32 bits) clears it; shifting by the jump itself
+            # would build an integer of up to 2^64 bits.
             shift = seq - highest
-            bitmap = ((bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if highest >= 0 else 1
+            if highest < 0 or shift >= REPLAY_WINDOW:
+                bitmap = 1
+            else:
+                bitmap = ((bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self._store(sender, seq, bitmap)
             return True
         offset = highest - seq
