@@ -24,8 +24,13 @@ A host bids only if every reservation, this one included, fits the caps, so
 it never promises more than it has, even with many offers in flight at once.
 
 *Declining.* No bid when draining, on another arch, without KVM for an offer
-that wants it, when the caps would be exceeded, or when the price floor is
-above the ceiling; each counted as ``declined_<why>``.
+that wants it, when the caps would be exceeded, when the price floor is
+above the ceiling, or for the live move of a guest running here (its
+``source`` is us); each counted as ``declined_<why>``.
+
+*Live hand-off.* ``HandOffRequested`` sends the owner a live WITHDRAW for a
+running replica, which keeps its reservation until ``ReplicaHandedOff`` (the
+guest migrated away) or the usual end of the replica.
 
 *Price and estimate.* ``price = min(ceiling, ceil(floor * (1 + busy)))`` with
 ``busy`` the share of replica slots already reserved: a host asks more as it
@@ -160,6 +165,22 @@ class ReplicaFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class HandOffRequested:
+    """Our sole replica of a network job must leave: ask its owner to move it live."""
+
+    ref: OfferRef
+    reason: str
+    used_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaHandedOff:
+    """Our replica's guest migrated to the host the owner chose: nothing more to report."""
+
+    ref: OfferRef
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyChanged:
     policy: HostPolicy
 
@@ -171,6 +192,8 @@ BidderEvent = (
     | CommitReceived
     | ReplicaFinished
     | ReplicaFailed
+    | HandOffRequested
+    | ReplicaHandedOff
     | PolicyChanged
 )
 
@@ -184,6 +207,7 @@ class StartReplica:
 
     offer: Offer
     award: Winner
+    award_blob: bytes = b""  # the owner's signed award (a live move shows it to the source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +306,11 @@ class Bidder:
                 self._on_finished(event, now)
             elif isinstance(event, ReplicaFailed):
                 self._on_failed(event)
+            elif isinstance(event, HandOffRequested):
+                self._on_hand_off(event)
+            elif isinstance(event, ReplicaHandedOff):
+                if self._holds.pop(event.ref.digest, None) is not None:
+                    self._stats["replicas_handed_off"] += 1
             elif isinstance(event, PolicyChanged):
                 self.policy = event.policy
         except RemoteProtocolError as exc:
@@ -361,6 +390,8 @@ class Bidder:
             return "late"
         if policy.draining:
             return "draining"
+        if offer.source == self._id:
+            return "own_guest"  # a live move of a guest running here
         if need.arch != policy.arch:
             return "arch"
         if need.kvm and not policy.kvm:
@@ -390,7 +421,7 @@ class Bidder:
             raise MarketRefused(Refusal.MISMATCH, "award's route grant does not fit the job")
         hold.phase, hold.expires = Phase.RUNNING, math.inf
         self._stats["awards_won"] += 1
-        self._out.append(StartReplica(hold.offer, mine))
+        self._out.append(StartReplica(hold.offer, mine, award.blob))
 
     def _on_cancel(self, blob: bytes) -> None:
         cancel = decode_cancel(blob)
@@ -429,6 +460,17 @@ class Bidder:
         if hold.phase is Phase.RUNNING:
             withdraw = sign_withdraw(self._identity, hold.offer.ref, event.reason)
             self._out.append(SendStatement(hold.offer.owner, MarketKind.WITHDRAW, withdraw.blob))
+
+    def _on_hand_off(self, event: HandOffRequested) -> None:
+        """Ask the owner to move our running replica live; we keep it until it moves."""
+        hold = self._holds.get(event.ref.digest)
+        if hold is None or hold.phase is not Phase.RUNNING:
+            return
+        self._stats["hand_offs_requested"] += 1
+        withdraw = sign_withdraw(
+            self._identity, hold.offer.ref, event.reason, live=True, used_ms=event.used_ms
+        )
+        self._out.append(SendStatement(hold.offer.owner, MarketKind.WITHDRAW, withdraw.blob))
 
     def _on_finished(self, event: ReplicaFinished, now: float) -> None:
         hold = self._holds.get(event.ref.digest)

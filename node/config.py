@@ -141,6 +141,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
     Setting("vm", "libvirt_uri", str, lambda: "qemu:///system", _nonempty(4096)),
     Setting("vm", "image_store", str, lambda: "", lambda v: None),
+    # Where other hosts reach this host's libvirt to live-migrate a guest here ("" =
+    # libvirt_uri, which only hosts on the same machine can use: the testbed).
+    Setting("vm", "migration_uri", str, lambda: "", lambda v: None),
     # What this host lends to the swarm (the bidder never promises more); 0 = all it has.
     Setting("host", "vcpus", int, lambda: 0, _range(0, 4096)),
     Setting("host", "memory_mib", int, lambda: 0, _range(0, 1 << 24)),

@@ -8,12 +8,15 @@ claims it (node.routing): from then on the whole swarm sends the address here.
 libvirt creates when the guest boots or is restored, then routes and claims
 the address with the award's grant; the host withdraws the claim when the
 replica ends (the next segment's host claims a higher epoch from its award).
+``adopt_guest`` is its twin for a guest arriving by live migration: route
+when the tap appears, claim only when the guest runs here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -77,4 +80,29 @@ async def route_guest(routes: RouteService, grant: bytes, tap: str) -> bool:
         log.warning("guest address on %s: %s", tap, exc)
         return False
     log.info("guest address %s claimed on %s at epoch %d", claim["address"], tap, claim["epoch"])
+    return True
+
+
+ARRIVAL_POLL_S = 0.005
+
+
+async def adopt_guest(
+    routes: RouteService, grant: bytes, tap: str, arrived: Callable[[], bool]
+) -> bool:
+    """For a guest migrating here: route its address to `tap` as soon as the incoming
+    QEMU makes it, and claim the address the moment ``arrived()`` (the guest runs
+    here), not before: until the switch-over the guest still answers on its source.
+    False if routing or claiming failed (logged); the caller withdraws with
+    ``routes.detach`` when the guest ends."""
+    await wait_for_device(tap)
+    try:
+        await configure_tap(tap)
+        await routes.prepare(grant, tap, None)
+        while not arrived():
+            await trio.sleep(ARRIVAL_POLL_S)
+        claim = await routes.attach(grant, tap, None)
+    except (GuestAddressError, RoutingError) as exc:
+        log.warning("arriving guest's address on %s: %s", tap, exc)
+        return False
+    log.info("arrived guest %s claimed on %s at epoch %d", claim["address"], tap, claim["epoch"])
     return True

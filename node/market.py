@@ -13,6 +13,11 @@ owner's side, node/bidder.py the host's, node/auction.py scores the bids)::
     owner --COMMIT--> holders     "segment i is committed as M, held by these nodes"
     host  --WITHDRAW--> owner     "I give up my replica" (it failed, or the volunteer is back)
 
+A network job's sole replica can be handed on *live* (a drain): its host sends
+WITHDRAW with ``live``; the owner offers the rest of the extent with ``source``
+naming that host, and the winner pulls the running guest from it (HANDOFF and
+HANDED_OFF, node/handoff.py) instead of restoring a checkpoint.
+
 Every message is a signed statement in the envelope of ``node.signed``: msgpack
 ``[payload, signature]``, Ed25519 by its author over CONTEXT + payload, each kind
 under its own context so a signature for one kind never verifies as another.
@@ -28,7 +33,8 @@ segment: uint, attempt: uint, offer: bin32``)::
                 extent: guest vCPU-seconds, checkpoint: bin32 | nil (nil: boot the image),
                 size: checkpoint bytes, holders: [bin32] (who serves the checkpoint),
                 k: 1..MAX_K, ceiling: 1..MAX_UNITS (units per segment), deadline: bid deadline,
-                args: str (the job's kernel command-line additions, may be empty)}
+                args: str (the job's kernel command-line additions, may be empty),
+                source: bin32 | nil (optional: the host the running guest migrates from)}
     bid:        by host, "gleaner/bid/v1\\0", {host, ref, price: 1..MAX_UNITS,
                 finish: estimated seconds, held: checkpoint bytes already held,
                 vcpus, memory, disk (MiB), slots: the host's free capacity before this run}
@@ -41,7 +47,9 @@ segment: uint, attempt: uint, offer: bin32``)::
                 the checkpoint now: the winner, unless it left after verification)}
     cancel:     by owner, "gleaner/cancel/v1\\0", {owner, ref, nodes: [bin32] 1..MAX_K,
                 reason: 1 LOST_RACE | 2 ABANDONED | 3 JOB_ENDED}
-    withdraw:   by host, "gleaner/withdraw/v1\\0", {host, ref, reason: str (<= 200 characters)}
+    withdraw:   by host, "gleaner/withdraw/v1\\0", {host, ref, reason: str (<= 200 characters),
+                live: bool (optional: hand the running guest on), used_ms: uint (optional:
+                the guest's vCPU time in this segment so far)}
 
 All integers are uint64 unless a range is given; times are Unix seconds.
 
@@ -125,6 +133,8 @@ class MarketKind(enum.IntEnum):
     COMMIT = 5
     CANCEL = 6
     WITHDRAW = 7
+    HANDOFF = 8  # winner -> source of a live offer: "migrate the guest to me" (node/handoff.py)
+    HANDED_OFF = 9  # source -> winner: "it is yours; here is its console so far"
 
 
 class Refusal(enum.Enum):
@@ -208,6 +218,7 @@ class Offer:
     ceiling: int
     bid_deadline: int
     args: str = ""
+    source: NodeId | None = None  # a live hand-off: the guest runs there and migrates
     blob: bytes = field(default=b"", compare=False, repr=False)
 
 
@@ -282,6 +293,8 @@ class Withdraw:
     host: NodeId
     ref: OfferRef
     reason: str
+    live: bool = False  # hand the running guest on (a network job's sole replica)
+    used_ms: int = 0  # vCPU time the guest used in this segment so far
     blob: bytes = field(default=b"", compare=False, repr=False)
 
 
@@ -326,6 +339,7 @@ def sign_offer(
     ceiling: int,
     bid_deadline: int,
     args: str = "",
+    source: NodeId | None = None,
 ) -> Offer:
     """As job owner, offer ``segment`` (attempt ``attempt``) of the job ``job_nonce`` names."""
     payload = {
@@ -349,6 +363,8 @@ def sign_offer(
         "deadline": bid_deadline,
         "args": args,
     }
+    if source is not None:
+        payload["source"] = source.key
     return decode_own(decode_offer, sign_payload(owner, OFFER_CONTEXT, payload))
 
 
@@ -357,7 +373,7 @@ def sign_bid(
 ) -> Bid:
     payload = {
         "host": host.node_id.key,
-        **_ref_fields(ref),
+        **ref_fields(ref),
         "price": price,
         "finish": finish_s,
         "held": held_bytes,
@@ -373,7 +389,7 @@ def sign_award(owner: Identity, ref: OfferRef, winners: tuple[Winner, ...]) -> A
     rows = [
         [w.node.key, w.price, w.epoch, None if w.grant is None else w.grant.blob] for w in winners
     ]
-    payload = {"owner": owner.node_id.key, **_ref_fields(ref), "winners": rows}
+    payload = {"owner": owner.node_id.key, **ref_fields(ref), "winners": rows}
     return decode_own(decode_award, sign_payload(owner, AWARD_CONTEXT, payload))
 
 
@@ -389,7 +405,7 @@ def sign_completion(
 ) -> Completion:
     payload = {
         "host": host.node_id.key,
-        **_ref_fields(ref),
+        **ref_fields(ref),
         "manifest": manifest,
         "size": size,
         "progress": progress,
@@ -410,7 +426,7 @@ def sign_commit(
 ) -> SegmentCommit:
     payload = {
         "owner": owner.node_id.key,
-        **_ref_fields(ref),
+        **ref_fields(ref),
         "winner": winner.key,
         "manifest": manifest,
         "size": size,
@@ -424,15 +440,23 @@ def sign_cancel(
 ) -> Cancel:
     payload = {
         "owner": owner.node_id.key,
-        **_ref_fields(ref),
+        **ref_fields(ref),
         "nodes": [node.key for node in nodes],
         "reason": int(reason),
     }
     return decode_own(decode_cancel, sign_payload(owner, CANCEL_CONTEXT, payload))
 
 
-def sign_withdraw(host: Identity, ref: OfferRef, reason: str) -> Withdraw:
-    payload = {"host": host.node_id.key, **_ref_fields(ref), "reason": reason[:MAX_REASON_CHARS]}
+def sign_withdraw(
+    host: Identity, ref: OfferRef, reason: str, *, live: bool = False, used_ms: int = 0
+) -> Withdraw:
+    payload: dict[str, Any] = {
+        "host": host.node_id.key,
+        **ref_fields(ref),
+        "reason": reason[:MAX_REASON_CHARS],
+    }
+    if live:
+        payload.update(live=True, used_ms=used_ms)
     return decode_own(decode_withdraw, sign_payload(host, WITHDRAW_CONTEXT, payload))
 
 
@@ -441,7 +465,7 @@ def sign_withdraw(host: Identity, ref: OfferRef, reason: str) -> Withdraw:
 
 def decode_offer(blob: bytes) -> Offer:
     what = "offer"
-    owner, payload, fields = _open(blob, what, MAX_OFFER_BYTES, OFFER_CONTEXT, "owner")
+    owner, payload, fields = open_authored(blob, what, MAX_OFFER_BYTES, OFFER_CONTEXT, "owner")
     nonce = bin_field(fields, "nonce", what, MIN_NONCE_BYTES, MAX_NONCE_BYTES)
     job_id = bin_field(fields, "job", what, DIGEST_BYTES)
     if job_id != derive_job_id(owner.key, nonce):
@@ -476,16 +500,17 @@ def decode_offer(blob: bytes) -> Offer:
         ceiling=uint_field(fields, "ceiling", what, 1, MAX_UNITS),
         bid_deadline=uint_field(fields, "deadline", what),
         args=_optional_text(fields, "args", what, MAX_ARGS_CHARS),
+        source=None if fields.get("source") is None else key_field(fields, "source", what),
         blob=blob,
     )
 
 
 def decode_bid(blob: bytes) -> Bid:
     what = "bid"
-    host, _, fields = _open(blob, what, MAX_BID_BYTES, BID_CONTEXT, "host")
+    host, _, fields = open_authored(blob, what, MAX_BID_BYTES, BID_CONTEXT, "host")
     return Bid(
         host=host,
-        ref=_read_ref(fields, what),
+        ref=read_ref(fields, what),
         price=uint_field(fields, "price", what, 1, MAX_UNITS),
         finish_s=uint_field(fields, "finish", what),
         held_bytes=uint_field(fields, "held", what),
@@ -501,8 +526,8 @@ def decode_bid(blob: bytes) -> Bid:
 
 def decode_award(blob: bytes) -> Award:
     what = "award"
-    owner, _, fields = _open(blob, what, MAX_AWARD_BYTES, AWARD_CONTEXT, "owner")
-    ref = _read_ref(fields, what)
+    owner, _, fields = open_authored(blob, what, MAX_AWARD_BYTES, AWARD_CONTEXT, "owner")
+    ref = read_ref(fields, what)
     rows = fields.get("winners")
     if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_K:
         raise RemoteProtocolError(f"award winners is not a list of 1..{MAX_K}")
@@ -514,10 +539,10 @@ def decode_award(blob: bytes) -> Award:
 
 def decode_completion(blob: bytes) -> Completion:
     what = "completion"
-    host, _, fields = _open(blob, what, MAX_COMPLETION_BYTES, COMPLETION_CONTEXT, "host")
+    host, _, fields = open_authored(blob, what, MAX_COMPLETION_BYTES, COMPLETION_CONTEXT, "host")
     return Completion(
         host=host,
-        ref=_read_ref(fields, what),
+        ref=read_ref(fields, what),
         manifest=bin_field(fields, "manifest", what, DIGEST_BYTES),
         size=uint_field(fields, "size", what),
         progress=bin_field(fields, "progress", what, DIGEST_BYTES),
@@ -529,10 +554,10 @@ def decode_completion(blob: bytes) -> Completion:
 
 def decode_commit(blob: bytes) -> SegmentCommit:
     what = "commit"
-    owner, _, fields = _open(blob, what, MAX_COMMIT_BYTES, COMMIT_CONTEXT, "owner")
+    owner, _, fields = open_authored(blob, what, MAX_COMMIT_BYTES, COMMIT_CONTEXT, "owner")
     return SegmentCommit(
         owner=owner,
-        ref=_read_ref(fields, what),
+        ref=read_ref(fields, what),
         winner=key_field(fields, "winner", what),
         manifest=bin_field(fields, "manifest", what, DIGEST_BYTES),
         size=uint_field(fields, "size", what),
@@ -543,13 +568,13 @@ def decode_commit(blob: bytes) -> SegmentCommit:
 
 def decode_cancel(blob: bytes) -> Cancel:
     what = "cancel"
-    owner, _, fields = _open(blob, what, MAX_CANCEL_BYTES, CANCEL_CONTEXT, "owner")
+    owner, _, fields = open_authored(blob, what, MAX_CANCEL_BYTES, CANCEL_CONTEXT, "owner")
     raw_reason = uint_field(fields, "reason", what)
     if raw_reason not in tuple(CancelReason):
         raise RemoteProtocolError(f"cancel reason {raw_reason} is unknown")
     return Cancel(
         owner=owner,
-        ref=_read_ref(fields, what),
+        ref=read_ref(fields, what),
         nodes=_keys_field(fields, "nodes", what, 1, MAX_K),
         reason=CancelReason(raw_reason),
         blob=blob,
@@ -558,11 +583,13 @@ def decode_cancel(blob: bytes) -> Cancel:
 
 def decode_withdraw(blob: bytes) -> Withdraw:
     what = "withdraw"
-    host, _, fields = _open(blob, what, MAX_WITHDRAW_BYTES, WITHDRAW_CONTEXT, "host")
+    host, _, fields = open_authored(blob, what, MAX_WITHDRAW_BYTES, WITHDRAW_CONTEXT, "host")
     return Withdraw(
         host=host,
-        ref=_read_ref(fields, what),
+        ref=read_ref(fields, what),
         reason=_optional_text(fields, "reason", what, MAX_REASON_CHARS),
+        live=_bool_field(fields, "live", what) if "live" in fields else False,
+        used_ms=uint_field(fields, "used_ms", what) if "used_ms" in fields else 0,
         blob=blob,
     )
 
@@ -580,8 +607,8 @@ DECODERS: dict[MarketKind, Callable[[bytes], Statement]] = {
 
 def decode_statement(kind: int, blob: bytes) -> Statement:
     """Decode a market message of ``kind`` (a ``MarketKind`` value)."""
-    if kind not in tuple(MarketKind):
-        raise RemoteProtocolError(f"market message kind {kind!r} is unknown")
+    if kind not in tuple(DECODERS):
+        raise RemoteProtocolError(f"market message kind {kind!r} is not a market statement")
     return DECODERS[MarketKind(kind)](blob)
 
 
@@ -594,7 +621,7 @@ def peek_job(blob: bytes) -> bytes:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _open(
+def open_authored(
     blob: bytes, what: str, limit: int, context: bytes, author: str
 ) -> tuple[NodeId, bytes, dict[str, Any]]:
     payload, signature, fields = open_statement(blob, what, limit)
@@ -604,11 +631,11 @@ def _open(
     return node, payload, fields
 
 
-def _ref_fields(ref: OfferRef) -> dict[str, Any]:
+def ref_fields(ref: OfferRef) -> dict[str, Any]:
     return {"job": ref.job_id, "segment": ref.segment, "attempt": ref.attempt, "offer": ref.digest}
 
 
-def _read_ref(fields: Mapping[str, Any], what: str) -> OfferRef:
+def read_ref(fields: Mapping[str, Any], what: str) -> OfferRef:
     return OfferRef(
         job_id=bin_field(fields, "job", what, DIGEST_BYTES),
         segment=uint_field(fields, "segment", what),

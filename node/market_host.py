@@ -45,8 +45,9 @@ from node.bidder import (
 )
 from node.config import Config
 from node.guest_address import GuestAddressError, grant_address, market_tap_name, route_guest
+from node.handoff import decode_handed_off, decode_handoff
 from node.identity import Identity, NodeId
-from node.market import MarketKind, Offer, SendStatement, decode_offer
+from node.market import MarketKind, Offer, SendStatement, decode_offer, refusal_of
 from node.market_owner import guarded
 from node.routing import RouteService
 from node.segment_service import (
@@ -138,10 +139,22 @@ class HostMarket:
             event = CancelReceived(blob)
         elif kind == MarketKind.COMMIT:
             event = CommitReceived(blob)
+        elif kind in (MarketKind.HANDOFF, MarketKind.HANDED_OFF):
+            self._refuse_hand_off(kind, blob)
+            return
         else:
             self.stats["frames_unexpected"] += 1
             return
         await self._execute(self.bidder.handle(event, time.time()))
+
+    def _refuse_hand_off(self, kind: int, blob: bytes) -> None:
+        """Live hand-off between hosts is not carried out here yet: count and drop."""
+        try:
+            (decode_handoff if kind == MarketKind.HANDOFF else decode_handed_off)(blob)
+        except RemoteProtocolError as exc:
+            self.stats[f"refused_{refusal_of(exc).value}"] += 1
+            return
+        self.stats["refused_mismatch"] += 1
 
     async def _screen_offer(self, blob: bytes) -> OfferReceived | None:
         try:
@@ -156,6 +169,9 @@ class HostMarket:
             return None
         if offer.requirements.network and self.routes is None:
             self.stats["declined_network"] += 1  # no overlay here to route its address
+            return None
+        if offer.source is not None:
+            self.stats["declined_live"] += 1  # adopting a migrating guest: not yet here
             return None
         return OfferReceived(blob, self._held_bytes(offer))
 
@@ -341,7 +357,7 @@ class HostMarket:
     def view(self) -> dict[str, Any]:
         free = self.bidder.free()
         return {
-            "statistics": {**self.bidder.statistics(), **self.stats},
+            "statistics": dict(Counter(self.bidder.statistics()) + self.stats),
             "free": {
                 "vcpus": free.vcpus,
                 "memory_mib": free.memory_mib,

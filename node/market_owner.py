@@ -277,7 +277,8 @@ class OwnerMarket:
             blob = encode_snapshot(effect.snapshot)
             await trio.to_thread.run_sync(self.state.save_job_snapshot, job_id, blob)
         elif isinstance(effect, BroadcastOffer):
-            targets = [n for n in self.live_members() if n != self.identity.node_id]
+            skip = (self.identity.node_id, effect.offer.source)  # a move's source bids not
+            targets = [n for n in self.live_members() if n not in skip]
             for target in targets:
                 await self.send(target, MarketKind.OFFER, effect.offer.blob)
             ref = effect.offer.ref

@@ -30,6 +30,16 @@ the slowest winner's estimate plus ``run_grace_s``), is charged to its host's
 reputation; the others go on. A completion that fails verification is charged
 double and the next queued one is verified.
 
+*Live hand-off.* A network job's sole replica whose host must leave (a drain)
+is moved, not restarted: its host's live WITHDRAW (with the vCPU time used)
+opens a *move* auction beside the running round, for the rest of the extent,
+with ``source`` naming that host. The guest keeps running meanwhile. If the
+move finds a host, that host is awarded (with the next route epoch) and its
+round replaces the current one; the source migrates the guest to it
+(node/handoff.py) and the segment is verified and paid as usual, to whoever
+completes it. If it finds none, nothing changes: the source falls back to
+checkpointing where it is, a completion of the running round.
+
 *Owner offline.* A machine that gets no events does not move: the job waits
 where it is and the hosts keep their checkpoints, resending completions. On
 ``OwnerResumed`` the machine re-offers an open auction, gives running replicas
@@ -155,6 +165,14 @@ class _Replica:
 
 
 @dataclass(slots=True)
+class _Move:
+    """The auction for a live hand-off; the guest still runs at ``offer.source``."""
+
+    offer: Offer
+    auction: Auctioneer
+
+
+@dataclass(slots=True)
 class _Round:
     """One attempt of one segment."""
 
@@ -169,6 +187,7 @@ class _Round:
     copies: dict[bytes, dict[NodeId, None]] = field(default_factory=dict)  # manifest -> nodes
     replicate_at: float = math.inf
     excused: bool = False  # the owner was away: losses are not the hosts' fault
+    move: _Move | None = None  # a live hand-off of the sole replica, being auctioned
 
     def winning(self) -> Completion:
         assert self.winner is not None
@@ -234,9 +253,13 @@ class SegmentMachine:
                 self._on_bid(event.blob, now)
             elif isinstance(event, OfferDelivered):
                 auction = self._round.auction if self._round else None
+                move = self._round.move if self._round else None
                 if auction is not None and auction.offer.ref.attempt == event.attempt:
                     auction.expect(event.recipients)
                     self._maybe_close(auction, now)
+                elif move is not None and move.offer.ref.attempt == event.attempt:
+                    move.auction.expect(event.recipients)
+                    self._maybe_close_move(now)
             elif isinstance(event, ReplicaStarted):
                 replica = self._replica(event.node)
                 if self._state is _S.AWARDED and replica is not None and replica.running:
@@ -268,6 +291,8 @@ class SegmentMachine:
             elif now >= self._reoffer_at:
                 self._open_offer(now)
         elif self._state in IN_FLIGHT and round_ is not None:
+            if round_.move is not None:
+                self._maybe_close_move(now)
             if now >= round_.run_deadline:
                 self._run_out(round_, now)
             if round_.winner is not None and now >= round_.replicate_at:
@@ -283,6 +308,8 @@ class SegmentMachine:
             wakeup = min(wakeup, auction.deadline if auction is not None else self._reoffer_at)
         elif self._state in IN_FLIGHT and round_ is not None:
             wakeup = min(wakeup, round_.run_deadline, round_.replicate_at)
+            if round_.move is not None:
+                wakeup = min(wakeup, round_.move.auction.deadline)
         return wakeup
 
     # -- offer and award ---------------------------------------------------------------
@@ -334,6 +361,13 @@ class SegmentMachine:
     def _on_bid(self, blob: bytes, now: float) -> None:
         bid = decode_bid(blob)
         round_ = self._round
+        move = round_.move if round_ is not None else None
+        if move is not None and bid.ref == move.offer.ref:
+            if bid.host == move.offer.source:
+                raise MarketRefused(Refusal.UNFIT, "the source of a move cannot take it")
+            self._stats[f"bids_{move.auction.add_bid(bid, now).value}"] += 1
+            self._maybe_close_move(now)
+            return
         self._judge_ref(bid.ref, round_)
         assert round_ is not None
         auction = round_.auction
@@ -491,8 +525,77 @@ class SegmentMachine:
         replica = self._replica(withdraw.host)
         if replica is None:
             raise MarketRefused(Refusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
+        if withdraw.live:
+            self._open_move(replica, withdraw, now)
+            return
         self._stats["withdrawals"] += 1
         self._on_lost(withdraw.host, now)
+
+    # -- live hand-off -----------------------------------------------------------------
+
+    def _open_move(self, replica: _Replica, withdraw: Withdraw, now: float) -> None:
+        """Auction the rest of the segment to a host the running guest can migrate to."""
+        round_ = self._round
+        assert round_ is not None
+        movable = (
+            self.spec.network
+            and self.spec.k == 1
+            and replica.running
+            and self._state in (_S.AWARDED, _S.RUNNING)
+            and round_.move is None
+        )
+        if not movable:
+            self._stats["moves_refused"] += 1  # its host checkpoints where it is instead
+            return
+        spec, snap, offer = self.spec, self._snap, round_.offer
+        attempt = snap.next_attempt
+        self._snap = replace(snap, next_attempt=attempt + 1)
+        move = sign_offer(
+            self._owner,
+            job_nonce=spec.nonce,
+            segment=offer.ref.segment,
+            attempt=attempt,
+            image=spec.image,
+            requirements=spec.requirements,
+            extent_s=max(1, offer.extent_s - withdraw.used_ms // 1000),
+            checkpoint=offer.checkpoint,
+            checkpoint_size=offer.checkpoint_size,
+            holders=offer.holders,
+            k=1,
+            ceiling=spec.ceiling,
+            bid_deadline=math.ceil(now + self.config.auction.bid_window_s),
+            args=spec.args,
+            source=replica.node,
+        )
+        round_.move = _Move(move, Auctioneer(move, now, self.config.auction, self._reputation))
+        self._stats["moves_offered"] += 1
+        self._emit(BroadcastOffer(move))
+
+    def _maybe_close_move(self, now: float) -> None:
+        round_ = self._round
+        move = round_.move if round_ is not None else None
+        if round_ is None or move is None or not move.auction.ready(now):
+            return
+        round_.move = None
+        source = self._replica(move.offer.source) if move.offer.source else None
+        picks = move.auction.select(self._rng)
+        if not picks or source is None or not source.running or round_.winner is not None:
+            self._stats["moves_unplaced"] += 1  # the guest stays; its host checkpoints
+            return
+        pick = picks[0]
+        node = pick.bid.host
+        award = sign_award(self._owner, move.offer.ref, (self._winner(node, pick.bid.price),))
+        moved = _Round(move.offer, None)
+        moved.replicas[node] = _Replica(node, pick.bid.price, pick.bid.finish_s)
+        moved.awarded_at = now
+        slack, grace = self.config.finish_slack, self.config.run_grace_s
+        moved.run_deadline = now + pick.bid.finish_s * slack + grace
+        self._reputation.awarded(node)
+        self._round, self._attempt = moved, move.offer.ref.attempt
+        self._stats["moves_awarded"] += 1
+        self._emit(PersistJob(self.job_id, self._snap))
+        for bid in move.auction.bids:
+            self._emit(SendStatement(bid.host, MarketKind.AWARD, award.blob))
 
     def _on_lost(self, node: NodeId, now: float) -> None:
         round_ = self._round

@@ -922,3 +922,61 @@ def test_a_failed_replica_tells_its_owner():
     [sent] = host.bidder.handle(ReplicaFailed(offer.ref, "disk full"), NOW + 2)
     assert sent.kind is MarketKind.WITHDRAW and sent.target == OWNER.node_id
     assert decode_withdraw(sent.blob).reason == "disk full"
+
+
+# -- live hand-off (a drain moves a network job's running guest) ------------------------
+
+
+def moving(m: SegmentMachine, used_ms: int = 40_000) -> tuple[Offer, Offer]:
+    """A network job running on HOSTS[0]; its host asks to hand it on live."""
+    offer = awarded(m, HOSTS[0])
+    withdraw = sign_withdraw(HOSTS[0], offer.ref, "draining", live=True, used_ms=used_ms)
+    [broadcast] = of(BroadcastOffer, m.handle(WithdrawReceived(withdraw.blob), NOW + 5))
+    return offer, broadcast.offer
+
+
+def test_a_live_withdraw_auctions_the_rest_of_the_extent_and_keeps_the_guest_running():
+    m = machine(job(network=True, k=1))
+    offer, move = moving(m)
+    assert move.source == HOSTS[0].node_id and move.ref.attempt > offer.ref.attempt
+    assert move.extent_s == offer.extent_s - 40 and move.checkpoint == offer.checkpoint
+    assert m.statistics().get("replicas_lost", 0) == 0 and m.state is SegmentState.AWARDED
+    # the source cannot take its own guest; another host can
+    m.handle(BidReceived(bid_blob(HOSTS[0], move)), NOW + 6)
+    assert m.statistics()["refused_unfit"] == 1
+    m.handle(BidReceived(bid_blob(HOSTS[1], move)), NOW + 6)
+    effects = m.tick(NOW + 10)
+    [persist] = of(PersistJob, effects)
+    [award_sent] = of(SendStatement, effects)
+    award = decode_award(award_sent.blob)
+    assert award.ref == move.ref and [w.node for w in award.winners] == [HOSTS[1].node_id]
+    assert (
+        award.winners[0].grant is not None and persist.snapshot.next_epoch > award.winners[0].epoch
+    )
+    assert effects.index(persist) < effects.index(award_sent), "epochs persisted first"
+    # the old attempt is history; the destination's completion is the one verified
+    old = m.handle(CompletionReceived(completion_blob(HOSTS[0], offer)), NOW + 20)
+    assert decode_cancel(of(SendStatement, old)[0].blob).reason is CancelReason.ABANDONED
+    [verify] = of(
+        VerifyCompletion, m.handle(CompletionReceived(completion_blob(HOSTS[1], move)), NOW + 30)
+    )
+    assert verify.node == HOSTS[1].node_id and verify.base == offer.checkpoint
+
+
+def test_a_move_nobody_takes_leaves_the_guest_where_it_is():
+    m = machine(job(network=True, k=1))
+    offer, _ = moving(m)
+    assert of(SendStatement, m.tick(NOW + 60)) == []
+    assert m.statistics()["moves_unplaced"] == 1
+    [verify] = of(
+        VerifyCompletion, m.handle(CompletionReceived(completion_blob(HOSTS[0], offer)), NOW + 70)
+    )
+    assert verify.node == HOSTS[0].node_id  # the source checkpointed where it was
+
+
+def test_only_a_network_jobs_sole_replica_moves_live():
+    m = machine(job(k=2))
+    offer = awarded(m, HOSTS[0], HOSTS[1])
+    withdraw = sign_withdraw(HOSTS[0], offer.ref, "draining", live=True, used_ms=1)
+    assert of(BroadcastOffer, m.handle(WithdrawReceived(withdraw.blob), NOW + 5)) == []
+    assert m.statistics()["moves_refused"] == 1 and m.statistics().get("replicas_lost", 0) == 0

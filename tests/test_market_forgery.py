@@ -347,7 +347,7 @@ def garbage(attack: Attack, agent: MarketAgent) -> None:
             attack.ledger(
                 "payer" if kind is LedgerKind.ACK else "payee", "refused_malformed", kind, blob
             )
-    for unknown in (0, 8, 99, -1, 1 << 40):
+    for unknown in (0, 10, 99, -1, 1 << 40):
         attack.market("host", "frames_unexpected", unknown, named)
     for unknown in (0, 4, 99, -1, 1 << 40):
         attack.ledger("ledger", "frames_unexpected", unknown, named)
