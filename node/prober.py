@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
 LATE_REPLY_S = 0.5
+ICMP6_FILTER = 1  # the Linux socket option (netinet/icmp6.h)
+RECEIVE_BUFFER_BYTES = 4 << 20
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ProbeResult:
     gap_ms_max: float = 0.0
     rtt_ms_median: float = 0.0
     lost_runs: list[tuple[int, int]] = field(default_factory=list)  # (first seq, count)
+    # when each run's first and last probe left (a stalled prober sends late, in a burst)
+    lost_runs_sent: list[tuple[float, float]] = field(default_factory=list)
     first_send: float = 0.0
 
 
@@ -49,6 +53,7 @@ def probe(
 ) -> ProbeResult:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
     sock.setblocking(False)
+    _only_echo_replies(sock)
     ident = os.getpid() & 0xFFFF
     sent_at: dict[int, float] = {}
     reply_at: dict[int, float] = {}
@@ -86,6 +91,16 @@ def probe(
     return _summarise(target, interval_s, sent_at, reply_at)
 
 
+def _only_echo_replies(sock: socket.socket) -> None:
+    """Let the kernel keep every other ICMPv6 message (other probers' replies are still
+    ours to skip) off this socket, and give it room for a stall of the prober itself:
+    a raw socket that overflows drops replies, which would count as lost probes."""
+    blocked = [0xFFFFFFFF] * 8
+    blocked[ICMPV6_ECHO_REPLY >> 5] &= ~(1 << (ICMPV6_ECHO_REPLY & 31))
+    sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *blocked))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+
+
 def _receive(sock: socket.socket, ident: int, reply_at: dict[int, float], timeout: float) -> None:
     ready, _, _ = select.select([sock], [], [], timeout)
     if not ready:
@@ -101,6 +116,11 @@ def _receive(sock: socket.socket, ident: int, reply_at: dict[int, float], timeou
                 reply_at.setdefault(struct.unpack("!I", data[8:12])[0], time.monotonic())
 
 
+def _end_run(result: ProbeResult, sent_at: dict[int, float], start: int, length: int) -> None:
+    result.lost_runs.append((start, length))
+    result.lost_runs_sent.append((sent_at[start], sent_at[start + length - 1]))
+
+
 def _summarise(
     target: str, interval_s: float, sent_at: dict[int, float], reply_at: dict[int, float]
 ) -> ProbeResult:
@@ -112,14 +132,14 @@ def _summarise(
     for seq in range(result.sent):
         if seq in reply_at:
             if run_length:
-                result.lost_runs.append((run_start, run_length))
+                _end_run(result, sent_at, run_start, run_length)
             run_length = 0
         else:
             if not run_length:
                 run_start = seq
             run_length += 1
     if run_length:
-        result.lost_runs.append((run_start, run_length))
+        _end_run(result, sent_at, run_start, run_length)
     times = sorted(reply_at[seq] for seq in received)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     result.gap_ms_max = round(max(gaps, default=0.0) * 1000, 3)
