@@ -21,10 +21,12 @@ loop started there (``Load``) is that host's volunteer coming back.
 - `lost_probes_max`, `gap_ms_max`: from just before the drain, the owner's
   namespace probes the network job's overlay address once a millisecond
   (node.prober) until the guest answers again after the drain (its segment
-  continued on another host), or the job ends. Today a drained network replica
-  is checkpointed and its segment handed back to the market, so the gap spans
-  the checkpoint, the owner's verification, a new auction and a restore; live
-  migration (the issue's aim) is not built yet (`lost_probes_note`).
+  continued on another host), or the job ends. The drained host hands its
+  network replica on live (docs/decisions.md 26): the owner auctions the rest
+  of the segment, the winner pulls the running guest by live migration and
+  claims its address when it runs there, so the gap is the migration's
+  switch-over plus the claim's spread, not a checkpoint and restore
+  (`network_hand_off`: how the drained host let it go, from its statistics).
 
 Latencies are the bench process's monotonic clock; the owner's history gives
 the drain's consequences (withdrawals, awards after the drain). Prints one JSON
@@ -79,11 +81,18 @@ BOTH_WAIT_S = 10.0  # how long to hope for one host running both drain jobs
 EMPTY_MARGIN_S = 60.0  # past the drain deadline, before "never empties"
 PAUSE_EXTENT_S, DRAIN_EXTENT_S = 30, 20
 PROBE_INTERVAL_MS = 1.0
+HAND_OFF_STATISTICS = (
+    "hand_offs_requested",
+    "replicas_handed_off",
+    "hand_offs_failed",
+    "hand_offs_fell_back",
+    "replicas_finished_early",
+)
 ANSWER_AGAIN_S = 3.0  # replies seen for this long after the handoff end the probe window
 LOST_PROBES_NOTE = (
-    "the drained host checkpoints the network job's replica and the owner re-offers "
-    "its segment (no live migration yet): the gap is checkpoint + verification + "
-    "auction + restore, not a migration's downtime"
+    "the drained host hands the network job's running guest on by live migration to the "
+    "host the owner's move auction picks; probes are lost from the switch-over until the "
+    "destination's route claim reaches the owner"
 )
 
 
@@ -292,6 +301,8 @@ def drain_under_probe(
         emptied = False
     policy_after = rpc(host, "status")["policy"]
     probed = prober.until_answered_elsewhere(owner, network_job, host["node_id"])
+    stats = rpc(host, "market")["statistics"]
+    hand_off = {key: stats.get(key, 0) for key in HAND_OFF_STATISTICS}
     audited = [audit_job(owner, hosts, job_id) for job_id in jobs]
     reports = [report for report, _detail in audited]
     details = [detail for _report, detail in audited]
@@ -310,6 +321,7 @@ def drain_under_probe(
         "policy_after_reason": policy_after["reason"],
         **consequences,
         **probed,
+        "network_hand_off": hand_off,
         "drain_jobs": reports,
         "jobs_ok": all(r["ok"] for r in reports),
     }

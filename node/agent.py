@@ -29,13 +29,13 @@ from typing import Any
 import trio
 
 from node import __version__
-from node.config import Config, policy_config
+from node.agent_market import Edges, MarketSide
+from node.config import Config
 from node.control import ControlServer, RpcError
 from node.discovery import Discovery, MdnsDiscovery
 from node.dissemination import Broadcast, encode_update
 from node.identity import Identity, NodeId
 from node.ledger_service import LedgerService
-from node.market import MarketKind
 from node.market_rpc import MARKET_METHODS, market_rpc
 from node.membership import (
     BroadcastReceived,
@@ -52,7 +52,6 @@ from node.membership import (
     SendMessage,
     SendToEndpoint,
 )
-from node.payee import PayeeConfig
 from node.records import Capabilities, PeerRecord, decode_record, parse_endpoint, sign_record
 from node.routing import ROUTE_TOPIC, RouteService, RoutingError
 from node.segment_service import SegmentError, SegmentService
@@ -70,6 +69,7 @@ MEMBERSHIP_TYPES = frozenset(
         MessageType.PING,
         MessageType.ACK,
         MessageType.PING_REQ,
+        MessageType.NACK,
         MessageType.JOIN,
         MessageType.JOIN_REPLY,
         MessageType.GOSSIP,
@@ -110,6 +110,7 @@ class Agent:
         self.routes: RouteService | None = None
         self.discovery: Discovery | None = None
         self.segments: SegmentService | None = None
+        self.market: MarketSide | None = None
         self.ledger: LedgerService | None = None
         self.host_market: Any = None  # node.market_host.HostMarket
         self.policy: Any = None  # node.policy_service.PolicyService
@@ -201,54 +202,28 @@ class Agent:
             )
             report_started()
 
-    def _start_market(self) -> None:
-        from node.host_probe import HostProbe
-        from node.market_host import HostMarket, host_policy
-        from node.market_owner import OwnerMarket, machine_config
-        from node.policy_service import PolicyService
+    def _migration_target(self) -> tuple[str, str]:
+        """How another host live-migrates a guest here: our libvirt and our underlay."""
+        uri = self.config["vm.migration_uri"] or self.config["vm.libvirt_uri"]
+        return uri, self.transport.underlay_address[0]
 
+    def _start_market(self) -> None:
         assert self.segments is not None
-        config = self.config
-        self.ledger = LedgerService(
-            self.identity,
-            self.state,
+        edges = Edges(
+            self._send_market,
             self._send_ledger,
-            chain_length=config["market.chain_length"],
-            payee_config=PayeeConfig(
-                trusted_issuers=frozenset(map(NodeId.parse, config["market.trusted_issuers"])),
-                accept_self_issued=config["market.accept_self_issued"],
-            ),
-        )
-        self.host_market = HostMarket(
-            self.identity,
-            host_policy(config),
-            self.segments,
-            self._send_market,
-            self.block_endpoint,
-            self.routes if self.overlay is not None else None,  # network jobs need an overlay
-        )
-        self.policy = PolicyService(
-            policy_config(config),
-            self.state,
-            self.host_market,
-            HostProbe(namespace_only=config["policy.scope"] == "netns"),
-            config["policy.sample_interval_s"],
-            host_policy(config),
-            self._helper_pids,
-        )
-        self.owner_market = OwnerMarket(
-            self.identity,
-            self.state,
-            self.segments,
-            machine_config(
-                self.swarm_id, config["market.bid_window_s"], config["market.run_grace_s"]
-            ),
-            self._send_market,
-            self.ledger.pay,
             self.live_members,
             self.block_endpoint,
-            config["market.verify_timeout_s"],
+            self._helper_pids,
+            self.routes if self.overlay is not None else None,  # network jobs need an overlay
+            self._migration_target() if self.overlay is not None else None,
         )
+        market = MarketSide.build(
+            self.config, self.identity, self.swarm_id, self.state, self.segments, edges
+        )
+        self.market = market
+        self.ledger, self.host_market = market.ledger, market.host_market
+        self.policy, self.owner_market = market.policy, market.owner_market
 
     def _helper_pids(self) -> list[int]:
         pid = self.overlay.process.pid if self.overlay is not None else None
@@ -428,15 +403,9 @@ class Agent:
             await self._handle(
                 MessageReceived(envelope.sender, envelope.type, envelope.body, endpoint)
             )
-        elif envelope.type is MessageType.MARKET:
-            kind, blob = envelope.body["kind"], envelope.body["blob"]
-            if kind in (MarketKind.BID, MarketKind.COMPLETION, MarketKind.WITHDRAW):
-                await self.owner_market.deliver(envelope.sender, kind, blob)
-            else:
-                await self.host_market.deliver(envelope.sender, kind, blob)
-        elif envelope.type is MessageType.LEDGER:
-            assert self.ledger is not None
-            await self.ledger.deliver(envelope.sender, envelope.body["kind"], envelope.body["blob"])
+        elif envelope.type in (MessageType.MARKET, MessageType.LEDGER):
+            assert self.market is not None
+            await self.market.deliver(envelope)
         elif envelope.type is MessageType.RECORD:
             try:
                 record = decode_record(envelope.body["record"])

@@ -12,10 +12,20 @@ its effects:
   drops the checkpoint it made, unless the owner committed it here.
 - ``CheckpointCommitted``: a checkpoint this node holds for the owner is kept.
 
+A live hand-off (node/handoff.py) has a side here on both hosts. Leaving
+(``vacate`` of a network job's sole replica, where this host can migrate):
+ask the owner to move it live, migrate the guest to the host that brings the
+owner's award (HANDOFF), tell it the console (HANDED_OFF); with no taker
+within ``HANDOFF_WAIT_S`` checkpoint where it is, as before. Arriving (a won
+live offer): adopt the guest instead of restoring, route its address when
+its tap appears and claim it when it runs here, and put the source's console
+in front of ours.
+
 Offers are screened before the bidder sees them: our own jobs (a node does
-not bid on what it pays for) and images this node does not have are declined
-and counted. ``held_bytes`` tells the bidder how much of the offer's
-checkpoint is already here (data locality lowers its finish estimate).
+not bid on what it pays for), images this node does not have, and live moves
+where this host cannot take a migration are declined and counted.
+``held_bytes`` tells the bidder how much of the offer's checkpoint is already
+here (data locality lowers its finish estimate).
 """
 
 from __future__ import annotations
@@ -36,24 +46,41 @@ from node.bidder import (
     CancelReceived,
     CheckpointCommitted,
     CommitReceived,
+    HandOffRequested,
     HostPolicy,
     OfferReceived,
     ReplicaFailed,
     ReplicaFinished,
+    ReplicaHandedOff,
     StartReplica,
     StopReplica,
 )
 from node.config import Config
-from node.guest_address import GuestAddressError, grant_address, market_tap_name, route_guest
-from node.handoff import decode_handed_off, decode_handoff
+from node.guest_address import (
+    GuestAddressError,
+    adopt_guest,
+    grant_address,
+    market_tap_name,
+    route_guest,
+)
+from node.handoff import Handoff, decode_handed_off, decode_handoff, sign_handed_off, sign_handoff
 from node.identity import Identity, NodeId
-from node.market import MarketKind, Offer, SendStatement, decode_offer, refusal_of
+from node.market import (
+    MarketKind,
+    Offer,
+    OfferRef,
+    SendStatement,
+    decode_award,
+    decode_offer,
+    refusal_of,
+)
 from node.market_owner import guarded
 from node.routing import RouteService
 from node.segment_service import (
     ReplicaOrder,
     ReplicaOutcome,
     SegmentError,
+    SegmentMigrated,
     SegmentService,
     market_vm_name,
 )
@@ -67,6 +94,8 @@ log = logging.getLogger("gleaner.market")
 SendMarket = Callable[[NodeId, MarketKind, bytes], Awaitable[None]]
 BlockEndpoint = Callable[[NodeId], "tuple[str, int] | None"]
 HOST_RESERVED_MIB = 512  # guest memory the default cap leaves to the host
+HANDOFF_WAIT_S = 30.0  # a live move nobody takes: checkpoint where it is after this
+PREFIX_TRIES, PREFIX_RETRY_S = 50, 0.1
 
 
 def host_policy(config: Config, draining: bool = False) -> HostPolicy:
@@ -96,9 +125,13 @@ class HostMarket:
         send: SendMarket,
         block_endpoint: BlockEndpoint,
         routes: RouteService | None = None,
+        migration: tuple[str, str] | None = None,
     ) -> None:
         self.identity = identity
         self.routes = routes  # None: no overlay here, so no network jobs
+        # (libvirt URI, stream address) other hosts migrate a guest here with; None: no
+        # live hand-off in or out
+        self.migration = migration
         self.bidder = Bidder(identity, policy)
         self.segments = segments
         self.send = send
@@ -112,6 +145,9 @@ class HostMarket:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._lock = trio.Lock()
+        self._handing: dict[bytes, tuple[NodeId, OfferRef]] = {}  # ours -> destination
+        self._adopting: dict[bytes, str] = {}  # live offer -> why its hand-off failed ("")
+        self._hand_offs_asked: set[bytes] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for name in await self.segments.reap_orphans():
@@ -139,22 +175,16 @@ class HostMarket:
             event = CancelReceived(blob)
         elif kind == MarketKind.COMMIT:
             event = CommitReceived(blob)
-        elif kind in (MarketKind.HANDOFF, MarketKind.HANDED_OFF):
-            self._refuse_hand_off(kind, blob)
+        elif kind == MarketKind.HANDOFF:
+            await self._on_handoff(sender, blob)
+            return
+        elif kind == MarketKind.HANDED_OFF:
+            await self._on_handed_off(sender, blob)
             return
         else:
             self.stats["frames_unexpected"] += 1
             return
         await self._execute(self.bidder.handle(event, time.time()))
-
-    def _refuse_hand_off(self, kind: int, blob: bytes) -> None:
-        """Live hand-off between hosts is not carried out here yet: count and drop."""
-        try:
-            (decode_handoff if kind == MarketKind.HANDOFF else decode_handed_off)(blob)
-        except RemoteProtocolError as exc:
-            self.stats[f"refused_{refusal_of(exc).value}"] += 1
-            return
-        self.stats["refused_mismatch"] += 1
 
     async def _screen_offer(self, blob: bytes) -> OfferReceived | None:
         try:
@@ -170,8 +200,8 @@ class HostMarket:
         if offer.requirements.network and self.routes is None:
             self.stats["declined_network"] += 1  # no overlay here to route its address
             return None
-        if offer.source is not None:
-            self.stats["declined_live"] += 1  # adopting a migrating guest: not yet here
+        if offer.source is not None and self.migration is None:
+            self.stats["declined_live"] += 1  # no way for a guest to migrate here
             return None
         return OfferReceived(blob, self._held_bytes(offer))
 
@@ -205,6 +235,9 @@ class HostMarket:
                     self._nursery.start_soon(
                         guarded, self._run_replica, effect.offer, _grant_blob(effect), cancel
                     )
+                    if effect.offer.source is not None:
+                        self._adopting[effect.offer.ref.digest] = ""
+                        self._nursery.start_soon(guarded, self._ask_for_guest, effect)
                 elif isinstance(effect, StopReplica):
                     await self._stop(effect)
                 elif isinstance(effect, CheckpointCommitted):
@@ -229,30 +262,25 @@ class HostMarket:
         lock = self._job_locks.setdefault(ref.job_id, trio.Lock())
         try:
             checkpoint, holders = None, []
-            if offer.checkpoint is not None:
+            adopt = offer.source is not None
+            if offer.checkpoint is not None and not adopt:
                 holders = [e for e in map(self.block_endpoint, offer.holders) if e is not None]
                 checkpoint = self.segments.store.manifest(offer.checkpoint)
                 if checkpoint is None:
                     checkpoint = await fetch_manifest(offer.checkpoint, holders)
-            tap = market_tap_name(ref.job_id) if grant is not None else None
-            order = ReplicaOrder(
-                name=name,
-                segment=ref.segment,
-                attempt=ref.attempt,
-                image_id=offer.image,
-                args=offer.args,
-                vcpus=offer.requirements.vcpus,
-                extent_cpu_s=float(offer.extent_s),
-                memory_mib=offer.requirements.memory_mib,
-                tap=tap,
-                address=str(grant_address(grant)) if grant is not None else None,
-            )
+            order = _order(offer, grant)
             async with lock:  # a stopped replica of this job may still be tearing down
                 outcome = await self._run_addressed(order, checkpoint, holders, cancel, grant)
-        except (SegmentError, FetchError, GuestAddressError) as exc:
+        except SegmentMigrated as moved:
+            await self._handed_off(offer, moved)
+            return
+        except (SegmentError, FetchError, GuestAddressError):
             self.running.pop(ref.digest, None)
             self.offers.pop(ref.digest, None)
-            if cancel.is_set() and not isinstance(exc, GuestAddressError):
+            failed_handoff = self._adopting.pop(ref.digest, "")
+            if failed_handoff:
+                exc = SegmentError(f"the guest did not arrive: {failed_handoff}")
+            elif cancel.is_set() and not isinstance(exc, GuestAddressError):
                 return  # stopped on purpose; the bidder already let it go
             self.stats["replicas_failed"] += 1
             log.warning("replica %s failed: %s", name, exc)
@@ -260,6 +288,7 @@ class HostMarket:
             return
         self.running.pop(ref.digest, None)
         self.offers.pop(ref.digest, None)
+        self._adopting.pop(ref.digest, None)
         result = outcome.result
         self.made[ref.digest] = result.checkpoint.digest
         self.stats["replicas_finished"] += 1
@@ -295,10 +324,18 @@ class HostMarket:
         routes, tap, routing = self.routes, order.tap, trio.CancelScope()
         unreachable = False
 
+        def arrived() -> bool:
+            replica = self.segments.replicas.get(f"gl-{order.name}")
+            return replica is not None and replica.arrived.is_set()
+
         async def route() -> None:
             nonlocal unreachable
             with routing:
-                if not await route_guest(routes, grant, tap):
+                if order.adopt:
+                    routed = await adopt_guest(routes, grant, tap, arrived)
+                else:
+                    routed = await route_guest(routes, grant, tap)
+                if not routed:
                     unreachable = True
                     cancel.set()
 
@@ -340,12 +377,140 @@ class HostMarket:
                 await self._execute(
                     self.bidder.handle(ReplicaFailed(offer.ref, reason), time.time())
                 )
+            elif offer.requirements.network and self.migration is not None:
+                if digest not in self._hand_offs_asked:  # a drain, then a grace: ask once
+                    self._hand_offs_asked.add(digest)
+                    await self._request_hand_off(offer, reason)
             else:
-                replica = self.segments.replicas.get(f"gl-{_vm_name(offer)}")
-                if replica is not None:
-                    replica.finish_now()
-                    self.stats["replicas_finished_early"] += 1
+                self._finish_early(offer)
         return count
+
+    def _finish_early(self, offer: Offer) -> None:
+        replica = self.segments.replicas.get(f"gl-{_vm_name(offer)}")
+        if replica is not None:
+            replica.finish_now()
+            self.stats["replicas_finished_early"] += 1
+
+    # -- live hand-off: leaving --------------------------------------------------------
+
+    async def _request_hand_off(self, offer: Offer, reason: str) -> None:
+        used_ms = int(await self.segments.cpu_time_s(f"gl-{_vm_name(offer)}") * 1000)
+        event = HandOffRequested(offer.ref, reason, used_ms)
+        await self._execute(self.bidder.handle(event, time.time()))
+        self.stats["hand_offs_requested"] += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(guarded, self._fall_back, offer)
+
+    async def _fall_back(self, offer: Offer) -> None:
+        """Nobody came for the guest in time: checkpoint it where it is."""
+        await trio.sleep(HANDOFF_WAIT_S)
+        digest = offer.ref.digest
+        if digest in self.running and digest not in self._handing:
+            self.stats["hand_offs_fell_back"] += 1
+            log.info("no host took segment %d live: checkpointing it here", offer.ref.segment)
+            self._finish_early(offer)
+
+    async def _on_handoff(self, sender: NodeId, blob: bytes) -> None:
+        """The owner's chosen destination asks for our guest: migrate it there."""
+        try:
+            handoff = decode_handoff(blob)
+        except RemoteProtocolError as exc:
+            self.stats[f"refused_{refusal_of(exc).value}"] += 1
+            return
+        job_id = handoff.offer.ref.job_id
+        mine = [o for d, o in self.offers.items() if d in self.running and o.ref.job_id == job_id]
+        fits = (
+            handoff.host == sender
+            and handoff.offer.source == self.identity.node_id
+            and len(mine) == 1
+            and mine[0].owner == handoff.offer.owner
+        )
+        if not fits:
+            self.stats["refused_mismatch"] += 1
+            return
+        offer = mine[0]
+        if offer.ref.digest in self._handing:
+            self.stats["handoffs_duplicate"] += 1
+            return
+        self._handing[offer.ref.digest] = (handoff.host, handoff.offer.ref)
+        assert self._nursery is not None
+        self._nursery.start_soon(guarded, self._send_guest, offer, handoff)
+
+    async def _send_guest(self, offer: Offer, handoff: Handoff) -> None:
+        name = f"gl-{_vm_name(offer)}"
+        log.info("migrating %s live to %s", name, handoff.host.short)
+        error = await self.segments.migrate_replica(
+            name, handoff.uri, handoff.address, handoff.spec
+        )
+        if error is None:
+            return  # _run_replica sees the replica end as migrated and tells the destination
+        self._handing.pop(offer.ref.digest, None)
+        self.stats["hand_offs_failed"] += 1
+        log.warning("live migration of %s to %s failed: %s", name, handoff.host.short, error)
+        reply = sign_handed_off(self.identity, handoff.offer.ref, b"", error)
+        await self.send(handoff.host, MarketKind.HANDED_OFF, reply.blob)
+        self._finish_early(offer)  # the guest is still here: checkpoint it as before
+
+    async def _handed_off(self, offer: Offer, moved: SegmentMigrated) -> None:
+        ref = offer.ref
+        self.running.pop(ref.digest, None)
+        self.offers.pop(ref.digest, None)
+        destination = self._handing.pop(ref.digest, None)
+        await self._execute(self.bidder.handle(ReplicaHandedOff(ref), time.time()))
+        if destination is not None:
+            node, live_ref = destination
+            log.info("segment %d handed off live to %s", ref.segment, node.short)
+            reply = sign_handed_off(self.identity, live_ref, moved.console)
+            await self.send(node, MarketKind.HANDED_OFF, reply.blob)
+
+    # -- live hand-off: arriving -------------------------------------------------------
+
+    async def _ask_for_guest(self, start: StartReplica) -> None:
+        """We won a live move: ask its source to migrate the guest to us."""
+        offer = start.offer
+        assert offer.source is not None and self.migration is not None
+        uri, address = self.migration
+        try:
+            spec = await self.segments.destination_spec(_order(offer, _grant_blob(start)))
+        except SegmentError as exc:  # the image went missing: the adopt fails on its own
+            log.warning("cannot ask for the guest of segment %d: %s", offer.ref.segment, exc)
+            return
+        award = decode_award(start.award_blob)
+        handoff = sign_handoff(self.identity, offer, award, uri, address, spec)
+        await self.send(offer.source, MarketKind.HANDOFF, handoff.blob)
+        self.stats["handoffs_asked"] += 1
+
+    async def _on_handed_off(self, sender: NodeId, blob: bytes) -> None:
+        try:
+            handed = decode_handed_off(blob)
+        except RemoteProtocolError as exc:
+            self.stats[f"refused_{refusal_of(exc).value}"] += 1
+            return
+        offer = self.offers.get(handed.ref.digest)
+        if offer is None or offer.source != sender or handed.host != sender:
+            self.stats["refused_mismatch"] += 1
+            return
+        name = f"gl-{_vm_name(offer)}"
+        if handed.error:
+            log.warning("%s could not send its guest: %s", sender.short, handed.error)
+            self._adopting[offer.ref.digest] = handed.error
+            cancel = self.running.get(offer.ref.digest)
+            if cancel is not None:
+                cancel.set()
+            return
+        # The adopting replica registers when its worker starts: wait for it a little.
+        for _ in range(PREFIX_TRIES):
+            try:
+                self.segments.set_console_prefix(name, handed.console)
+            except SegmentError:
+                if offer.ref.digest not in self.running:
+                    break
+                await trio.sleep(PREFIX_RETRY_S)
+                continue
+            self.stats["guests_adopted"] += 1
+            return
+        self.stats["handed_off_unplaced"] += 1
+        log.warning("no replica of %s to take the console %s sent", name, sender.short)
 
     def guest_names(self) -> list[str]:
         """The libvirt domains of the replicas running here."""
@@ -374,6 +539,24 @@ class HostMarket:
                 for c in self.bidder.commitments()
             ],
         }
+
+
+def _order(offer: Offer, grant: bytes | None) -> ReplicaOrder:
+    """What the replica of `offer` runs: a live offer's guest is adopted, not restored."""
+    ref = offer.ref
+    return ReplicaOrder(
+        name=_vm_name(offer),
+        segment=ref.segment,
+        attempt=ref.attempt,
+        image_id=offer.image,
+        args=offer.args,
+        vcpus=offer.requirements.vcpus,
+        extent_cpu_s=float(offer.extent_s),
+        memory_mib=offer.requirements.memory_mib,
+        tap=market_tap_name(ref.job_id) if grant is not None else None,
+        address=str(grant_address(grant)) if grant is not None else None,
+        adopt=offer.source is not None,
+    )
 
 
 def _vm_name(offer: Offer) -> str:

@@ -290,6 +290,7 @@ class OwnerMarket:
                 ref.attempt,
                 hosts=len(targets),
                 checkpoint=checkpoint.hex() if checkpoint else None,
+                live_from=str(effect.offer.source) if effect.offer.source else None,
             )
             # Fed back after this batch (the job's lock is held): close early when all bid.
             self._spawn(self._feed, job_id, OfferDelivered(ref.attempt, len(targets)))

@@ -8,6 +8,15 @@
   lacks (from every holder it is given at once, each block verified), then
   runs a replica (segments.replica) in a worker thread against this host's
   libvirt, and returns the new checkpoint's signed manifest.
+- A draining host hands its running guest to another host (issue 6): the
+  destination runs an order with ``adopt`` (it waits for the guest to arrive
+  instead of fetching and restoring) and tells the source its files
+  (``destination_spec``); the source checks them (``parse_destination_spec``)
+  and asks its running replica to live-migrate (``migrate_replica``), after
+  which that replica's ``run_replica`` raises ``SegmentMigrated`` with its
+  console; the destination gets that console through ``set_console_prefix``
+  and checkpoints the whole segment's console. Call ``set_console_prefix``
+  while the adopting replica runs (it arrives after the guest did).
 
 The market (which segment, which image, who holds what) decides *what* to run;
 this service only knows how.
@@ -15,10 +24,11 @@ this service only knows how.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import trio
@@ -32,15 +42,29 @@ from segments.blocks import BlockStore, BlockStoreError
 from segments.image import ImageError, load
 from segments.manifest import Manifest, decode_manifest
 from segments.progress import encode_progress
-from segments.replica import CONSOLE_FILE, Replica, ReplicaError, ReplicaResult, SegmentRun
+from segments.replica import (
+    CONSOLE_FILE,
+    Replica,
+    ReplicaError,
+    ReplicaMigrated,
+    ReplicaResult,
+    SegmentRun,
+    replica_spec,
+)
 from segments.transfer import FetchError, fetch, serve_blocks
 from segments.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
-from segments.vm import LibvirtRuntime, VmError, VmState
+from segments.vm import LibvirtRuntime, VmError, VmRuntime, VmSpec, VmState
 
 log = logging.getLogger("gleaner.segments")
 
 BLOCK_PORT = 7947
 MARKET_VM = re.compile(r"gl-r[0-9a-f]{16}")  # replicas the market starts: gl-r<job id prefix>
+ARRIVAL_TIMEOUT_S = 120.0  # an adopting replica's wait for its guest (a fresh daemon: ~6 s)
+MIGRATION_TIMEOUT_S = 300.0  # migrate_replica's wait for the outcome
+MIGRATION_POLL_S = 0.05
+DESTINATION_KEYS = frozenset({"kernel", "initrd", "serial_log", "tap"})
+MAX_PATH_CHARS = 4096
+TAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
 
 
 def market_vm_name(job_id: bytes) -> str:
@@ -54,6 +78,19 @@ class SegmentError(Exception):
 
 class VerifierUnavailable(SegmentError):
     """This host could not verify (its libvirt, image or store failed): not the replica's fault."""
+
+
+class SegmentMigrated(SegmentError):
+    """The replica's guest was live-migrated away (``migrate_replica``): no checkpoint here.
+
+    ``console``: everything the guest printed here (the destination's console
+    prefix); ``cpu_s``: the vCPU time it used here.
+    """
+
+    def __init__(self, message: str, console: bytes, cpu_s: float) -> None:
+        super().__init__(message)
+        self.console = console
+        self.cpu_s = cpu_s
 
 
 class SegmentService:
@@ -131,14 +168,15 @@ class SegmentService:
     ) -> ReplicaOutcome:
         """Fetch what this node lacks of ``checkpoint``, then run one replica of it.
 
-        Setting ``cancel`` stops the replica at its next poll (SegmentError).
+        With ``order.adopt``, no checkpoint is fetched or restored (``checkpoint``
+        is ignored): the replica waits for its guest to live-migrate here and runs
+        the rest of the segment (``Replica.adopt``). Setting ``cancel`` stops the
+        replica at its next poll (SegmentError); a guest migrated away with
+        ``migrate_replica`` ends it with SegmentMigrated.
         """
-        try:
-            image = await trio.to_thread.run_sync(load, self.image_store, order.image_id)
-        except ImageError as exc:
-            raise SegmentError(str(exc)) from None
+        run = await self._segment_run(order)
         fetched: dict[str, Any] = {}
-        if checkpoint is not None:
+        if checkpoint is not None and not order.adopt:
             try:
                 stats = await fetch(checkpoint, holders, self.store)
             except FetchError as exc:
@@ -148,24 +186,15 @@ class SegmentService:
                 "bytes": stats.bytes_done,
                 "bad_blocks": stats.bad_blocks,
             }
-        network = guest_cmdline(order.address) if order.address else ""
-        run = SegmentRun(
-            vm_name=f"gl-{order.name}",
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=" ".join(part for part in (image.cmdline, order.args, network) if part),
-            memory_mb=order.memory_mib or image.memory_mb,
-            vcpus=order.vcpus,
-            extent_cpu_s=order.extent_cpu_s,
-            tap=order.tap,
-        )
-        work = self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
+        work = self._work_dir(order)
         failure: SegmentError | None = None
         async with trio.open_nursery() as nursery:
             if cancel is not None:
                 nursery.start_soon(self._cancel_on, cancel, run.vm_name)
             try:
-                result = await trio.to_thread.run_sync(self._run_blocking, run, checkpoint, work)
+                result = await trio.to_thread.run_sync(
+                    self._run_blocking, run, None if order.adopt else checkpoint, work, order
+                )
             except SegmentError as exc:
                 failure = exc  # raised below, outside the nursery: not as an exception group
             nursery.cancel_scope.cancel()
@@ -173,6 +202,89 @@ class SegmentService:
             raise failure
         self.runs += 1
         return ReplicaOutcome(result, fetched)
+
+    async def destination_spec(self, order: ReplicaOrder) -> dict[str, Any]:
+        """The files this host runs ``order``'s guest on, for a source to migrate onto.
+
+        Plain strings (and None for a job without a tap), for the wire; the
+        source reads them back with ``parse_destination_spec``.
+        """
+        spec = replica_spec(await self._segment_run(order), self._work_dir(order))
+        return {
+            "kernel": str(spec.kernel),
+            "initrd": str(spec.initrd),
+            "serial_log": str(spec.serial_log),
+            "tap": spec.tap,
+        }
+
+    async def migrate_replica(
+        self,
+        vm_name: str,
+        dest_uri: str,
+        dest_address: str,
+        dest_spec: VmSpec | dict[str, Any],
+        timeout_s: float = MIGRATION_TIMEOUT_S,
+    ) -> str | None:
+        """Live-migrate the guest of the replica running `vm_name` here; None once it left.
+
+        `dest_spec` is the destination's files: a VmSpec, or the map a peer sent
+        (``destination_spec``), checked by ``parse_destination_spec``. Returns the
+        error text if the migration failed or a map was bad (the guest runs on
+        here and the replica goes on); SegmentError if no such replica runs here,
+        or if there is no outcome after `timeout_s` (then the replica's run will
+        tell: SegmentMigrated, or it carries on).
+        """
+        replica = self.replicas.get(vm_name)
+        if replica is None:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+        if not isinstance(dest_spec, VmSpec):
+            try:
+                dest_spec = parse_destination_spec(vm_name, dest_spec)
+            except ValueError as exc:
+                return f"bad destination spec from {dest_uri}: {exc}"
+        try:
+            replica.migrate_to(dest_uri, dest_address, dest_spec)
+        except ReplicaError as exc:
+            raise SegmentError(str(exc)) from None
+        with trio.move_on_after(timeout_s):
+            while not replica.migration_done.is_set():
+                await trio.sleep(MIGRATION_POLL_S)
+            return replica.migration_error
+        raise SegmentError(f"migrating {vm_name} to {dest_uri}: no outcome after {timeout_s:g} s")
+
+    async def cpu_time_s(self, vm_name: str) -> float:
+        """The vCPU time the guest of the replica running `vm_name` here has used so far.
+
+        Counted from its start, restore or arrival here (the QEMU process's
+        clock); SegmentError if no such replica runs here or libvirt failed.
+        """
+        if vm_name not in self.replicas:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+
+        def read() -> float:
+            with self._open_runtime() as runtime:
+                return runtime.cpu_time_s(vm_name)
+
+        try:
+            return await trio.to_thread.run_sync(read)
+        except VmError as exc:
+            raise SegmentError(str(exc)) from None
+
+    def set_console_prefix(self, vm_name: str, data: bytes) -> None:
+        """Hand the adopting replica of `vm_name` its guest's console from the source host.
+
+        ValueError if `data` is not bytes; SegmentError if no such replica runs
+        here or it already has a different one.
+        """
+        if not isinstance(data, bytes):
+            raise ValueError(f"a console is bytes, not {type(data).__name__}")
+        replica = self.replicas.get(vm_name)
+        if replica is None:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+        try:
+            replica.set_console_prefix(data)
+        except ReplicaError as exc:
+            raise SegmentError(str(exc)) from None
 
     async def verify_completion(
         self,
@@ -264,16 +376,46 @@ class SegmentService:
             await trio.sleep(0.05)
         replica.cancel()
 
-    def _run_blocking(self, run: SegmentRun, checkpoint: Any, work: Path) -> ReplicaResult:
+    async def _segment_run(self, order: ReplicaOrder) -> SegmentRun:
         try:
-            with LibvirtRuntime(self.libvirt_uri) as runtime:
+            image = await trio.to_thread.run_sync(load, self.image_store, order.image_id)
+        except ImageError as exc:
+            raise SegmentError(str(exc)) from None
+        network = guest_cmdline(order.address) if order.address else ""
+        return SegmentRun(
+            vm_name=f"gl-{order.name}",
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=" ".join(part for part in (image.cmdline, order.args, network) if part),
+            memory_mb=order.memory_mib or image.memory_mb,
+            vcpus=order.vcpus,
+            extent_cpu_s=order.extent_cpu_s,
+            tap=order.tap,
+        )
+
+    def _work_dir(self, order: ReplicaOrder) -> Path:
+        return self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
+
+    def _open_runtime(self) -> contextlib.AbstractContextManager[VmRuntime]:
+        """This host's libvirt, for one replica's worker thread (a test may hand in a fake)."""
+        return LibvirtRuntime(self.libvirt_uri)
+
+    def _run_blocking(
+        self, run: SegmentRun, checkpoint: Any, work: Path, order: ReplicaOrder
+    ) -> ReplicaResult:
+        try:
+            with self._open_runtime() as runtime:
                 replica = Replica(runtime, self.store, self.identity, work)
                 replica.hold(self.held)
                 self.replicas[run.vm_name] = replica
                 try:
+                    if order.adopt:
+                        return replica.adopt(run, order.arrival_timeout_s)
                     return replica.run(run, checkpoint)
                 finally:
                     self.replicas.pop(run.vm_name, None)
+        except ReplicaMigrated as exc:
+            raise SegmentMigrated(str(exc), exc.console, exc.cpu_s) from None
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
 
@@ -297,12 +439,55 @@ class ReplicaOrder:
     attempt: int = 0
     tap: str | None = None  # a network job's NIC: the tap libvirt creates here
     address: str | None = None  # a network job's overlay address (kernel command line)
+    adopt: bool = False  # run the rest of a segment whose guest migrates here (no checkpoint)
+    arrival_timeout_s: float = ARRIVAL_TIMEOUT_S  # adopt: how long to wait for the guest
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaOutcome:
     result: ReplicaResult
     fetched: dict[str, Any]
+
+
+def parse_destination_spec(vm_name: str, fields: Any) -> VmSpec:
+    """The destination's files (``destination_spec``, from a peer) as a VmSpec to migrate onto.
+
+    Strict: exactly the keys kernel, initrd, serial_log (absolute paths) and
+    tap (an interface name, or None); anything else raises ValueError. Only
+    the fields ``vm.relocated_xml`` uses are meaningful in the result.
+    """
+    if not isinstance(fields, dict):
+        raise ValueError(f"a destination spec is a map, not {type(fields).__name__}")
+    keys = set(fields)
+    if keys != DESTINATION_KEYS:
+        missing = ", ".join(sorted(str(k) for k in DESTINATION_KEYS - keys)) or "none"
+        extra = ", ".join(sorted(repr(k) for k in keys - DESTINATION_KEYS)) or "none"
+        raise ValueError(f"a destination spec's keys: missing {missing}; unknown {extra}")
+    paths = {key: _absolute_path(fields[key], key) for key in ("kernel", "initrd", "serial_log")}
+    tap = fields["tap"]
+    if tap is not None and (
+        not isinstance(tap, str) or not TAP_NAME.fullmatch(tap) or tap in (".", "..")
+    ):
+        raise ValueError(f"destination 'tap' must be an interface name or None, not {tap!r:.40}")
+    return VmSpec(
+        name=vm_name,
+        kernel=paths["kernel"],
+        initrd=paths["initrd"],
+        cmdline="",
+        serial_log=paths["serial_log"],
+        tap=tap,
+    )
+
+
+def _absolute_path(value: Any, key: str) -> Path:
+    what = f"destination {key!r}"
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a path (a string), not {type(value).__name__}")
+    if not value.startswith("/") or len(value) > MAX_PATH_CHARS:
+        raise ValueError(f"{what} must be an absolute path of at most {MAX_PATH_CHARS} chars")
+    if not value.isprintable() or ".." in PurePosixPath(value).parts:
+        raise ValueError(f"{what} must be printable, without '..': {value!r:.60}")
+    return Path(value)
 
 
 def _holders(value: Any) -> list[tuple[str, int]]:

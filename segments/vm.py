@@ -36,7 +36,10 @@ Semantics both keep (they are libvirt's):
   and is 0.0 for an inactive domain. It grows while running, not while paused.
 * ``migrate_live`` leaves the domain persistent on the destination and gone
   from the source; the result carries libvirt's measured downtime. On failure
-  the domain keeps running on the source.
+  the domain keeps running on the source. Given the destination's ``VmSpec``,
+  the domain arrives on the destination's files (kernel, initrd, serial log,
+  tap; ``relocated_xml``): from the switch-over on, the guest's console goes
+  to the destination's serial log.
 
 Every failure is a ``VmError`` naming the operation and the domain.
 """
@@ -123,7 +126,9 @@ class VmRuntime(Protocol):
     def wait_for_state(
         self, name: str, states: Collection[VmState], timeout_s: float
     ) -> VmState: ...
-    def migrate_live(self, name: str, dest_uri: str, dest_tcp_address: str) -> MigrationResult: ...
+    def migrate_live(
+        self, name: str, dest_uri: str, dest_tcp_address: str, dest: VmSpec | None = None
+    ) -> MigrationResult: ...
 
 
 @functools.cache
@@ -342,8 +347,16 @@ class LibvirtRuntime:
                 )
             time.sleep(POLL_INTERVAL_S)
 
-    def migrate_live(self, name: str, dest_uri: str, dest_tcp_address: str) -> MigrationResult:
+    def migrate_live(
+        self, name: str, dest_uri: str, dest_tcp_address: str, dest: VmSpec | None = None
+    ) -> MigrationResult:
         """Live-migrate to the daemon at `dest_uri`, QEMU streaming to `dest_tcp_address`.
+
+        With `dest`, the destination's definition is this domain's migratable
+        XML relocated to the destination's files (``relocated_xml``: kernel,
+        initrd, serial log, tap), handed to libvirt as the destination XML;
+        without, the domain keeps this host's paths (which must then exist
+        there too).
 
         The client drives both daemons (not peer-to-peer). The source QEMU
         connects to `dest_tcp_address` (reachable from the source host's network
@@ -357,12 +370,18 @@ class LibvirtRuntime:
         host = f"[{dest_tcp_address}]" if ":" in dest_tcp_address else dest_tcp_address
         domain = self._domain(name)
         started = time.monotonic()
+        dxml = None
+        if dest is not None:
+            try:
+                dxml = relocated_xml(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dest)
+            except libvirt.libvirtError as exc:
+                raise _failed(f"{context}: reading the domain's XML", exc) from exc
         try:
             dest_conn = libvirt.open(dest_uri)
         except libvirt.libvirtError as exc:
             raise _failed(f"{context}: connecting to the destination", exc) from exc
         try:
-            moved = domain.migrate(dest_conn, MIGRATE_FLAGS, None, f"tcp://{host}", 0)
+            moved = domain.migrate2(dest_conn, dxml, MIGRATE_FLAGS, None, f"tcp://{host}", 0)
             call_ms = (time.monotonic() - started) * 1000
             try:
                 stats = moved.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)

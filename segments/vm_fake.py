@@ -9,6 +9,12 @@ deterministically. What a test controls:
 * the guest: ``guest_powered_off(name)`` is the guest shutting itself down;
 * failures: ``fail_next(operation)`` makes the next call of that method raise
   ``VmError``; every call is recorded in ``calls``.
+
+Fakes that share a registry may be driven from several threads at once (a
+replica migrating out on one, another adopting it on the other), as libvirt
+connections may: each change is one dict operation and every walk over the
+domains takes a snapshot first, so no call sees a dict change under it
+(CPython's GIL makes those single operations atomic).
 """
 
 from __future__ import annotations
@@ -37,6 +43,16 @@ _VERBS = {
     "migrate_live": "migrating",
     "guest_powered_off": "powering off",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class FakeMigration:
+    """A completed ``migrate_live``: which domain went where, on which files."""
+
+    name: str
+    dest_uri: str
+    dest_tcp_address: str
+    dest: VmSpec | None  # the destination's files, as given (None: the source's paths)
 
 
 @dataclass(slots=True)
@@ -74,12 +90,13 @@ class FakeVmRuntime:
         self.domains: dict[str, _FakeDomain] = {}
         self.failures: dict[str, str] = {}  # operation -> message, raised once
         self.calls: list[tuple[str, str]] = []  # (operation, domain name or path)
+        self.migrations: list[FakeMigration] = []  # what left this runtime, oldest first
 
     # -- test controls -------------------------------------------------------------
 
     def advance(self, seconds: float, name: str | None = None) -> None:
         """Move the guest CPU clock of running domains (or just `name`) by `seconds` per vCPU."""
-        for domain_name, domain in self.domains.items():
+        for domain_name, domain in list(self.domains.items()):
             if domain.state is VmState.RUNNING and name in (None, domain_name):
                 domain.cpu_s += seconds * domain.spec.vcpus
 
@@ -138,13 +155,7 @@ class FakeVmRuntime:
                 fields[key] = Path(fields[key])
             spec = VmSpec(**fields)
             if local is not None:
-                spec = replace(
-                    spec,
-                    kernel=local.kernel,
-                    initrd=local.initrd,
-                    serial_log=local.serial_log,
-                    tap=local.tap or spec.tap,
-                )
+                spec = _relocated(spec, local)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VmError(f"restoring from {path} at {self.uri}") from exc
         existing = self.domains.get(spec.name)
@@ -171,7 +182,7 @@ class FakeVmRuntime:
 
     def list_vms(self) -> dict[str, VmState]:
         self._enter("list_vms", "")
-        return {name: domain.state for name, domain in self.domains.items()}
+        return {name: domain.state for name, domain in list(self.domains.items())}
 
     def cpu_time_s(self, name: str) -> float:
         domain = self._get("cpu_time_s", name)
@@ -184,17 +195,26 @@ class FakeVmRuntime:
             raise VmError(f"waiting for {name} at {self.uri} to be {wanted}: still {current.value}")
         return current
 
-    def migrate_live(self, name: str, dest_uri: str, dest_tcp_address: str) -> MigrationResult:
+    def migrate_live(
+        self, name: str, dest_uri: str, dest_tcp_address: str, dest: VmSpec | None = None
+    ) -> MigrationResult:
+        """Move the domain to the fake at `dest_uri` (on `dest`'s files, if given).
+
+        It arrives in the state it left (running, or paused), persistent, with
+        its vCPU clock at zero (a new QEMU process), and leaves this fake.
+        """
         context = f"migrating {name} from {self.uri} to {dest_uri} via {dest_tcp_address}"
         domain = self._get("migrate_live", name, {VmState.RUNNING, VmState.PAUSED})
-        dest = self.registry.get(dest_uri)
-        if dest is None or dest is self or not dest_tcp_address:
+        target = self.registry.get(dest_uri)
+        if target is None or target is self or not dest_tcp_address:
             raise VmError(f"{context}: no such destination")
-        there = dest.domains.get(name)
+        there = target.domains.get(name)
         if there is not None and (there.state in ACTIVE_STATES or there.uuid != domain.uuid):
             raise VmError(f"{context}: the destination already has a domain named {name}")
-        dest.domains[name] = _FakeDomain(domain.spec, domain.uuid, domain.state)
+        spec = domain.spec if dest is None else _relocated(domain.spec, dest)
+        target.domains[name] = _FakeDomain(spec, domain.uuid, domain.state)
         del self.domains[name]
+        self.migrations.append(FakeMigration(name, dest_uri, dest_tcp_address, dest))
         return MigrationResult(self.downtime_ms, self.total_ms, self.total_ms)
 
     # -- internals -----------------------------------------------------------------
@@ -223,3 +243,14 @@ class FakeVmRuntime:
         domain.state, domain.cpu_s = VmState.SHUTOFF, 0.0
         if not domain.persistent:
             del self.domains[domain.spec.name]
+
+
+def _relocated(spec: VmSpec, local: VmSpec) -> VmSpec:
+    """``vm.relocated_xml`` for fakes: the guest on `local`'s files (its tap, if it names one)."""
+    return replace(
+        spec,
+        kernel=local.kernel,
+        initrd=local.initrd,
+        serial_log=local.serial_log,
+        tap=local.tap or spec.tap,
+    )

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from conftest import needs_root
 
 from node import testbed
 from node.testbed_checks import ping, rpc, wait_for
-from node.testbed_market import audit, job, market_swarm, submit, wait_job
+from node.testbed_market import (
+    audit,
+    guest_states,
+    job,
+    market_swarm,
+    running_replica_hosts,
+    submit,
+    wait_job,
+)
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
 
@@ -82,6 +91,66 @@ def test_a_network_job_answers_at_its_address_wherever_its_segments_run(swarm):
         30,
         "the last host to withdraw the address",
     )
+
+
+def test_draining_a_network_jobs_host_moves_its_guest_live(swarm):
+    """The drained host's guest migrates, mid-segment, to the host the owner picks; the
+    segment ends there and verifies, and the address follows the guest."""
+    _root, hosts, image_id = swarm
+    owner = hosts[0]
+    job_id = submit(owner, image_id, segments=2, redundancy=1, network=True, extent_s=20, args=ARGS)
+    address = job(owner, job_id)["address"]
+    found: list = []
+
+    def guest_running() -> bool:
+        found[:] = [
+            h for h in running_replica_hosts(owner, hosts, job_id)
+            if "running" in guest_states(h).values()
+        ]  # fmt: skip
+        return bool(found) and ping(owner, address)
+
+    wait_for(guest_running, JOB_TIMEOUT_S / 3, "the guest running and answering", step_s=0.2)
+    source = found[0]
+    segment = job(owner, job_id)["rows"][-1]["segment"]
+    drained_at = time.time()
+    rpc(source, "drain")
+    try:
+        wait_for(
+            lambda: rpc(source, "status")["policy"]["state"] == "drained",
+            300,
+            "the source drained",
+            step_s=0.2,
+        )
+        assert guest_states(source) == {}
+        detail = wait_job(owner, job_id, JOB_TIMEOUT_S)
+    finally:
+        rpc(source, "undrain")
+    assert detail["outcome"] == "completed", detail["history"][-5:]
+    moves = [
+        r for r in detail["history"]
+        if r["what"] == "offered" and r.get("live_from") == source["node_id"]
+    ]  # fmt: skip
+    assert moves and moves[0]["segment"] == segment and moves[0]["t"] > drained_at
+    [taker] = [
+        r["node"]
+        for r in detail["history"]
+        if r["what"] == "awarded" and r["attempt"] == moves[0]["attempt"]
+    ]
+    assert taker != source["node_id"]
+    assert rpc(source, "market")["statistics"]["replicas_handed_off"] == 1
+    committed = [r for r in detail["history"] if r["what"] == "committed"]
+    assert [r["segment"] for r in committed] == [0, 1]
+    assert committed[segment]["node"] == taker, "the host the guest moved to finished it"
+    report = audit(owner, hosts, job_id, SEED)
+    assert report.ok, report.problems
+    # the taker claimed the address in the moved segment, at a higher epoch than the source
+    claims = [
+        (h["epoch"], h["node_id"])
+        for h in rpc(owner, "routes")["history"]
+        if h["address"] == address and h["event"] == "routed" and h["node_id"]
+    ]
+    by_node = {node: epoch for epoch, node in claims}
+    assert by_node[taker] > by_node[source["node_id"]], claims
 
 
 def _running_segment(owner, job_id):

@@ -28,7 +28,7 @@ from segments.vm import (
     domain_xml,
     kvm_usable,
 )
-from segments.vm_fake import FakeVmRuntime
+from segments.vm_fake import FakeMigration, FakeVmRuntime
 
 _names = itertools.count()
 
@@ -214,6 +214,24 @@ def test_live_migration_between_registered_fakes(tmp_path: Path) -> None:
     assert a.state("job") is VmState.PAUSED  # a paused domain arrives paused
 
 
+def test_live_migration_onto_the_destinations_files(tmp_path: Path) -> None:
+    registry: dict[str, FakeVmRuntime] = {}
+    a, b = FakeVmRuntime("fake:///a", registry), FakeVmRuntime("fake:///b", registry)
+    spec = make_spec(tmp_path, "job", tap="gltapa")
+    a.define(spec)
+    a.start("job")
+    dest = make_spec(
+        tmp_path, "job", kernel=tmp_path / "b-k", serial_log=tmp_path / "b.log", tap="gltapb"
+    )
+    a.migrate_live("job", "fake:///b", "198.51.100.222", dest)
+    assert a.migrations == [FakeMigration("job", "fake:///b", "198.51.100.222", dest)]
+    assert b.list_vms() == {"job": VmState.RUNNING}
+    moved = b.domains["job"].spec
+    assert (moved.kernel, moved.serial_log, moved.tap) == (dest.kernel, dest.serial_log, "gltapb")
+    assert moved.cmdline == spec.cmdline  # only the host's files change, not the guest
+    assert b.migrations == []
+
+
 def test_migration_failures_leave_the_source_alone(tmp_path: Path) -> None:
     registry: dict[str, FakeVmRuntime] = {}
     a, b = FakeVmRuntime("fake:///a", registry), FakeVmRuntime("fake:///b", registry)
@@ -229,6 +247,7 @@ def test_migration_failures_leave_the_source_alone(tmp_path: Path) -> None:
     with pytest.raises(VmError, match="already has a domain named job"):
         a.migrate_live("job", "fake:///b", "198.51.100.222")
     assert a.state("job") is VmState.RUNNING
+    assert a.migrations == []
 
 
 def test_guest_powering_off(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -289,6 +289,35 @@ def test_live_migration_to_other_host(hosts: Lab, guest: Guest, tmp_path: Path) 
     assert "glvtap0" in netns.ip("-br", "link", netns=hosts.b.netns)
     wait_for_step(spec.serial_log, step + 5)
     assert_no_reset(spec.serial_log)
+
+
+def test_live_migration_onto_the_destinations_files(
+    hosts: Lab, guest: Guest, tmp_path: Path
+) -> None:
+    """With the destination's VmSpec, the guest's console goes on in the destination's log."""
+    spec = spec_for(guest, tmp_path / "a", "glv-reloc", tap="glvtapa")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dest = replace(spec, serial_log=tmp_path / "b" / "serial.log", tap="glvtapb")
+    boot(hosts.a, spec)
+    step = wait_for_step(spec.serial_log, 3)
+
+    result = hosts.a.runtime.migrate_live(spec.name, hosts.b.daemon.uri, hosts.b.address, dest)
+    figure("relocated_migration_downtime", result.downtime_ms, "ms")
+    source_console = spec.serial_log.read_bytes()  # the source QEMU is gone: complete
+    assert spec.name not in hosts.a.runtime.list_vms()
+    assert hosts.b.runtime.list_vms() == {spec.name: VmState.RUNNING}
+    assert "glvtapa" not in netns.ip("-br", "link", netns=hosts.a.netns)
+    links_b = netns.ip("-br", "link", netns=hosts.b.netns)
+    assert "glvtapb" in links_b and "glvtapa" not in links_b
+    last_here = steps(spec.serial_log)[-1]
+    assert last_here >= step
+    wait_for_step(dest.serial_log, last_here + 3)
+    assert spec.serial_log.read_bytes() == source_console, "nothing more lands in A's log"
+    joined = (source_console + dest.serial_log.read_bytes()).decode(errors="replace")
+    workload.check_continuity(workload.parse_progress(joined), SEED)
+    there = workload.parse_progress(dest.serial_log.read_text(errors="replace"))
+    assert there and there[0][0] > step  # B's log starts mid-run, where A's stopped
 
 
 def test_guest_that_finishes_is_shut_off(hosts: Lab, guest: Guest, tmp_path: Path) -> None:
