@@ -15,6 +15,7 @@ convergence anchor; ``--agent-defaults`` uses the agent's own (0.5 s probes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,6 +44,9 @@ def main() -> int:
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--agent-defaults", action="store_true", help="0.5 s probes, not 1 s")
+    parser.add_argument(
+        "--probe-rounds", type=int, default=None, help="failed probe rounds before suspecting"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -51,6 +55,8 @@ def main() -> int:
     keys.ensure(args.nodes)
     keys_s = time.perf_counter() - started
     config = MembershipConfig() if args.agent_defaults else MEMBERLIST_LAN
+    if args.probe_rounds is not None:
+        config = dataclasses.replace(config, probe_rounds=args.probe_rounds)
     spec = RunSpec(
         nodes=args.nodes,
         membership=config,
@@ -91,6 +97,7 @@ def main() -> int:
             "probe_interval_s": config.probe_interval_s,
             "gossip_interval_s": config.gossip_interval_s,
             "gossip_fanout": config.gossip_fanout,
+            "probe_rounds": config.probe_rounds,
         },
     }
     print(json.dumps(result))

@@ -28,8 +28,12 @@ Every change is reported through ``on_change`` and queued as news.
 
 ``TransmitLimitedQueue`` (memberlist's idea) holds the news still to pass on.
 Each item is handed out at most ``retransmit_mult * ceil(log10(n + 1))`` times:
-enough for an epidemic to reach all ``n`` nodes with high probability. The
-least-sent go first, the newest first among equals. An item queued under the key
+enough for an epidemic to reach all ``n`` nodes with high probability. Records
+(ALIVE) and broadcasts go in the first of two tiers, SUSPECT and DEAD claims in
+the second, and the second is drawn from only when the first has nothing left
+that fits: a flood of suspicions on a lossy network cannot starve a join, a
+refutation or a route claim (it starved them before, docs/simulator.md).
+Within a tier the least-sent go first, the newest first among equals. An item queued under the key
 of a queued one replaces it (a newer state of the member, a newer broadcast for
 the same topic and key). Items live in buckets by transmit count (about twenty
 even for 10,000 nodes), so taking ``k`` items costs O(k + limit).
@@ -82,6 +86,7 @@ MAX_TOPIC_BYTES = 64
 MAX_KEY_BYTES = 256
 MAX_BROADCAST_PAYLOAD_BYTES = 4096
 MAX_TOMBSTONES = 65536
+TIERS = 2  # queue tiers: 0 for records and broadcasts, 1 for SUSPECT and DEAD claims
 
 T = TypeVar("T", bound=Hashable)
 
@@ -190,15 +195,20 @@ def retransmit_limit(retransmit_mult: int, members: int) -> int:
 
 
 class TransmitLimitedQueue:
-    """Updates waiting to be piggybacked, least-sent first, each sent a bounded number of times."""
+    """Updates waiting to be piggybacked, least-sent first, each sent a bounded number of times.
+
+    Items are queued in one of ``TIERS`` tiers; ``take`` empties the buckets of
+    tier 0 before it looks at tier 1, so news queued in tier 0 (records and
+    broadcasts) cannot starve behind a flood of tier-1 items (claims).
+    """
 
     def __init__(self, retransmit_mult: int, max_items: int = DEFAULT_MAX_ITEMS) -> None:
         if retransmit_mult < 1 or max_items < 1:
             raise ValueError("retransmit_mult and max_items must be at least 1")
         self._mult = retransmit_mult
         self._max_items = max_items
-        self._buckets: list[dict[Hashable, bytes]] = [{}]
-        self._where: dict[Hashable, int] = {}
+        self._tiers: list[list[dict[Hashable, bytes]]] = [[{}] for _ in range(TIERS)]
+        self._where: dict[Hashable, tuple[int, int]] = {}  # key: (tier, transmits)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -208,66 +218,72 @@ class TransmitLimitedQueue:
 
     def transmits(self, key: Hashable) -> int | None:
         """How often the item under `key` has been handed out; None if not queued."""
-        return self._where.get(key)
+        where = self._where.get(key)
+        return None if where is None else where[1]
 
-    def enqueue(self, key: Hashable, payload: bytes) -> None:
-        """Queue `payload` under `key`, replacing any queued item with that key."""
+    def enqueue(self, key: Hashable, payload: bytes, tier: int = 0) -> None:
+        """Queue `payload` under `key` in `tier`, replacing any queued item with that key."""
         self.discard(key)
-        self._buckets[0][key] = payload
-        self._where[key] = 0
+        self._tiers[tier][0][key] = payload
+        self._where[key] = (tier, 0)
         if len(self._where) > self._max_items:
             self._drop_most_sent()
 
     def discard(self, key: Hashable) -> None:
-        bucket = self._where.pop(key, None)
-        if bucket is not None:
-            del self._buckets[bucket][key]
+        where = self._where.pop(key, None)
+        if where is not None:
+            del self._tiers[where[0]][where[1]][key]
 
     def take(self, members: int, max_count: int, max_bytes: int) -> list[bytes]:
-        """Hand out up to `max_count` items within `max_bytes`, least-sent and newest first."""
+        """Hand out up to `max_count` items within `max_bytes`: by tier, then least-sent and
+        newest first."""
         if not self._where:
             return []
         limit = retransmit_limit(self._mult, members)
-        picked: list[tuple[int, Hashable, bytes]] = []
+        picked: list[tuple[int, int, Hashable, bytes]] = []
         used = 0
         scanned = 0
-        for count, bucket in enumerate(self._buckets):
-            if len(picked) >= max_count or scanned > 4 * max_count:
-                break
-            if count >= limit:  # the swarm shrank: these were sent often enough
-                for key in bucket:
-                    del self._where[key]
-                bucket.clear()
-                continue
-            for key in reversed(bucket):
-                scanned += 1
-                payload = bucket[key]
-                size = len(payload) + ITEM_OVERHEAD_BYTES
-                if used + size <= max_bytes:
-                    picked.append((count, key, payload))
-                    used += size
-                    if len(picked) >= max_count:
-                        break
-                if scanned > 4 * max_count:  # items too big for what is left: stop looking
+        for tier, buckets in enumerate(self._tiers):
+            for count, bucket in enumerate(buckets):
+                if len(picked) >= max_count or scanned > 4 * max_count:
                     break
-        for count, key, payload in picked:
-            del self._buckets[count][key]
+                if count >= limit:  # the swarm shrank: these were sent often enough
+                    for key in bucket:
+                        del self._where[key]
+                    bucket.clear()
+                    continue
+                for key in reversed(bucket):
+                    scanned += 1
+                    payload = bucket[key]
+                    size = len(payload) + ITEM_OVERHEAD_BYTES
+                    if used + size <= max_bytes:
+                        picked.append((tier, count, key, payload))
+                        used += size
+                        if len(picked) >= max_count:
+                            break
+                    if scanned > 4 * max_count:  # items too big for what is left: stop looking
+                        break
+        for tier, count, key, payload in picked:
+            buckets = self._tiers[tier]
+            del buckets[count][key]
             if count + 1 >= limit:
                 del self._where[key]
                 continue
-            if count + 1 == len(self._buckets):
-                self._buckets.append({})
-            self._buckets[count + 1][key] = payload
-            self._where[key] = count + 1
-        return [payload for _, _, payload in picked]
+            if count + 1 == len(buckets):
+                buckets.append({})
+            buckets[count + 1][key] = payload
+            self._where[key] = (tier, count + 1)
+        return [payload for _, _, _, payload in picked]
 
     def _drop_most_sent(self) -> None:
-        for bucket in reversed(self._buckets):
-            if bucket:
-                oldest = next(iter(bucket))
-                del bucket[oldest]
-                del self._where[oldest]
-                return
+        """Drop the most-sent item; of equally sent ones, the lowest tier's oldest."""
+        for count in range(max(len(buckets) for buckets in self._tiers) - 1, -1, -1):
+            for buckets in reversed(self._tiers):
+                if count < len(buckets) and buckets[count]:
+                    oldest = next(iter(buckets[count]))
+                    del buckets[count][oldest]
+                    del self._where[oldest]
+                    return
 
 
 class RandomSet(Generic[T]):
@@ -565,9 +581,13 @@ class MemberTable:
         return self._tombstones.get(node)
 
     def spread(self, update: Update, about: NodeId | None = None) -> None:
-        """Queue news; it replaces queued news about the same member or broadcast key."""
+        """Queue news; it replaces queued news about the same member or broadcast key.
+
+        Claims go in the queue's second tier: a record (a join, a refutation) or a
+        broadcast is never held back by a flood of suspicions.
+        """
         key = ("b", update.topic, update.key) if isinstance(update, Broadcast) else ("m", about)
-        self.queue.enqueue(key, encode_update(update))
+        self.queue.enqueue(key, encode_update(update), 1 if isinstance(update, Claim) else 0)
 
     def learn(self, record: PeerRecord, now: float) -> None:
         """Offer a verified record of another node: ALIVE at its seq if newer than ours."""

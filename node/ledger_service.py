@@ -36,6 +36,7 @@ import trio
 
 from node.identity import Identity, NodeId
 from node.ledger import Balance, ChainView, Persist, Persisted, Refused
+from node.ledger_effects import EffectQueue, open_chain
 from node.payee import (
     CommitmentReceived,
     PayeeConfig,
@@ -46,18 +47,15 @@ from node.payee import (
 )
 from node.payer import (
     AckReceived,
-    ChainAdded,
     ChainNeeded,
     PayerLedger,
     PaymentRequested,
     SendPayment,
 )
 from node.state import State
-from node.tokens import HashChain, Refusal, sign_commitment
+from node.tokens import Refusal
 
 log = logging.getLogger("gleaner.ledger")
-
-CHAIN_LIFETIME_S = 30 * 86400
 
 
 class LedgerKind(enum.IntEnum):
@@ -125,10 +123,9 @@ class LedgerService:
 
     async def _execute(self, core: PayerLedger | PayeeLedger, effects: list[Any]) -> None:
         async with self._lock:
-            pending = list(effects)
-            while pending:
-                effect = pending.pop(0)
-                pending[:0] = await self._carry_out(core, effect)
+            queue = EffectQueue(effects)
+            for effect in queue:
+                queue.feed(await self._carry_out(core, effect))
         self._wake.set()
 
     async def _carry_out(self, core: PayerLedger | PayeeLedger, effect: Any) -> list[Any]:
@@ -146,16 +143,8 @@ class LedgerService:
         elif isinstance(effect, SendAck):
             await self.send(effect.target, LedgerKind.ACK, effect.blob)
         elif isinstance(effect, ChainNeeded):
-            chain = HashChain(os.urandom(32), max(self.chain_length, effect.units))
-            commitment = sign_commitment(
-                self.identity,
-                chain,
-                payer=self.identity.node_id,
-                payee=effect.payee,
-                unit_value=1,
-                expires=int(now) + CHAIN_LIFETIME_S,
-            )
-            return self.payer.handle(ChainAdded(chain, commitment), now)
+            added = open_chain(self.identity, effect, os.urandom(32), self.chain_length, now)
+            return self.payer.handle(added, now)
         elif isinstance(effect, PaymentAccepted):
             log.info(
                 "paid %d unit(s) by %s for segment %d of job %s",

@@ -20,8 +20,20 @@ incarnation we know). DEAD claimed by the node itself is LEFT.
 *Probing.* Every probe interval, PING the next live member of a shuffled
 round-robin list. No ACK within the probe timeout: PING_REQ to
 ``indirect_checks`` random ALIVE members, which ping with their own nonce and
-forward the ACK with ours. No ACK by the end of the interval: SUSPECT. Only an
-ACK proves life, and only from the target or a helper we asked.
+forward the ACK with ours, and PING the target once more ourselves (memberlist's
+fallback probe, over the same transport). A helper whose ping is not answered
+within ``nack_timeout_s`` answers NACK (Lifeguard): "I am reachable, the target
+is not". No ACK by the end of the interval: the round failed; after
+``probe_rounds`` failed rounds in a row against the same target, SUSPECT. Only
+an ACK proves life, and only from the target or a helper we asked.
+
+*Local health (Lifeguard).* A score from 0 to ``local_health_max``: +1 for each
+helper that neither ACKed nor NACKed a failed round (or +1 if there was no
+helper to ask), +1 when we must refute a suspicion of ourselves, -1 for each
+probe that was ACKed. The probe interval and the probe timeout are
+(score + 1) times the configured ones: a node that is slow or badly connected
+probes less often and waits longer, instead of accusing healthy peers of its
+own trouble.
 
 *Suspicion (Lifeguard).* A suspicion becomes DEAD after a timeout that starts at
 ``suspicion_max_mult`` times SWIM's ``max(suspicion_min_s, suspicion_mult *
@@ -63,8 +75,22 @@ Choices beyond the brief, and why
   ``sync_interval_s``, ``max_update_bytes``.
 - At most ``MAX_UPDATES_READ`` updates are read per message: each ALIVE costs a
   signature check, so a flood of them is cut short.
-- Not done: Lifeguard's local health multiplier. It needs NACKs, which the wire
-  lacks; without them probing a truly dead node would count against the prober.
+- Lifeguard's local health multiplier and NACKs (message type NACK), as above.
+  A NACK piggybacks news like ACK does. Every agent of this protocol version
+  sends NACKs, so a prober expects one from every helper (memberlist asks only
+  peers that advertise protocol 4 or later; we have one version).
+- The fallback PING and ``probe_rounds``: on a lossy link a probe round fails
+  with probability about q_d^2 * q_h^k (q_d: a direct round trip is lost, q_h:
+  a four-message helper path is), 2.7 % at 20 % independent loss; every false
+  suspicion and its refutation is news for the whole swarm, and at 1,000 nodes
+  and more that news swamped the gossip (docs/simulator.md). Requiring
+  ``probe_rounds`` failed rounds in a row before suspecting makes it the r-th
+  power of that, at the cost of r - 1 probe intervals of detection time. The
+  default, 2, costs the agent 0.5 s and keeps 1,000 nodes quiet up to ~10 %
+  loss; the simulator's lossy studies at 10,000 nodes need 3.
+- Claims are queued behind records and broadcasts (dissemination's queue
+  tiers), so a join, a refutation or a route claim is never starved by a flood
+  of suspicions.
 
 Scale: nothing per tick or per message scans the membership (O(updates) per
 message, O(log n) per suspicion); the probe list is reshuffled in O(n) once per
@@ -123,7 +149,8 @@ MAX_SEEN_BROADCASTS = 4096
 MAX_GREETED = 1024
 STAT_NAMES = (  # noqa: SIM905 - the counters statistics() reports
     "messages_in messages_out messages_rejected probes_sent probes_failed acks "
-    "indirect_probes relays suspicions confirmations deaths leaves refutations updates_in "
+    "indirect_probes fallback_pings probe_retries relays nacks nacks_sent nacks_unexpected "
+    "suspicions confirmations deaths leaves refutations updates_in "
     "updates_applied updates_duplicate updates_stale updates_ignored updates_rejected "
     "broadcasts_delivered joins_sent"
 ).split()
@@ -146,6 +173,8 @@ class MembershipConfig:
     join_sample: int = 32
     join_retry_s: float = 1.0
     sync_interval_s: float = 10.0
+    local_health_max: int = 8  # Lifeguard: probe interval and timeout stretch up to 9x; 0: off
+    probe_rounds: int = 2  # failed probe rounds in a row (each direct + indirect) to suspect
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_timeout_s < self.probe_interval_s:
@@ -155,8 +184,19 @@ class MembershipConfig:
         if self.suspicion_max_mult < 1 or self.gossip_interval_s <= 0:
             raise ValueError("need suspicion_max_mult >= 1 and gossip_interval_s > 0")
         counts = (self.indirect_checks, self.gossip_fanout, self.retransmit_mult)
-        if min(*counts, self.max_updates_per_message, self.join_sample) < 1:
+        if min(*counts, self.max_updates_per_message, self.join_sample, self.probe_rounds) < 1:
             raise ValueError("counts must be at least 1")
+        if self.local_health_max < 0:
+            raise ValueError("local_health_max must be at least 0")
+
+    @property
+    def nack_timeout_s(self) -> float:
+        """How long a PING_REQ helper waits for the target's ACK before it answers NACK.
+
+        Half the indirect window (probe timeout to interval end), so the NACK is back
+        in time even without local-health stretching and with ~100 ms of round trips.
+        """
+        return (self.probe_interval_s - self.probe_timeout_s) / 2
 
     def suspicion_timeout(self, members: int, confirmations: int) -> float:
         """Seconds from suspicion to death in a swarm of `members` (this node included)."""
@@ -267,8 +307,10 @@ class _Probe:
     nonce: int
     ack_deadline: float
     helpers: tuple[NodeId, ...] = ()
+    nacks: tuple[NodeId, ...] = ()  # helpers that answered NACK
     indirect_sent: bool = False
     acked: bool = False
+    round_number: int = 1  # of config.probe_rounds against this target
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +353,8 @@ class Membership:
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._relay_expiry: deque[tuple[float, int]] = deque()
+        self._nacks_due: deque[tuple[float, int]] = deque()  # (when, relay nonce)
+        self._health = 0  # Lifeguard's local health score, 0 (healthy) to local_health_max
         self._greeted: dict[NodeId, float] = {}
         self._join_endpoints: tuple[str, ...] = ()
         self._refresh_asked = 0
@@ -364,6 +408,10 @@ class Membership:
         self._probe_tick(now)
         if self._table.queue and now >= self._next_gossip_at:
             self._gossip(now)
+        while self._nacks_due and self._nacks_due[0][0] <= now:
+            relay = self._relays.get(self._nacks_due.popleft()[1])
+            if relay is not None:  # no ACK from the target yet: tell the requester so
+                self._nack(relay.requester, relay.via, relay.nonce)
         while self._relay_expiry and self._relay_expiry[0][0] <= now:
             self._relays.pop(self._relay_expiry.popleft()[1], None)
         return self._drain()
@@ -378,6 +426,8 @@ class Membership:
             wakeup = min(wakeup, probe.ack_deadline)
         if self._table.queue:
             wakeup = min(wakeup, self._next_gossip_at)
+        if self._nacks_due:
+            wakeup = min(wakeup, self._nacks_due[0][0])
         return wakeup
 
     def seed(self, roster: Roster, now: float) -> None:
@@ -411,8 +461,12 @@ class Membership:
         """Members in state ALIVE, this node excluded."""
         return len(self._table.alive)
 
+    def local_health(self) -> int:
+        """Lifeguard's local health score: probe interval and timeout are (score + 1) times."""
+        return self._health
+
     def statistics(self) -> dict[str, int]:
-        """Counters (STAT_NAMES) and gauges: members, alive, live, queued_updates."""
+        """Counters (STAT_NAMES) and gauges: members, alive, live, queued_updates, health."""
         table = self._table
         stats = dict.fromkeys(STAT_NAMES, 0) | dict(self._stats)
         stats.update(
@@ -420,6 +474,7 @@ class Membership:
             alive=len(table.alive),
             live=len(table.live),
             queued_updates=len(table.queue),
+            local_health=self._health,
         )
         return stats
 
@@ -429,13 +484,15 @@ class Membership:
         sender, body, kind, via = message.sender, message.body, message.msg_type, message.via
         if sender == self._id:
             raise RemoteProtocolError("message claims to come from this node")
-        if kind in (MessageType.PING, MessageType.ACK, MessageType.PING_REQ, MessageType.GOSSIP):
+        if kind in _GOSSIP_CARRIERS:
             self._apply_updates(_field(body, "updates", list, []), sender, now)
         if kind is MessageType.PING:
             self._reply(sender, via, MessageType.ACK, {"nonce": _field(body, "nonce", int)})
             self._greet_stranger(sender, via, now)
         elif kind is MessageType.ACK:
             self._on_ack(sender, _field(body, "nonce", int))
+        elif kind is MessageType.NACK:
+            self._on_nack(sender, _field(body, "nonce", int))
         elif kind is MessageType.PING_REQ:
             target = _field(body, "target", bytes)
             self._on_ping_req(message, _field(body, "nonce", int), target, now)
@@ -484,6 +541,17 @@ class Membership:
             self._stats["relays"] += 1
             self._reply(relay.requester, relay.via, MessageType.ACK, {"nonce": relay.nonce})
 
+    def _on_nack(self, sender: NodeId, nonce: int) -> None:
+        """A helper we asked could not reach the target: it, at least, is reachable."""
+        probe = self._probe
+        if probe is None or nonce != probe.nonce or sender not in probe.helpers:
+            self._stats["nacks_unexpected"] += 1  # late, or not asked: ignored
+        elif sender in probe.nacks:
+            self._stats["nacks_unexpected"] += 1
+        else:
+            self._stats["nacks"] += 1
+            probe.nacks += (sender,)
+
     def _on_ping_req(self, message: MessageReceived, nonce: int, target: bytes, now: float) -> None:
         if len(target) != 32:
             raise RemoteProtocolError("PING_REQ target is not a 32-byte id")
@@ -491,12 +559,20 @@ class Membership:
         if target_id == self._id:
             self._reply(message.sender, message.via, MessageType.ACK, {"nonce": nonce})
             return
-        if self._table.state_of(target_id) not in LIVE or len(self._relays) >= MAX_RELAYS:
+        if self._table.state_of(target_id) not in LIVE:  # we cannot vouch for it: say so now
+            self._nack(message.sender, message.via, nonce)
+            return
+        if len(self._relays) >= MAX_RELAYS:
             return
         own_nonce = self._rng.getrandbits(62)
         self._relays[own_nonce] = _Relay(message.sender, message.via, nonce, target_id)
         self._relay_expiry.append((now + self.config.probe_interval_s, own_nonce))
+        self._nacks_due.append((now + self.config.nack_timeout_s, own_nonce))
         self._send(target_id, MessageType.PING, {"nonce": own_nonce})
+
+    def _nack(self, requester: NodeId, via: str, nonce: int) -> None:
+        self._stats["nacks_sent"] += 1
+        self._reply(requester, via, MessageType.NACK, {"nonce": nonce})
 
     def _on_join(self, message: MessageReceived, now: float) -> None:
         record = self._decode_record(_field(message.body, "record", bytes))
@@ -598,6 +674,7 @@ class Membership:
             self._refresh_asked = incarnation + 1
             self._refresh_retry_at = now + 2 * self.config.probe_interval_s
             self._stats["refutations"] += 1
+            self._add_health(1)  # Lifeguard: being suspected hints that we are the slow one
             self._emit(RefreshOwnRecord(incarnation + 1))
         else:
             self._stats["updates_duplicate"] += 1  # a refresh is already on its way
@@ -614,21 +691,13 @@ class Membership:
     def _probe_tick(self, now: float) -> None:
         probe = self._probe
         if probe and not probe.acked and not probe.indirect_sent and now >= probe.ack_deadline:
-            probe.indirect_sent = True
-            probe.helpers = tuple(
-                self._table.alive.sample(self._rng, self.config.indirect_checks, (probe.target,))
-            )
-            for helper in probe.helpers:
-                self._stats["indirect_probes"] += 1
-                body = {"nonce": probe.nonce, "target": probe.target.key}
-                self._send(helper, MessageType.PING_REQ, body)
+            self._probe_indirectly(probe)
         if now < self._next_probe_at:
             return
-        if probe is not None and not probe.acked and self._table.state_of(probe.target) in LIVE:
-            self._stats["probes_failed"] += 1
-            self._table.suspect(probe.target, now)
+        retry = self._end_probe(probe, now) if probe is not None else None
         self._probe = None
-        self._next_probe_at = now + self.config.probe_interval_s
+        scale = self._health + 1  # Lifeguard: an unhealthy node probes slower and waits longer
+        self._next_probe_at = now + self.config.probe_interval_s * scale
         if self._left:
             return
         if self._join_endpoints and not self._table.live and now >= self._next_join_at:
@@ -637,13 +706,50 @@ class Membership:
             self._next_sync_at = now + self.config.sync_interval_s
             for peer in self._table.alive.sample(self._rng, 1):
                 self._send_join(peer)
-        target = self._table.next_probe_target()
+        target = retry.target if retry is not None else self._table.next_probe_target()
         if target is not None:
-            self._probe = _Probe(
-                target, self._rng.getrandbits(62), now + self.config.probe_timeout_s
-            )
+            deadline = now + self.config.probe_timeout_s * scale
+            self._probe = _Probe(target, self._rng.getrandbits(62), deadline)
+            if retry is not None:
+                self._probe.round_number = retry.round_number + 1
+                self._stats["probe_retries"] += 1
             self._stats["probes_sent"] += 1
             self._send(target, MessageType.PING, {"nonce": self._probe.nonce})
+
+    def _probe_indirectly(self, probe: _Probe) -> None:
+        """No ACK in time: ask helpers to probe the target, and PING it once more ourselves."""
+        probe.indirect_sent = True
+        probe.helpers = tuple(
+            self._table.alive.sample(self._rng, self.config.indirect_checks, (probe.target,))
+        )
+        body = {"nonce": probe.nonce, "target": probe.target.key}
+        for helper in probe.helpers:
+            self._stats["indirect_probes"] += 1
+            self._send(helper, MessageType.PING_REQ, dict(body))
+        # a second direct attempt (memberlist sends one over TCP): on a lossy link it is the
+        # cheapest of the extra chances, two messages against four per helper
+        self._stats["fallback_pings"] += 1
+        self._send(probe.target, MessageType.PING, {"nonce": probe.nonce})
+
+    def _end_probe(self, probe: _Probe, now: float) -> _Probe | None:
+        """Score the finished probe; the probe to repeat against the same target, if any."""
+        if probe.acked:
+            self._add_health(-1)
+            return None
+        if self._table.state_of(probe.target) not in LIVE:
+            return None  # declared dead meanwhile: nothing learned about ourselves
+        self._stats["probes_failed"] += 1
+        # Lifeguard: each helper that did not NACK suggests that our own link is the bad one
+        self._add_health(len(probe.helpers) - len(probe.nacks) if probe.helpers else 1)
+        if probe.round_number < self.config.probe_rounds and self._table.state_of(probe.target) is (
+            MemberState.ALIVE
+        ):
+            return probe
+        self._table.suspect(probe.target, now)
+        return None
+
+    def _add_health(self, delta: int) -> None:
+        self._health = min(self.config.local_health_max, max(0, self._health + delta))
 
     def _gossip(self, now: float) -> None:
         self._next_gossip_at = now + self.config.gossip_interval_s
@@ -676,6 +782,11 @@ class Membership:
     def _drain(self) -> list[Effect]:
         out, self._out = self._out, []
         return out
+
+
+_GOSSIP_CARRIERS = frozenset(
+    {MessageType.PING, MessageType.ACK, MessageType.NACK, MessageType.PING_REQ, MessageType.GOSSIP}
+)
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:

@@ -70,6 +70,7 @@ class MessageType(enum.IntEnum):
     GOSSIP = 7
     MARKET = 8  # a signed market statement (node/market.py): {kind, blob}
     LEDGER = 9  # a signed ledger statement (node/tokens.py): {kind, blob}
+    NACK = 10  # a PING_REQ helper's "the target did not answer me in time" (Lifeguard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,7 @@ SPECS: dict[MessageType, MessageSpec] = {
         MessageSpec(MessageType.GOSSIP, {"updates": Field(list, True, bytes)}),
         MessageSpec(MessageType.MARKET, {"kind": Field(int), "blob": Field(bytes)}),
         MessageSpec(MessageType.LEDGER, {"kind": Field(int), "blob": Field(bytes)}),
+        MessageSpec(MessageType.NACK, {"nonce": Field(int), "updates": Field(list, False, bytes)}),
     )
 }
 

@@ -339,6 +339,27 @@ def test_queue_sends_each_item_a_bounded_number_of_times_fewest_first():
     assert len(queue) == 0
 
 
+def test_queue_hands_out_the_first_tier_before_the_second():
+    queue = TransmitLimitedQueue(retransmit_mult=4)
+    for i in range(20):
+        queue.enqueue(("m", i), b"claim%d" % i, 1)
+    queue.take(5, 10, 1000)  # ten claims sent once; ten never sent
+    queue.enqueue(("m", "joiner"), b"record")
+    queue.take(5, 1, 1000)  # the record, sent once: still ahead of claims never sent
+    assert queue.take(5, 2, 1000) == [b"record", b"claim9"]
+    assert queue.transmits(("m", "joiner")) == 2
+    queue.enqueue(("m", 3), b"alive3")  # a refutation replaces the claim, in the first tier
+    assert queue.take(5, 1, 1000) == [b"alive3"]
+
+
+def test_queue_over_capacity_drops_claims_before_records_at_equal_count():
+    queue = TransmitLimitedQueue(retransmit_mult=4, max_items=2)
+    queue.enqueue("record", b"R")
+    queue.enqueue("claim", b"C", 1)
+    queue.enqueue("record2", b"R2")
+    assert "claim" not in queue and len(queue) == 2
+
+
 def test_queue_replaces_an_item_with_the_same_key_and_resets_its_count():
     queue = TransmitLimitedQueue(retransmit_mult=4)
     queue.enqueue(("b", "t", b"k"), b"old")
@@ -516,6 +537,9 @@ def test_too_many_updates_in_one_message_are_not_all_read():
         (MessageType.JOIN, {"record": 5}),
         (MessageType.JOIN_REPLY, {"records": b"x"}),
         (MessageType.GOSSIP, {"updates": b"x"}),
+        (MessageType.NACK, {}),
+        (MessageType.NACK, {"nonce": True}),
+        (MessageType.NACK, {"nonce": 1, "updates": b"x"}),
     ],
 )
 def test_malformed_bodies_are_counted_not_raised(msg_type, body):
@@ -545,7 +569,9 @@ wire_values = st.recursive(
     claims=st.lists(
         st.tuples(st.integers(0, 4), st.integers(0, 2**64 - 1), st.booleans()), max_size=4
     ),
-    msg_type=st.sampled_from([MessageType.PING, MessageType.ACK, MessageType.GOSSIP]),
+    msg_type=st.sampled_from(
+        [MessageType.PING, MessageType.ACK, MessageType.NACK, MessageType.GOSSIP]
+    ),
     nonce=st.integers(0, 2**64 - 1),
 )
 def test_arbitrary_updates_never_raise(raw, structured, claims, msg_type, nonce):
@@ -681,22 +707,23 @@ def test_probe_acked_directly_keeps_the_target_alive():
 
 
 def test_unanswered_probe_goes_indirect_then_suspects():
-    core, _ = lone_core()
+    config = MembershipConfig(probe_rounds=1)  # suspect after the first failed round
+    core = Membership(Peer(0).record, config, random.Random(7))
     peers = [Peer(i) for i in range(1, 6)]
     for peer in peers:
         core.handle(gossip(peer, alive(peer.record)), T0)
     ping, at = first_probe(core, T0)
     target = next(p for p in peers if p.node_id == ping.target)
-    assert core.next_wakeup() == pytest.approx(at + CONFIG.probe_timeout_s)
-    assert core.tick(at + CONFIG.probe_timeout_s / 2) == []  # nothing due yet
-    reqs = sends(core.tick(at + CONFIG.probe_timeout_s), MessageType.PING_REQ)
-    assert len(reqs) == CONFIG.indirect_checks
+    assert core.next_wakeup() == pytest.approx(at + config.probe_timeout_s)
+    assert core.tick(at + config.probe_timeout_s / 2) == []  # nothing due yet
+    reqs = sends(core.tick(at + config.probe_timeout_s), MessageType.PING_REQ)
+    assert len(reqs) == config.indirect_checks
     assert {r.body["target"] for r in reqs} == {target.node_id.key}
     assert target.node_id not in {r.target for r in reqs}
     forger = next(p for p in peers if p.node_id not in {r.target for r in reqs} | {target.node_id})
     ack = {"nonce": ping.body["nonce"]}
     core.handle(MessageReceived(forger.node_id, MessageType.ACK, ack, ""), at + 0.3)  # not asked
-    effects = core.tick(at + CONFIG.probe_interval_s)
+    effects = core.tick(at + config.probe_interval_s)
     assert MemberChanged(target.node_id, MemberState.SUSPECT, target.record) in effects
     assert core.statistics()["suspicions"] == 1
 
@@ -729,6 +756,160 @@ def test_helper_probes_the_target_and_forwards_the_original_nonce():
     effects = core.handle(MessageReceived(target.node_id, MessageType.ACK, ack, ""), T0)
     (forwarded,) = sends(effects, MessageType.ACK)
     assert forwarded.target == requester.node_id and forwarded.body["nonce"] == 4242
+
+
+def probed_core(config: MembershipConfig, peers: int = 5) -> tuple[Membership, list[Peer]]:
+    core = Membership(Peer(0).record, config, random.Random(7))
+    others = [Peer(i) for i in range(1, peers + 1)]
+    for peer in others:
+        core.handle(gossip(peer, alive(peer.record)), T0)
+    return core, others
+
+
+def nack(sender: NodeId, nonce: object) -> MessageReceived:
+    return MessageReceived(sender, MessageType.NACK, {"nonce": nonce}, "x")
+
+
+def test_unanswered_probe_is_retried_directly_beside_the_indirect_probes():
+    core, _ = probed_core(CONFIG)
+    ping, at = first_probe(core, T0)
+    effects = core.tick(at + CONFIG.probe_timeout_s)
+    (again,) = sends(effects, MessageType.PING)
+    assert again.target == ping.target and again.body["nonce"] == ping.body["nonce"]
+    assert core.statistics()["fallback_pings"] == 1
+
+
+def test_helper_nacks_when_the_target_stays_silent_and_not_when_it_answers():
+    core, _ = lone_core()
+    requester, target = Peer(1), Peer(2)
+    core.handle(gossip(requester, alive(requester.record), alive(target.record)), T0)
+    body = {"nonce": 77, "target": target.node_id.key}
+    effects = core.handle(MessageReceived(requester.node_id, MessageType.PING_REQ, body, ""), T0)
+    (ping,) = sends(effects, MessageType.PING)
+    assert core.next_wakeup() == pytest.approx(T0 + CONFIG.nack_timeout_s)
+    assert sends(core.tick(T0 + CONFIG.nack_timeout_s * 0.9), MessageType.NACK) == []
+    (nacked,) = sends(core.tick(T0 + CONFIG.nack_timeout_s), MessageType.NACK)
+    assert nacked.target == requester.node_id and nacked.body["nonce"] == 77
+    # a late ACK is still forwarded: the requester may still be waiting
+    ack = {"nonce": ping.body["nonce"]}
+    late = core.handle(MessageReceived(target.node_id, MessageType.ACK, ack, ""), T0 + 0.2)
+    assert [a.body["nonce"] for a in sends(late, MessageType.ACK)] == [77]
+    # answered in time: no NACK
+    body = {"nonce": 78, "target": target.node_id.key}
+    effects = core.handle(
+        MessageReceived(requester.node_id, MessageType.PING_REQ, body, ""), T0 + 1
+    )
+    (ping,) = sends(effects, MessageType.PING)
+    ack = {"nonce": ping.body["nonce"]}
+    core.handle(MessageReceived(target.node_id, MessageType.ACK, ack, ""), T0 + 1.01)
+    assert sends(core.tick(T0 + 1 + CONFIG.nack_timeout_s), MessageType.NACK) == []
+    assert core.statistics()["nacks_sent"] == 1
+
+
+def test_helper_nacks_at_once_for_a_target_it_holds_dead():
+    core, _ = lone_core()
+    requester, target = Peer(1), Peer(2)
+    core.handle(gossip(requester, alive(requester.record), alive(target.record)), T0)
+    core.handle(gossip(requester, claim(UpdateKind.DEAD, target, 1, requester)), T0)
+    body = {"nonce": 5, "target": target.node_id.key}
+    effects = core.handle(MessageReceived(requester.node_id, MessageType.PING_REQ, body, ""), T0)
+    assert sends(effects, MessageType.PING) == []
+    assert [n.body["nonce"] for n in sends(effects, MessageType.NACK)] == [5]
+
+
+def test_missed_nacks_raise_local_health_which_stretches_probing():
+    config = MembershipConfig(local_health_max=4)
+    core, _ = probed_core(config)
+    ping, at = first_probe(core, T0)
+    reqs = sends(core.tick(at + config.probe_timeout_s), MessageType.PING_REQ)
+    core.handle(nack(reqs[0].target, ping.body["nonce"]), at + 0.3)  # one of three helpers
+    core.tick(at + config.probe_interval_s)  # the probe failed; the next one starts
+    assert core.local_health() == 2  # two helpers stayed silent: our link is suspect
+    start = at + config.probe_interval_s
+    assert core.next_wakeup() == pytest.approx(start + 3 * config.probe_timeout_s)
+    core.tick(start + 3 * config.probe_timeout_s)  # indirect now, 3x later
+    assert core.next_wakeup() == pytest.approx(start + 3 * config.probe_interval_s)
+    core.tick(start + 3 * config.probe_interval_s)  # silent again, no NACKs: +3, capped
+    assert core.local_health() == 4 == core.statistics()["local_health"]
+
+
+def test_nacks_from_every_helper_leave_local_health_alone_and_acks_lower_it():
+    core, _ = probed_core(CONFIG)
+    ping, at = first_probe(core, T0)
+    reqs = sends(core.tick(at + CONFIG.probe_timeout_s), MessageType.PING_REQ)
+    for req in reqs:
+        core.handle(nack(req.target, ping.body["nonce"]), at + 0.3)
+    effects = core.tick(at + CONFIG.probe_interval_s)  # failed, but every helper vouched for us
+    assert core.local_health() == 0 and core.statistics()["nacks"] == 3
+    (ping,) = sends(effects, MessageType.PING)  # the next probe
+    accuser = Peer(1)
+    core.handle(gossip(accuser, claim(UpdateKind.SUSPECT, Peer(0).node_id, 1, accuser)), at + 0.6)
+    assert core.local_health() == 1  # a refutation
+    ack = {"nonce": ping.body["nonce"]}
+    core.handle(MessageReceived(ping.target, MessageType.ACK, ack, ""), at + 0.7)
+    core.tick(at + 2 * CONFIG.probe_interval_s)  # the acked probe ends
+    assert core.local_health() == 0
+
+
+def test_refuting_a_suspicion_raises_local_health():
+    core, me = lone_core()
+    accuser = Peer(1)
+    core.handle(gossip(accuser, alive(accuser.record)), T0)
+    core.handle(gossip(accuser, claim(UpdateKind.SUSPECT, me.identity.node_id, 1, accuser)), T0)
+    assert core.local_health() == 1
+
+
+def test_local_health_off_keeps_the_probe_rhythm():
+    config = MembershipConfig(local_health_max=0)
+    core, _ = probed_core(config)
+    _, at = first_probe(core, T0)
+    core.tick(at + config.probe_timeout_s)
+    core.tick(at + config.probe_interval_s)
+    assert core.local_health() == 0
+    next_timeout = at + config.probe_interval_s + config.probe_timeout_s
+    assert core.next_wakeup() == pytest.approx(next_timeout)
+
+
+def test_unexpected_nacks_are_counted_and_ignored():
+    config = MembershipConfig(local_health_max=8)
+    core, peers = probed_core(config)
+    ping, at = first_probe(core, T0)
+    reqs = sends(core.tick(at + config.probe_timeout_s), MessageType.PING_REQ)
+    helpers = {r.target for r in reqs}
+    stranger = next(p.node_id for p in peers if p.node_id not in helpers | {ping.target})
+    nonce = ping.body["nonce"]
+    for bad in (
+        nack(stranger, nonce),  # not asked
+        nack(reqs[0].target, nonce + 1),  # another probe
+        nack(ping.target, nonce),  # the target itself
+        nack(reqs[1].target, nonce),
+        nack(reqs[1].target, nonce),  # twice
+    ):
+        assert sends(core.handle(bad, at + 0.6), MessageType.PING) == []
+    stats = core.statistics()
+    assert stats["nacks"] == 1 and stats["nacks_unexpected"] == 4
+    assert stats["messages_rejected"] == 0
+    core.tick(at + config.probe_interval_s)
+    assert core.local_health() == 2  # only the one real NACK counted
+
+
+def test_more_probe_rounds_retry_the_same_target_before_suspecting():
+    config = MembershipConfig(probe_rounds=2, local_health_max=0)
+    core, peers = probed_core(config)
+    ping, at = first_probe(core, T0)
+    core.tick(at + config.probe_timeout_s)
+    effects = core.tick(at + config.probe_interval_s)
+    (retry,) = sends(effects, MessageType.PING)
+    assert retry.target == ping.target and retry.body["nonce"] != ping.body["nonce"]
+    assert not any(isinstance(e, MemberChanged) for e in effects)
+    assert core.statistics()["probe_retries"] == 1
+    at += config.probe_interval_s
+    core.tick(at + config.probe_timeout_s)
+    effects = core.tick(at + config.probe_interval_s)
+    target = next(p for p in peers if p.node_id == ping.target)
+    assert MemberChanged(target.node_id, MemberState.SUSPECT, target.record) in effects
+    (fresh,) = sends(effects, MessageType.PING)
+    assert fresh.target != ping.target  # the round-robin goes on
 
 
 def test_next_wakeup_before_start_and_after():
@@ -904,8 +1085,30 @@ def test_same_seed_same_effects():
     assert effect_trace(12) != first
 
 
+def lossy_swarm(config: MembershipConfig) -> Net:
+    """Twenty nodes over a network that loses 20 % of messages, run 30 s past convergence."""
+    net = swarm(20, seed=21, config=config)
+    loss = random.Random(99)
+    net.drop = lambda src, dst, kind, now: loss.random() < 0.2
+    converged = net.run_until(net.everyone_sees_everyone_alive, limit=30)
+    net.run(converged + 30)
+    return net
+
+
+def test_a_second_probe_round_makes_false_suspicions_rare_under_loss():
+    one = lossy_swarm(MembershipConfig(probe_rounds=1))
+    two = lossy_swarm(CONFIG)
+    assert CONFIG.probe_rounds == 2
+    failed = [sum(n.core.statistics()["probes_failed"] for n in net.nodes) for net in (one, two)]
+    suspected = [sum(n.core.statistics()["refutations"] for n in net.nodes) for net in (one, two)]
+    assert failed[1] > 10  # single rounds fail as often as before ...
+    assert suspected[0] > 3 * suspected[1]  # ... but a second round clears most of them
+    assert sum(n.core.statistics()["probe_retries"] for n in two.nodes) > 0
+
+
 def test_twenty_nodes_converge_under_twenty_percent_loss():
-    net = swarm(20, seed=21)
+    # one probe round (memberlist's rule): loss causes false suspicions, all refuted
+    net = swarm(20, seed=21, config=MembershipConfig(probe_rounds=1))
     loss = random.Random(99)
     net.drop = lambda src, dst, kind, now: loss.random() < 0.2
     converged = net.run_until(net.everyone_sees_everyone_alive, limit=30)

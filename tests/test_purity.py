@@ -14,6 +14,8 @@ CORES = [
     "node/signed.py",
     "node/tokens.py",
     "node/ledger.py",
+    "node/ledger_effects.py",
+    "node/handoff.py",
     "node/payer.py",
     "node/payee.py",
     "overlay/addressing.py",

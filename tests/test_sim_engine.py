@@ -28,6 +28,18 @@ def test_events_run_in_time_order_and_ties_in_scheduling_order():
     assert sim.now == 5.0 and sim.steps == 3
 
 
+def test_scheduling_in_the_past_is_refused():
+    sim = Simulator(1)
+    sim.run(5.0, lambda now, node, event: None)
+    sim.at(5.0, "a", "now is fine")
+    for bad in (4.999, float("nan")):
+        with pytest.raises(ValueError, match=r"before now 5\.0"):
+            sim.at(bad, "a", "too late")
+    with pytest.raises(ValueError):
+        sim.after(-0.1, "a", "too late")
+    assert sim.pending() == 1
+
+
 def test_forks_depend_on_the_seed_and_label_only():
     one, two = Simulator(7), Simulator(7)
     one.rng.random()  # drawing from the root does not move the forks

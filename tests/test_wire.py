@@ -27,7 +27,15 @@ def valid_frames() -> list[bytes]:
             IDENTITY, MessageType.PING_REQ, 3, {"nonce": 1, "target": b"x" * 32}, sign=True
         ),
         encode_frame(IDENTITY, MessageType.JOIN_REPLY, 4, {"records": [b"r" * 100]}),
+        encode_frame(IDENTITY, MessageType.NACK, 5, {"nonce": 3, "updates": [b"u"]}),
     ]
+
+
+def test_nack_round_trip():
+    envelope = decode_frame(encode_frame(IDENTITY, MessageType.NACK, 8, {"nonce": 2**62}))
+    assert envelope.type is MessageType.NACK and envelope.body == {"nonce": 2**62}
+    with pytest.raises(LocalProtocolError):
+        encode_frame(IDENTITY, MessageType.NACK, 9, {"nonce": "x"})
 
 
 def test_round_trip():
@@ -82,6 +90,10 @@ def _frame(version=PROTOCOL_VERSION, msg_type=1, sender=None, seq=1, body=None, 
         (_frame(body={"nonce": 1, "deep": [[[[[[[1]]]]]]]}), "nesting"),
         (_frame(msg_type=4, body={"record": 5}), "expected bytes"),
         (_frame(msg_type=5, body={"records": [b"ok", 3]}), "holds a int"),
+        (_frame(msg_type=10, body={}), "NACK lacks field 'nonce'"),
+        (_frame(msg_type=10, body={"nonce": -1.5}), "NACK.nonce is float"),
+        (_frame(msg_type=10, body={"nonce": 1, "updates": [1]}), "NACK.updates holds a int"),
+        (_frame(msg_type=11), "unknown message type"),
     ],
 )
 def test_bad_frames_raise_remote_protocol_error(frame, reason):

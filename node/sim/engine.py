@@ -60,9 +60,11 @@ class Simulator:
         return random.Random(int.from_bytes(digest, "big"))
 
     def at(self, time: float, node: Hashable, event: Any) -> None:
-        """Schedule `event` for `node` at absolute simulated `time` (never in the past)."""
-        if time < self.now:
-            time = self.now
+        """Schedule `event` for `node` at absolute simulated `time`; ValueError if in the past."""
+        if not time >= self.now:  # also refuses NaN
+            raise ValueError(
+                f"cannot schedule {event!r} for {node!r} at {time!r}, before now {self.now!r}"
+            )
         heapq.heappush(self._heap, (time, self._seq, node, event))
         self._seq += 1
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 from node.identity import NodeId
 from node.jobs import (
@@ -40,10 +40,10 @@ from node.jobs import (
     WithdrawReceived,
 )
 from node.ledger import Persist, Persisted, Refused
+from node.ledger_effects import EffectQueue, open_chain
 from node.market import BroadcastOffer, MarketKind, Offer, SendStatement, peek_job
 from node.payer import (
     AckReceived,
-    ChainAdded,
     ChainNeeded,
     PaymentRequested,
     SendPayment,
@@ -51,7 +51,6 @@ from node.payer import (
 from node.sim.engine import Simulator
 from node.sim.market_invariants import MarketInvariants
 from node.sim.market_parts import (
-    CHAIN_LIFETIME_S,
     LEDGER_PAYMENT,
     Frame,
     SimHost,
@@ -59,8 +58,22 @@ from node.sim.market_parts import (
     Timer,
     WorldConfig,
 )
-from node.tokens import HashChain, sign_commitment
+from node.tokens import HashChain
 from node.wire import RemoteProtocolError
+
+
+class SendFrame(Protocol):
+    """Send one market or ledger frame through the world's network model."""
+
+    def __call__(
+        self,
+        sender: NodeId,
+        target: NodeId,
+        channel: str,
+        kind: int,
+        blob: bytes,
+        offer: Offer | None = None,
+    ) -> None: ...
 
 
 class OwnerSide:
@@ -81,17 +94,7 @@ class OwnerSide:
     watch: MarketInvariants
     _committing: dict[tuple[bytes, int], tuple[int, float]]
     _wake_at: dict[Any, float]
-
-    def _send(
-        self,
-        sender: NodeId,
-        target: NodeId,
-        channel: str,
-        kind: int,
-        blob: bytes,
-        offer: Offer | None = None,
-    ) -> None:
-        raise NotImplementedError
+    _send: SendFrame  # the world's network model
 
     def _owner_event(self, owner: SimOwner, event: Any, now: float) -> None:
         if isinstance(event, Frame):
@@ -254,29 +257,20 @@ class OwnerSide:
             self._payer_effects(owner, owner.payer.handle(request, now), now)
 
     def _payer_effects(self, owner: SimOwner, effects: list[Any], now: float) -> None:
-        pending = list(effects)
-        while pending:
-            effect = pending.pop(0)
+        """As ``LedgerService._execute`` (the same ``EffectQueue``), without the journal."""
+        queue = EffectQueue(effects)
+        for effect in queue:
             if isinstance(effect, Persist):
-                pending[:0] = owner.payer.handle(Persisted(effect.entry.entry_id), now)
+                queue.feed(owner.payer.handle(Persisted(effect.entry.entry_id), now))
             elif isinstance(effect, SendPayment):
                 self._send(
                     owner.identity.node_id, effect.target, "ledger", LEDGER_PAYMENT, effect.blob
                 )
             elif isinstance(effect, ChainNeeded):
-                chain = HashChain(
-                    self.rng.randbytes(32), max(self.config.chain_length, effect.units)
-                )
-                commitment = sign_commitment(
-                    owner.identity,
-                    chain,
-                    payer=owner.identity.node_id,
-                    payee=effect.payee,
-                    unit_value=1,
-                    expires=int(now) + CHAIN_LIFETIME_S,
-                )
-                self.chains[chain.chain_id] = chain
-                pending[:0] = owner.payer.handle(ChainAdded(chain, commitment), now)
+                seed = self.rng.randbytes(32)
+                added = open_chain(owner.identity, effect, seed, self.config.chain_length, now)
+                self.chains[added.chain.chain_id] = added.chain
+                queue.feed(owner.payer.handle(added, now))
             elif isinstance(effect, Refused):
                 self.stats[f"payer_refused_{effect.reason.value}"] += 1
 

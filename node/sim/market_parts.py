@@ -28,7 +28,6 @@ from node.sim.availability import IntervalIndex
 
 EPOCH = 1_800_000_000.0  # simulated Unix time of the run's start (a Monday, 00:00 UTC)
 LEDGER_PAYMENT, LEDGER_ACK = 2, 3  # node.ledger_service.LedgerKind values
-CHAIN_LIFETIME_S = 30 * 86400
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "mean_downtime_s": _number(0.0, 86400.0, open_low=True),
         "leave_fraction": _number(0.0, 1.0),
     },
-    "membership": {f.name: _number(0.0, 1e6, open_low=True) for f in fields(MembershipConfig)},
+    "membership": {f.name: _number(0.0, 1e6, open_low=True) for f in fields(MembershipConfig)}
+    | {"local_health_max": _number(0.0, 1e6)},  # 0 turns Lifeguard's local health off
 }
 INTEGER_MEMBERSHIP = {f.name for f in fields(MembershipConfig) if f.type in ("int", int)}
 PARTITION: dict[str, Check] = {
