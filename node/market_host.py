@@ -34,7 +34,7 @@ import logging
 import os
 import platform
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -96,6 +96,7 @@ BlockEndpoint = Callable[[NodeId], "tuple[str, int] | None"]
 HOST_RESERVED_MIB = 512  # guest memory the default cap leaves to the host
 HANDOFF_WAIT_S = 30.0  # a live move nobody takes: checkpoint where it is after this
 PREFIX_TRIES, PREFIX_RETRY_S = 50, 0.1
+HAND_OFFS_KEPT = 16
 
 
 def host_policy(config: Config, draining: bool = False) -> HostPolicy:
@@ -148,6 +149,7 @@ class HostMarket:
         self._handing: dict[bytes, tuple[NodeId, OfferRef]] = {}  # ours -> destination
         self._adopting: dict[bytes, str] = {}  # live offer -> why its hand-off failed ("")
         self._hand_offs_asked: set[bytes] = set()
+        self.hand_offs: deque[dict[str, Any]] = deque(maxlen=HAND_OFFS_KEPT)  # for `market`
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         for name in await self.segments.reap_orphans():
@@ -439,9 +441,12 @@ class HostMarket:
     async def _send_guest(self, offer: Offer, handoff: Handoff) -> None:
         name = f"gl-{_vm_name(offer)}"
         log.info("migrating %s live to %s", name, handoff.host.short)
-        error = await self.segments.migrate_replica(
-            name, handoff.uri, handoff.address, handoff.spec
-        )
+        try:
+            error = await self.segments.migrate_replica(
+                name, handoff.uri, handoff.address, handoff.spec
+            )
+        except SegmentError as exc:  # it ended meanwhile, or no outcome in time
+            error = str(exc)
         if error is None:
             return  # _run_replica sees the replica end as migrated and tells the destination
         self._handing.pop(offer.ref.digest, None)
@@ -459,7 +464,22 @@ class HostMarket:
         await self._execute(self.bidder.handle(ReplicaHandedOff(ref), time.time()))
         if destination is not None:
             node, live_ref = destination
-            log.info("segment %d handed off live to %s", ref.segment, node.short)
+            log.info(
+                "segment %d handed off live to %s (downtime %.0f ms, libvirt)",
+                ref.segment,
+                node.short,
+                moved.downtime_ms,
+            )
+            self.hand_offs.append(
+                {
+                    "job_id": ref.job_id.hex(),
+                    "segment": ref.segment,
+                    "to": str(node),
+                    "at": time.time(),
+                    "downtime_ms": moved.downtime_ms,
+                    "cpu_s": round(moved.cpu_s, 3),
+                }
+            )
             reply = sign_handed_off(self.identity, live_ref, moved.console)
             await self.send(node, MarketKind.HANDED_OFF, reply.blob)
 
@@ -523,6 +543,7 @@ class HostMarket:
         free = self.bidder.free()
         return {
             "statistics": dict(Counter(self.bidder.statistics()) + self.stats),
+            "hand_offs": list(self.hand_offs),
             "free": {
                 "vcpus": free.vcpus,
                 "memory_mib": free.memory_mib,

@@ -87,10 +87,13 @@ class SegmentMigrated(SegmentError):
     prefix); ``cpu_s``: the vCPU time it used here.
     """
 
-    def __init__(self, message: str, console: bytes, cpu_s: float) -> None:
+    def __init__(
+        self, message: str, console: bytes, cpu_s: float, downtime_ms: float = -1.0
+    ) -> None:
         super().__init__(message)
         self.console = console
         self.cpu_s = cpu_s
+        self.downtime_ms = downtime_ms
 
 
 class SegmentService:
@@ -415,7 +418,7 @@ class SegmentService:
                 finally:
                     self.replicas.pop(run.vm_name, None)
         except ReplicaMigrated as exc:
-            raise SegmentMigrated(str(exc), exc.console, exc.cpu_s) from None
+            raise SegmentMigrated(str(exc), exc.console, exc.cpu_s, exc.downtime_ms) from None
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
 

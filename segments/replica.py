@@ -102,10 +102,13 @@ class ReplicaMigrated(ReplicaError):
     guest, the earlier hosts' console too); ``cpu_s`` the vCPU time it used here.
     """
 
-    def __init__(self, message: str, console: bytes, cpu_s: float) -> None:
+    def __init__(
+        self, message: str, console: bytes, cpu_s: float, downtime_ms: float = -1.0
+    ) -> None:
         super().__init__(message)
         self.console = console
         self.cpu_s = cpu_s
+        self.downtime_ms = downtime_ms  # libvirt's figure for the switch-over; -1: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +328,9 @@ class Replica:
                 if prefix_timeout_s is None:
                     raise
                 prefix = self._wait_for_prefix(name, prefix_timeout_s)
-                raise ReplicaMigrated(str(moved), prefix + moved.console, moved.cpu_s) from None
+                raise ReplicaMigrated(
+                    str(moved), prefix + moved.console, moved.cpu_s, moved.downtime_ms
+                ) from None
             if prefix_timeout_s is not None:
                 prefix = self._wait_for_prefix(name, prefix_timeout_s)
             manifest, console = self._checkpoint(name, serial_log, not powered_off, prefix)
@@ -424,7 +429,9 @@ class Replica:
             if state is VmState.PAUSED:
                 self.runtime.resume(name)  # a paused guest would arrive paused: not "arrived"
             used = self.runtime.cpu_time_s(name)
-            self.runtime.migrate_live(name, request.dest_uri, request.dest_address, request.dest)
+            moved = self.runtime.migrate_live(
+                name, request.dest_uri, request.dest_address, request.dest
+            )
         except VmError as exc:
             self._settle_migration(str(exc))
             if self._confirm_gone(name) is None:
@@ -437,7 +444,8 @@ class Replica:
             console = serial_log.read_bytes()  # complete: the source QEMU has stopped
         except OSError as exc:  # no console, no checkpoint for the destination: a failure
             raise ReplicaError(f"{name} migrated, but reading its console failed: {exc}") from exc
-        raise ReplicaMigrated(f"{name} migrated to {request.dest_uri}", console, used)
+        message = f"{name} migrated to {request.dest_uri}"
+        raise ReplicaMigrated(message, console, used, moved.downtime_ms)
 
     def _settle_migration(self, error: str | None) -> None:
         with self._lock:
