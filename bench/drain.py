@@ -26,7 +26,8 @@ loop started there (``Load``) is that host's volunteer coming back.
   of the segment, the winner pulls the running guest by live migration and
   claims its address when it runs there, so the gap is the migration's
   switch-over plus the claim's spread, not a checkpoint and restore
-  (`network_hand_off`: how the drained host let it go, from its statistics).
+  (`network_hand_off`: how the drained host let it go, from its statistics,
+  with libvirt's own switch-over downtime to set `gap_ms_max` against).
 
 Latencies are the bench process's monotonic clock; the owner's history gives
 the drain's consequences (withdrawals, awards after the drain). Prints one JSON
@@ -301,8 +302,9 @@ def drain_under_probe(
         emptied = False
     policy_after = rpc(host, "status")["policy"]
     probed = prober.until_answered_elsewhere(owner, network_job, host["node_id"])
-    stats = rpc(host, "market")["statistics"]
-    hand_off = {key: stats.get(key, 0) for key in HAND_OFF_STATISTICS}
+    market = rpc(host, "market")
+    hand_off = {key: market["statistics"].get(key, 0) for key in HAND_OFF_STATISTICS}
+    hand_off["downtime_ms"] = [h["downtime_ms"] for h in market["hand_offs"]]  # libvirt's
     audited = [audit_job(owner, hosts, job_id) for job_id in jobs]
     reports = [report for report, _detail in audited]
     details = [detail for _report, detail in audited]
