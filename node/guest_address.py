@@ -8,8 +8,8 @@ claims it (node.routing): from then on the whole swarm sends the address here.
 libvirt creates when the guest boots or is restored, then routes and claims
 the address with the award's grant; the host withdraws the claim when the
 replica ends (the next segment's host claims a higher epoch from its award).
-``adopt_guest`` is its twin for a guest arriving by live migration: route
-when the tap appears, claim only when the guest runs here.
+For a guest arriving by live migration it routes when the tap appears and
+claims only when the guest runs here.
 """
 
 from __future__ import annotations
@@ -69,40 +69,30 @@ async def wait_for_device(name: str) -> None:
         await trio.sleep(TAP_POLL_S)
 
 
-async def route_guest(routes: RouteService, grant: bytes, tap: str) -> bool:
+ARRIVAL_POLL_S = 0.005
+
+
+async def route_guest(
+    routes: RouteService, grant: bytes, tap: str, arrived: Callable[[], bool] | None = None
+) -> bool:
     """Once `tap` exists, route the grant's address to it and claim it; False if that
-    failed (logged). The caller withdraws with ``routes.detach`` when the guest ends."""
+    failed (logged). The caller withdraws with ``routes.detach`` when the guest ends.
+
+    For a guest migrating here, ``arrived`` says when it runs here: the address is
+    routed to the tap as soon as the incoming QEMU makes it, but claimed only
+    then, since until the switch-over the guest still answers on its source.
+    """
     await wait_for_device(tap)
     try:
         await configure_tap(tap)
+        if arrived is not None:
+            await routes.prepare(grant, tap, None)
+            while not arrived():
+                await trio.sleep(ARRIVAL_POLL_S)
         claim = await routes.attach(grant, tap, None)
     except (GuestAddressError, RoutingError) as exc:
         log.warning("guest address on %s: %s", tap, exc)
         return False
-    log.info("guest address %s claimed on %s at epoch %d", claim["address"], tap, claim["epoch"])
-    return True
-
-
-ARRIVAL_POLL_S = 0.005
-
-
-async def adopt_guest(
-    routes: RouteService, grant: bytes, tap: str, arrived: Callable[[], bool]
-) -> bool:
-    """For a guest migrating here: route its address to `tap` as soon as the incoming
-    QEMU makes it, and claim the address the moment ``arrived()`` (the guest runs
-    here), not before: until the switch-over the guest still answers on its source.
-    False if routing or claiming failed (logged); the caller withdraws with
-    ``routes.detach`` when the guest ends."""
-    await wait_for_device(tap)
-    try:
-        await configure_tap(tap)
-        await routes.prepare(grant, tap, None)
-        while not arrived():
-            await trio.sleep(ARRIVAL_POLL_S)
-        claim = await routes.attach(grant, tap, None)
-    except (GuestAddressError, RoutingError) as exc:
-        log.warning("arriving guest's address on %s: %s", tap, exc)
-        return False
-    log.info("arrived guest %s claimed on %s at epoch %d", claim["address"], tap, claim["epoch"])
+    how = "claimed" if arrived is None else "claimed on arrival"
+    log.info("guest address %s %s on %s at epoch %d", claim["address"], how, tap, claim["epoch"])
     return True

@@ -58,7 +58,6 @@ from node.bidder import (
 from node.config import Config
 from node.guest_address import (
     GuestAddressError,
-    adopt_guest,
     grant_address,
     market_tap_name,
     route_guest,
@@ -333,11 +332,7 @@ class HostMarket:
         async def route() -> None:
             nonlocal unreachable
             with routing:
-                if order.adopt:
-                    routed = await adopt_guest(routes, grant, tap, arrived)
-                else:
-                    routed = await route_guest(routes, grant, tap)
-                if not routed:
+                if not await route_guest(routes, grant, tap, arrived if order.adopt else None):
                     unreachable = True
                     cancel.set()
 

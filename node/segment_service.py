@@ -83,17 +83,14 @@ class VerifierUnavailable(SegmentError):
 class SegmentMigrated(SegmentError):
     """The replica's guest was live-migrated away (``migrate_replica``): no checkpoint here.
 
-    ``console``: everything the guest printed here (the destination's console
-    prefix); ``cpu_s``: the vCPU time it used here.
+    It carries what the worker's ``ReplicaMigrated`` says: ``console`` (everything
+    the guest printed here, the destination's console prefix), ``cpu_s`` (the vCPU
+    time it used here) and ``downtime_ms`` (libvirt's switch-over figure).
     """
 
-    def __init__(
-        self, message: str, console: bytes, cpu_s: float, downtime_ms: float = -1.0
-    ) -> None:
-        super().__init__(message)
-        self.console = console
-        self.cpu_s = cpu_s
-        self.downtime_ms = downtime_ms
+    def __init__(self, moved: ReplicaMigrated) -> None:
+        super().__init__(str(moved))
+        self.console, self.cpu_s, self.downtime_ms = moved.console, moved.cpu_s, moved.downtime_ms
 
 
 class SegmentService:
@@ -418,7 +415,7 @@ class SegmentService:
                 finally:
                     self.replicas.pop(run.vm_name, None)
         except ReplicaMigrated as exc:
-            raise SegmentMigrated(str(exc), exc.console, exc.cpu_s, exc.downtime_ms) from None
+            raise SegmentMigrated(exc) from None
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
 
