@@ -116,11 +116,12 @@ def debug_offsets(lost_times: list, windows: list, hosts: list, address: str) ->
 
 
 def summarise(probe: dict, windows: list, hosts: list, address: str, args) -> dict:
-    interval = probe["interval_ms"] / 1000
-    lost_times = [
-        probe["first_send"] + (seq * interval)
-        for first, count in probe["lost_runs"]
-        for seq in range(first, first + count)
+    lost_times = [  # when each lost probe really left (a stalled prober sends late)
+        start + (end - start) * i / max(count - 1, 1)
+        for (_, count), (start, end) in zip(
+            probe["lost_runs"], probe["lost_runs_sent"], strict=True
+        )
+        for i in range(count)
     ]
     per_move = [sum(1 for t in lost_times if start <= t < end) for start, end, _, _ in windows]
     observer = {
