@@ -519,8 +519,10 @@ class _Watch:
 
 
 def _ends_past(pattern: re.Pattern[str], text: str, boundary: int) -> re.Match[str] | None:
-    """The first match that ends past `boundary` (a line the restore completed counts)."""
+    """The first match whose content ends past `boundary`: a line the restore completed
+    counts, one it only gave its line end does not (the replica counted that line, whole
+    before its end, as the last of its own console)."""
     for match in pattern.finditer(text):
-        if match.end() > boundary:
+        if match.end(match.lastindex or 0) > boundary:
             return match
     return None

@@ -549,6 +549,24 @@ def test_a_line_cut_by_the_save_is_read_whole(tmp_path: Path, store: BlockStore)
     assert (verdict.claimed_step, verdict.new_step) == (9, 10)
 
 
+def test_a_save_between_a_line_and_its_line_end_claims_that_line(
+    tmp_path: Path, store: BlockStore
+) -> None:
+    # The save came after line 10's state, before its line end: the replica counts
+    # line 10 (it is whole), and the restored guest's first output is that line end.
+    line_10 = f"gleaner-progress 10 {state(SEED, 10)}"
+    console = chain_lines(SEED, 4, 9) + line_10
+    manifest = checkpoint_of(tmp_path, store, console, save=True)
+    runtime = ConsoleFake()
+    runtime.restore_output = "\r\n" + chain_lines(SEED, 11, 11)
+    verdict = verify(
+        tmp_path, store, manifest, claim_of(console), claim_of(boot_console(SEED, 3)),
+        runtime=runtime,
+    )  # fmt: skip
+    assert verdict.ok, verdict.reason
+    assert (verdict.claimed_step, verdict.new_step) == (10, 11)
+
+
 def test_restored_guest_may_finish_with_the_right_result(tmp_path: Path, store: BlockStore) -> None:
     console = chain_lines(SEED, 4, 9)
     manifest = checkpoint_of(tmp_path, store, console, save=True)
