@@ -266,6 +266,8 @@ def measure_drain(hosts: list[dict[str, Any]], image_id: str, deadline_s: float)
     host, running = busiest_host(owner, hosts, jobs)
     prober = Prober(owner, address, deadline_s + EMPTY_MARGIN_S + JOB_TIMEOUT_S)
     try:
+        # The guest must answer before the drain, or its boot would count as the drain's gap.
+        wait_for(lambda: ping(owner, address), GUEST_TIMEOUT_S, "the network job answering")
         return drain_under_probe(owner, hosts, deadline_s, jobs, host, running, prober)
     finally:
         prober.close()
@@ -375,8 +377,11 @@ class Prober:
                 self.process.kill()
                 out, _ = self.process.communicate()
         probe = json.loads(out) if out and out.strip() else {}
+        runs = probe.get("lost_runs") or []
+        before_first_reply = runs[0][1] if runs and runs[0][0] == 0 else 0
         return {
-            "lost_probes_max": probe.get("lost"),
+            # probes lost once the guest had answered: the drain's, not its boot's
+            "lost_probes_max": probe["lost"] - before_first_reply if probe else None,
             "gap_ms_max": probe.get("gap_ms_max"),
             "probes_sent": probe.get("sent"),
             "probe_interval_ms": PROBE_INTERVAL_MS,

@@ -394,7 +394,6 @@ class HostMarket:
         used_ms = int(await self.segments.cpu_time_s(f"gl-{_vm_name(offer)}") * 1000)
         event = HandOffRequested(offer.ref, reason, used_ms)
         await self._execute(self.bidder.handle(event, time.time()))
-        self.stats["hand_offs_requested"] += 1
         assert self._nursery is not None
         self._nursery.start_soon(guarded, self._fall_back, offer)
 

@@ -83,6 +83,7 @@ RAM_FILE, REST_FILE = "ram", "rest"  # a checkpoint split by segments.savestream
 CONSOLE_FILE = "console"  # the run's serial log: what the guest printed in the segment
 SERIAL_LOG = "serial.log"  # in the work dir: the guest's console on this host
 POLL_S = 0.1
+ARRIVAL_POLL_S = 0.005  # one libvirt listing each, only while a migrating guest arrives
 BOOT_TIMEOUT_S = 120.0
 CONSOLE_PREFIX_TIMEOUT_S = 30.0  # an adopting replica's wait for the source's console
 
@@ -373,7 +374,7 @@ class Replica:
                 raise ReplicaError(
                     f"adopting {name}: it did not arrive running within {timeout_s:g} s"
                 )
-            time.sleep(POLL_S)
+            time.sleep(ARRIVAL_POLL_S)  # its address is claimed the moment it runs here
         self.arrived_at = time.time()
         self.arrived.set()
 
