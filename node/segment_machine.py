@@ -332,31 +332,35 @@ class SegmentMachine:
             self._ask_replication(round_, now)
 
     def _open_offer(self, now: float) -> None:
-        spec, snap = self.spec, self._snap
-        self._attempt = snap.next_attempt
-        self._snap = replace(snap, next_attempt=snap.next_attempt + 1)
-        deadline = now + self.config.auction.bid_window_s
-        offer = sign_offer(
-            self._owner,
-            job_nonce=spec.nonce,
-            segment=snap.segment,
-            attempt=self._attempt,
-            image=spec.image,
-            requirements=spec.requirements,
-            extent_s=spec.extent_s,
-            checkpoint=snap.manifest,
-            checkpoint_size=snap.size,
-            holders=snap.holders,
-            k=spec.k,
-            ceiling=spec.ceiling,
-            bid_deadline=math.ceil(deadline),
-            args=spec.args,
-        )
+        offer = self._next_offer(now, self.spec.extent_s)
+        self._attempt = offer.ref.attempt
         self._round = _Round(offer, Auctioneer(offer, now, self.config.auction, self._reputation))
         self._reoffer_at = math.inf
         self._stats["offers"] += 1
         self._move(Step.OFFER)
         self._emit(BroadcastOffer(offer))
+
+    def _next_offer(self, now: float, extent_s: int, source: NodeId | None = None) -> Offer:
+        """The current segment's next attempt, from the last commit (attempts never repeat)."""
+        spec, snap = self.spec, self._snap
+        self._snap = replace(snap, next_attempt=snap.next_attempt + 1)
+        return sign_offer(
+            self._owner,
+            job_nonce=spec.nonce,
+            segment=snap.segment,
+            attempt=snap.next_attempt,
+            image=spec.image,
+            requirements=spec.requirements,
+            extent_s=extent_s,
+            checkpoint=snap.manifest,
+            checkpoint_size=snap.size,
+            holders=snap.holders,
+            k=spec.k,
+            ceiling=spec.ceiling,
+            bid_deadline=math.ceil(now + self.config.auction.bid_window_s),
+            args=spec.args,
+            source=source,
+        )
 
     def _on_bid(self, blob: bytes, now: float) -> None:
         bid = decode_bid(blob)
@@ -547,26 +551,8 @@ class SegmentMachine:
         if not movable:
             self._stats["moves_refused"] += 1  # its host checkpoints where it is instead
             return
-        spec, snap, offer = self.spec, self._snap, round_.offer
-        attempt = snap.next_attempt
-        self._snap = replace(snap, next_attempt=attempt + 1)
-        move = sign_offer(
-            self._owner,
-            job_nonce=spec.nonce,
-            segment=offer.ref.segment,
-            attempt=attempt,
-            image=spec.image,
-            requirements=spec.requirements,
-            extent_s=max(1, offer.extent_s - withdraw.used_ms // 1000),
-            checkpoint=offer.checkpoint,
-            checkpoint_size=offer.checkpoint_size,
-            holders=offer.holders,
-            k=1,
-            ceiling=spec.ceiling,
-            bid_deadline=math.ceil(now + self.config.auction.bid_window_s),
-            args=spec.args,
-            source=replica.node,
-        )
+        rest = max(1, round_.offer.extent_s - withdraw.used_ms // 1000)
+        move = self._next_offer(now, rest, source=replica.node)  # the round's checkpoint too
         round_.move = _Move(move, Auctioneer(move, now, self.config.auction, self._reputation))
         self._stats["moves_offered"] += 1
         self._emit(BroadcastOffer(move))
