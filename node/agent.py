@@ -202,9 +202,17 @@ class Agent:
             )
             report_started()
 
-    def _migration_target(self) -> tuple[str, str]:
-        """How another host live-migrates a guest here: our libvirt and our underlay."""
+    def _migration_target(self) -> tuple[str, str] | None:
+        """How another host live-migrates a guest here: our libvirt and our underlay;
+        None (no live hand-off in or out) if peers would refuse that libvirt URI."""
+        from node.handoff import check_migration_uri
+
         uri = self.config["vm.migration_uri"] or self.config["vm.libvirt_uri"]
+        try:
+            check_migration_uri(uri)
+        except RemoteProtocolError as exc:
+            log.info("no live hand-off of guests: %s (set vm.migration_uri)", exc)
+            return None
         return uri, self.transport.underlay_address[0]
 
     def _start_market(self) -> None:

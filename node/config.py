@@ -107,6 +107,20 @@ def _float_range(low: float, high: float) -> Callable[[Any], str | None]:
     return check
 
 
+def _migration_uri(value: str) -> str | None:
+    """ "" or a URI another host may be handed for a live migration (node/handoff.py)."""
+    from node.handoff import check_migration_uri  # the market's modules, only when set
+    from node.wire import RemoteProtocolError
+
+    if not value:
+        return None
+    try:
+        check_migration_uri(value)
+    except RemoteProtocolError as exc:
+        return f"{exc} (qemu+tls://HOST/system, qemu+tcp://HOST/system or qemu+unix)"
+    return None
+
+
 def _nonempty(limit: int) -> Callable[[Any], str | None]:
     def check(value: str) -> str | None:
         if not value or len(value) > limit:
@@ -143,7 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vm", "image_store", str, lambda: "", lambda v: None),
     # Where other hosts reach this host's libvirt to live-migrate a guest here ("" =
     # libvirt_uri, which only hosts on the same machine can use: the testbed).
-    Setting("vm", "migration_uri", str, lambda: "", lambda v: None),
+    Setting("vm", "migration_uri", str, lambda: "", _migration_uri),
     # What this host lends to the swarm (the bidder never promises more); 0 = all it has.
     Setting("host", "vcpus", int, lambda: 0, _range(0, 4096)),
     Setting("host", "memory_mib", int, lambda: 0, _range(0, 1 << 24)),

@@ -40,8 +40,10 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from node.identity import Identity, NodeId
 from node.market import (
@@ -66,6 +68,7 @@ HANDED_OFF_CONTEXT = b"gleaner/handed-off/v1\x00"
 MAX_CONSOLE_BYTES = 48 * 1024  # what one frame carries; a longer console sends its tail
 MAX_TEXT_CHARS = 1024
 MAX_SPEC_ENTRIES = 8
+MIGRATION_SCHEMES = frozenset({"qemu+unix", "qemu+tcp", "qemu+tls"})
 MAX_HANDOFF_BYTES = MAX_OFFER_BYTES + MAX_AWARD_BYTES + 6 * 1024
 MAX_HANDED_OFF_BYTES = MAX_CONSOLE_BYTES + 2048
 
@@ -129,8 +132,8 @@ def decode_handoff(blob: bytes) -> Handoff:
         host=host,
         offer=offer,
         award=award,
-        uri=_text(fields, "uri", what),
-        address=_text(fields, "address", what),
+        uri=check_migration_uri(_text(fields, "uri", what)),
+        address=_stream_address(_text(fields, "address", what)),
         spec=_spec(fields.get("spec"), what),
         blob=blob,
     )
@@ -153,6 +156,33 @@ def _text(fields: dict[str, Any], name: str, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT_CHARS:
         raise RemoteProtocolError(f"{what} {name!r} is not a string of 1..{MAX_TEXT_CHARS}")
     return value
+
+
+def check_migration_uri(uri: str) -> str:
+    """A libvirt URI the source may open for a peer: qemu over unix, tcp or tls to its
+    system daemon, and no parameters but a unix socket's path. Others (ssh with its
+    ``command``, ``netcat`` or ``keyfile``, or another driver) would run or reach what
+    the peer chose, so they are refused."""
+    parts = urlsplit(uri)
+    if parts.scheme not in MIGRATION_SCHEMES or parts.path != "/system" or parts.fragment:
+        raise RemoteProtocolError(f"handoff uri {uri!r} is not qemu+unix/tcp/tls:///system")
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    allowed = {"socket"} if parts.scheme == "qemu+unix" else set()
+    if set(query) - allowed or any(len(v) != 1 for v in query.values()):
+        raise RemoteProtocolError(f"handoff uri {uri!r} has parameters a source does not take")
+    if "socket" in query and not query["socket"][0].startswith("/"):
+        raise RemoteProtocolError("handoff uri's socket is not an absolute path")
+    if (parts.scheme == "qemu+unix") == bool(parts.netloc):
+        raise RemoteProtocolError(f"handoff uri {uri!r} names a host where it must not, or none")
+    return uri
+
+
+def _stream_address(address: str) -> str:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise RemoteProtocolError(f"handoff address {address!r} is not an IP address") from None
+    return address
 
 
 def _spec(value: Any, what: str) -> dict[str, str | None]:

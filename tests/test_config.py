@@ -39,6 +39,7 @@ def test_a_full_file_is_read(tmp_path):
         ("[node]\nstate_dirr = '/x'\n", "node.state_dirr"),
         ("[nodes]\nx = 1\n", "nodes"),
         ("[record]\nlifetime_s = 5\n", "record.lifetime_s"),
+        ('[vm]\nmigration_uri = "qemu+ssh://h/system?command=/bin/sh"\n', "vm.migration_uri"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, field):

@@ -30,6 +30,7 @@ from node.signed import sign_payload
 from node.wire import RemoteProtocolError
 
 OWNER, SOURCE, DEST, STRANGER = (_identity(n) for n in (1, 2, 3, 99))
+URI, ADDRESS = "qemu+tcp://198.51.100.4/system", "198.51.100.4"
 SPEC = {"kernel": "/k", "initrd": "/i", "serial_log": "/s", "tap": "gt0123"}
 
 
@@ -50,7 +51,7 @@ def award_for(offer: Any, node: Any = DEST, owner: Any = OWNER):
 
 def test_a_handoff_proves_the_owner_sent_this_host_for_this_guest():
     offer = live_offer()
-    handoff = decode_handoff(sign_handoff(DEST, offer, award_for(offer), "uri", "a", SPEC).blob)
+    handoff = decode_handoff(sign_handoff(DEST, offer, award_for(offer), URI, ADDRESS, SPEC).blob)
     assert handoff.host == DEST.node_id and handoff.offer.source == SOURCE.node_id
     assert handoff.award.winner(DEST.node_id) is not None and handoff.spec == SPEC
 
@@ -67,7 +68,7 @@ def test_a_handoff_proves_the_owner_sent_this_host_for_this_guest():
 def test_handoffs_the_owner_did_not_authorise_are_refused(make, reason):
     offer, award = make(live_offer())
     fields = {"host": STRANGER.node_id.key, "offer": offer.blob, "award": award.blob}
-    fields.update(uri="uri", address="a", spec=SPEC)
+    fields.update(uri=URI, address=ADDRESS, spec=SPEC)
     blob = sign_payload(STRANGER, HANDOFF_CONTEXT, fields)  # signed, but by a third host
     with pytest.raises(MarketRefused) as refused:
         decode_handoff(blob)
@@ -76,7 +77,7 @@ def test_handoffs_the_owner_did_not_authorise_are_refused(make, reason):
 
 def test_malformed_handoffs_and_forged_signatures_are_refused():
     offer = live_offer()
-    good = sign_handoff(DEST, offer, award_for(offer), "uri", "a", SPEC).blob
+    good = sign_handoff(DEST, offer, award_for(offer), URI, ADDRESS, SPEC).blob
     payload, signature = msgpack.unpackb(good)
     with pytest.raises(MarketRefused) as forged:
         decode_handoff(msgpack.packb([payload, bytes(64)]))
@@ -103,3 +104,26 @@ def test_handed_off_carries_the_console_tail_and_refuses_oversize():
     fields["console"] = "not bytes"
     with pytest.raises(RemoteProtocolError):
         decode_handed_off(msgpack.packb([msgpack.packb(fields), signature]))
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"),
+    [
+        ("qemu+ssh://h/system?command=/bin/sh", "198.51.100.3"),  # runs what the peer says
+        ("qemu+unix:///system?socket=/s&netcat=/bin/sh", "198.51.100.3"),
+        ("qemu+unix:///system?socket=relative", "198.51.100.3"),
+        ("test:///default", "198.51.100.3"),
+        ("qemu+tcp:///system", "198.51.100.3"),  # no host to reach
+        ("qemu+tls://h/session", "198.51.100.3"),
+        ("qemu+tls://h/system", "not-an-address"),
+    ],
+)
+def test_a_handoff_naming_a_libvirt_a_source_must_not_open_is_refused(uri, address):
+    offer = live_offer()
+    fields = {"host": DEST.node_id.key, "offer": offer.blob, "award": award_for(offer).blob}
+    fields.update(uri=uri, address=address, spec=SPEC)
+    with pytest.raises(RemoteProtocolError):
+        decode_handoff(sign_payload(DEST, HANDOFF_CONTEXT, fields))
+    for good in ("qemu+unix:///system?socket=/run/l/libvirt-sock", "qemu+tls://[fd00::1]/system"):
+        fields.update(uri=good, address="198.51.100.3")
+        assert decode_handoff(sign_payload(DEST, HANDOFF_CONTEXT, fields)).uri == good
