@@ -275,21 +275,16 @@ class HostMarket:
         except SegmentMigrated as moved:
             await self._handed_off(offer, moved)
             return
-        except (SegmentError, FetchError, GuestAddressError):
-            self.running.pop(ref.digest, None)
-            self.offers.pop(ref.digest, None)
-            failed_handoff = self._adopting.pop(ref.digest, "")
-            if failed_handoff:
-                exc = SegmentError(f"the guest did not arrive: {failed_handoff}")
-            elif cancel.is_set() and not isinstance(exc, GuestAddressError):
+        except (SegmentError, FetchError, GuestAddressError) as exc:
+            not_arrived = self._forget(ref)
+            if cancel.is_set() and not not_arrived and not isinstance(exc, GuestAddressError):
                 return  # stopped on purpose; the bidder already let it go
+            reason = f"the guest did not arrive: {not_arrived}" if not_arrived else str(exc)
             self.stats["replicas_failed"] += 1
-            log.warning("replica %s failed: %s", name, exc)
-            await self._execute(self.bidder.handle(ReplicaFailed(ref, str(exc)), time.time()))
+            log.warning("replica %s failed: %s", name, reason)
+            await self._execute(self.bidder.handle(ReplicaFailed(ref, reason), time.time()))
             return
-        self.running.pop(ref.digest, None)
-        self.offers.pop(ref.digest, None)
-        self._adopting.pop(ref.digest, None)
+        self._forget(ref)
         result = outcome.result
         self.made[ref.digest] = result.checkpoint.digest
         self.stats["replicas_finished"] += 1
@@ -382,6 +377,16 @@ class HostMarket:
                 self._finish_early(offer)
         return count
 
+    def _forget(self, ref: OfferRef) -> str:
+        """A replica of ours ended, however: drop what we kept of it. Returns why its
+        guest never arrived, if it was adopting one that did not ("" otherwise)."""
+        digest = ref.digest
+        self.running.pop(digest, None)
+        self.offers.pop(digest, None)
+        self._handing.pop(digest, None)
+        self._hand_offs_asked.discard(digest)
+        return self._adopting.pop(digest, "")
+
     def _finish_early(self, offer: Offer) -> None:
         replica = self.segments.replicas.get(f"gl-{_vm_name(offer)}")
         if replica is not None:
@@ -452,9 +457,8 @@ class HostMarket:
 
     async def _handed_off(self, offer: Offer, moved: SegmentMigrated) -> None:
         ref = offer.ref
-        self.running.pop(ref.digest, None)
-        self.offers.pop(ref.digest, None)
-        destination = self._handing.pop(ref.digest, None)
+        destination = self._handing.get(ref.digest)
+        self._forget(ref)
         await self._execute(self.bidder.handle(ReplicaHandedOff(ref), time.time()))
         if destination is not None:
             node, live_ref = destination
@@ -512,19 +516,22 @@ class HostMarket:
             if cancel is not None:
                 cancel.set()
             return
-        # The adopting replica registers when its worker starts: wait for it a little.
+        assert self._nursery is not None  # a task: the frame's receive loop must not wait
+        self._nursery.start_soon(guarded, self._give_console, offer, name, handed.console)
+
+    async def _give_console(self, offer: Offer, name: str, console: bytes) -> None:
+        """The adopting replica registers when its worker starts: wait for it a little."""
         for _ in range(PREFIX_TRIES):
-            try:
-                self.segments.set_console_prefix(name, handed.console)
-            except SegmentError:
-                if offer.ref.digest not in self.running:
-                    break
-                await trio.sleep(PREFIX_RETRY_S)
-                continue
-            self.stats["guests_adopted"] += 1
+            if name in self.segments.replicas or offer.ref.digest not in self.running:
+                break
+            await trio.sleep(PREFIX_RETRY_S)
+        try:
+            self.segments.set_console_prefix(name, console)
+        except SegmentError as exc:  # no such replica (any more), or a second, other console
+            self.stats["handed_off_refused"] += 1
+            log.warning("the console for %s was not taken: %s", name, exc)
             return
-        self.stats["handed_off_unplaced"] += 1
-        log.warning("no replica of %s to take the console %s sent", name, sender.short)
+        self.stats["guests_adopted"] += 1
 
     def guest_names(self) -> list[str]:
         """The libvirt domains of the replicas running here."""

@@ -336,7 +336,7 @@ class SegmentService:
 
         def reap() -> list[str]:
             reaped = []
-            with LibvirtRuntime(self.libvirt_uri) as runtime:
+            with self._open_runtime() as runtime:
                 for name, state in runtime.list_vms().items():
                     if not MARKET_VM.fullmatch(name):
                         continue
