@@ -311,6 +311,10 @@ class _Probe:
     indirect_sent: bool = False
     acked: bool = False
     round_number: int = 1  # of config.probe_rounds against this target
+    # earlier rounds against this target: a late ACK to one (a helper's relay stays open
+    # for a probe interval) proves the target alive as well as one to this round
+    earlier_nonces: tuple[int, ...] = ()
+    earlier_helpers: tuple[NodeId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,8 +534,9 @@ class Membership:
 
     def _on_ack(self, sender: NodeId, nonce: int) -> None:
         probe = self._probe
-        if probe is not None and nonce == probe.nonce:
-            if sender == probe.target or sender in probe.helpers:
+        if probe is not None and (nonce == probe.nonce or nonce in probe.earlier_nonces):
+            vouchers = (probe.target, *probe.helpers, *probe.earlier_helpers)
+            if sender in vouchers:
                 self._stats["acks"] += not probe.acked
                 probe.acked = True
             return
@@ -712,6 +717,8 @@ class Membership:
             self._probe = _Probe(target, self._rng.getrandbits(62), deadline)
             if retry is not None:
                 self._probe.round_number = retry.round_number + 1
+                self._probe.earlier_nonces = (*retry.earlier_nonces, retry.nonce)
+                self._probe.earlier_helpers = (*retry.earlier_helpers, *retry.helpers)
                 self._stats["probe_retries"] += 1
             self._stats["probes_sent"] += 1
             self._send(target, MessageType.PING, {"nonce": self._probe.nonce})

@@ -912,6 +912,24 @@ def test_more_probe_rounds_retry_the_same_target_before_suspecting():
     assert fresh.target != ping.target  # the round-robin goes on
 
 
+def test_a_late_ack_to_an_earlier_round_proves_the_target_alive():
+    # A helper's relay stays open for a probe interval: the target's ACK to round 1 can
+    # come in during round 2. It counts, and the target is not suspected.
+    config = MembershipConfig(probe_rounds=2, local_health_max=0)
+    core, _ = probed_core(config)
+    ping, at = first_probe(core, T0)
+    core.tick(at + config.probe_timeout_s)
+    effects = core.tick(at + config.probe_interval_s)
+    (retry,) = sends(effects, MessageType.PING)
+    late = MessageReceived(ping.target, MessageType.ACK, {"nonce": ping.body["nonce"]}, "")
+    core.handle(late, at + config.probe_interval_s + 0.01)
+    at += config.probe_interval_s
+    core.tick(at + config.probe_timeout_s)
+    effects = core.tick(at + config.probe_interval_s)
+    assert not any(isinstance(e, MemberChanged) and e.state is MemberState.SUSPECT for e in effects)
+    assert core.statistics()["acks"] == 1 and retry.target == ping.target
+
+
 def test_next_wakeup_before_start_and_after():
     core, _ = lone_core()
     assert core.next_wakeup() == -math.inf
