@@ -139,7 +139,7 @@ from node.dissemination import (
 )
 from node.identity import NodeId
 from node.records import PeerRecord, decode_record
-from node.wire import LocalProtocolError, MessageType, RemoteProtocolError
+from node.wire import SPECS, LocalProtocolError, MessageType, RemoteProtocolError
 
 MAX_UPDATE_BYTES_LIMIT = 48 * 1024
 JOIN_REPLY_MAX_BYTES = 40 * 1024
@@ -488,18 +488,23 @@ class Membership:
         sender, body, kind, via = message.sender, message.body, message.msg_type, message.via
         if sender == self._id:
             raise RemoteProtocolError("message claims to come from this node")
+        # Every field is read before anything is applied: a message refused for one bad
+        # field changes nothing.
+        nonce = _field(body, "nonce", int) if kind in _NONCED else 0
+        target = _field(body, "target", bytes) if kind is MessageType.PING_REQ else b""
+        if kind is MessageType.PING_REQ and len(target) != 32:
+            raise RemoteProtocolError("PING_REQ target is not a 32-byte id")
         if kind in _GOSSIP_CARRIERS:
             self._apply_updates(_field(body, "updates", list, []), sender, now)
         if kind is MessageType.PING:
-            self._reply(sender, via, MessageType.ACK, {"nonce": _field(body, "nonce", int)})
+            self._reply(sender, via, MessageType.ACK, {"nonce": nonce})
             self._greet_stranger(sender, via, now)
         elif kind is MessageType.ACK:
-            self._on_ack(sender, _field(body, "nonce", int))
+            self._on_ack(sender, nonce)
         elif kind is MessageType.NACK:
-            self._on_nack(sender, _field(body, "nonce", int))
+            self._on_nack(sender, nonce)
         elif kind is MessageType.PING_REQ:
-            target = _field(body, "target", bytes)
-            self._on_ping_req(message, _field(body, "nonce", int), target, now)
+            self._on_ping_req(message, nonce, NodeId(target), now)
             self._greet_stranger(sender, via, now)
         elif kind is MessageType.JOIN:
             self._on_join(message, now)
@@ -557,10 +562,9 @@ class Membership:
             self._stats["nacks"] += 1
             probe.nacks += (sender,)
 
-    def _on_ping_req(self, message: MessageReceived, nonce: int, target: bytes, now: float) -> None:
-        if len(target) != 32:
-            raise RemoteProtocolError("PING_REQ target is not a 32-byte id")
-        target_id = NodeId(target)
+    def _on_ping_req(
+        self, message: MessageReceived, nonce: int, target_id: NodeId, now: float
+    ) -> None:
         if target_id == self._id:
             self._reply(message.sender, message.via, MessageType.ACK, {"nonce": nonce})
             return
@@ -791,9 +795,9 @@ class Membership:
         return out
 
 
-_GOSSIP_CARRIERS = frozenset(
-    {MessageType.PING, MessageType.ACK, MessageType.NACK, MessageType.PING_REQ, MessageType.GOSSIP}
-)
+# What the wire lets carry piggybacked updates, and a nonce (node/wire.py says, once).
+_GOSSIP_CARRIERS = frozenset(t for t, spec in SPECS.items() if "updates" in spec.fields)
+_NONCED = frozenset(t for t, spec in SPECS.items() if "nonce" in spec.fields)
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:

@@ -548,6 +548,24 @@ def test_malformed_bodies_are_counted_not_raised(msg_type, body):
     assert core.statistics()["messages_rejected"] == 1
 
 
+@pytest.mark.parametrize(
+    ("msg_type", "bad"),
+    [
+        (MessageType.PING, {"nonce": "x"}),
+        (MessageType.ACK, {}),
+        (MessageType.NACK, {"nonce": "bad"}),
+        (MessageType.PING_REQ, {"nonce": 1, "target": b"short"}),
+    ],
+)
+def test_a_refused_message_applies_none_of_its_updates(msg_type, bad):
+    core, _ = lone_core()
+    peer = Peer(1)
+    body = {"updates": [alive(peer.record)], **bad}
+    core.handle(MessageReceived(Peer(2).node_id, msg_type, body, "x"), T0)
+    assert core.statistics()["messages_rejected"] == 1
+    assert core.member(peer.node_id) is None, "a refused message changed the table"
+
+
 # hypothesis: anything a peer can put in an update list
 wire_values = st.recursive(
     st.none()
