@@ -752,10 +752,8 @@ class Membership:
         self._stats["probes_failed"] += 1
         # Lifeguard: each helper that did not NACK suggests that our own link is the bad one
         self._add_health(len(probe.helpers) - len(probe.nacks) if probe.helpers else 1)
-        if probe.round_number < self.config.probe_rounds and self._table.state_of(probe.target) is (
-            MemberState.ALIVE
-        ):
-            return probe
+        if probe.round_number < self.config.probe_rounds:
+            return probe  # a suspect too: our confirmation would shorten its suspicion
         self._table.suspect(probe.target, now)
         return None
 

@@ -930,6 +930,20 @@ def test_more_probe_rounds_retry_the_same_target_before_suspecting():
     assert fresh.target != ping.target  # the round-robin goes on
 
 
+def test_a_target_others_suspect_gets_every_round_before_we_confirm():
+    config = MembershipConfig(probe_rounds=2, local_health_max=0)
+    core, peers = probed_core(config)
+    ping, at = first_probe(core, T0)
+    target = next(p for p in peers if p.node_id == ping.target)
+    accuser = next(p for p in peers if p is not target)
+    core.handle(gossip(accuser, claim(UpdateKind.SUSPECT, target, 1, accuser)), at)
+    assert state_of(core, target)[0] is MemberState.SUSPECT
+    core.tick(at + config.probe_timeout_s)
+    (retry,) = sends(core.tick(at + config.probe_interval_s), MessageType.PING)
+    assert retry.target == target.node_id, "one lossy round is not our confirmation"
+    assert core.statistics()["probe_retries"] == 1
+
+
 def test_a_late_ack_to_an_earlier_round_proves_the_target_alive():
     # A helper's relay stays open for a probe interval: the target's ACK to round 1 can
     # come in during round 2. It counts, and the target is not suspected.
