@@ -243,26 +243,30 @@ class TransmitLimitedQueue:
         picked: list[tuple[int, int, Hashable, bytes]] = []
         used = 0
         scanned = 0
-        for tier, buckets in enumerate(self._tiers):
-            for count, bucket in enumerate(buckets):
-                if len(picked) >= max_count or scanned > 4 * max_count:
-                    break
-                if count >= limit:  # the swarm shrank: these were sent often enough
-                    for key in bucket:
-                        del self._where[key]
-                    bucket.clear()
-                    continue
-                for key in reversed(bucket):
-                    scanned += 1
-                    payload = bucket[key]
-                    size = len(payload) + ITEM_OVERHEAD_BYTES
-                    if used + size <= max_bytes:
-                        picked.append((tier, count, key, payload))
-                        used += size
-                        if len(picked) >= max_count:
-                            break
-                    if scanned > 4 * max_count:  # items too big for what is left: stop looking
+        in_order = (
+            (tier, count, bucket)
+            for tier, buckets in enumerate(self._tiers)
+            for count, bucket in enumerate(buckets)
+        )
+        for tier, count, bucket in in_order:
+            if len(picked) >= max_count or scanned > 4 * max_count:
+                break
+            if count >= limit:  # the swarm shrank: these were sent often enough
+                for key in bucket:
+                    del self._where[key]
+                bucket.clear()
+                continue
+            for key in reversed(bucket):
+                scanned += 1
+                payload = bucket[key]
+                size = len(payload) + ITEM_OVERHEAD_BYTES
+                if used + size <= max_bytes:
+                    picked.append((tier, count, key, payload))
+                    used += size
+                    if len(picked) >= max_count:
                         break
+                if scanned > 4 * max_count:  # items too big for what is left: stop looking
+                    break
         for tier, count, key, payload in picked:
             buckets = self._tiers[tier]
             del buckets[count][key]
@@ -276,7 +280,8 @@ class TransmitLimitedQueue:
         return [payload for _, _, _, payload in picked]
 
     def _drop_most_sent(self) -> None:
-        """Drop the most-sent item; of equally sent ones, the lowest tier's oldest."""
+        """Drop the most-sent item; of equally sent ones, the later tier's oldest (claims
+        go before records)."""
         for count in range(max(len(buckets) for buckets in self._tiers) - 1, -1, -1):
             for buckets in reversed(self._tiers):
                 if count < len(buckets) and buckets[count]:
