@@ -75,11 +75,7 @@ def test_a_network_job_answers_at_its_address_wherever_its_segments_run(swarm):
     report = audit(owner, hosts, job_id, SEED)
     assert report.ok, report.problems
     # each segment's host claimed the address at a higher epoch, and the last withdrew it
-    claims = [
-        (h["epoch"], h["node_id"])
-        for h in rpc(owner, "routes")["history"]
-        if h["address"] == address and h["event"] == "routed" and h["node_id"]
-    ]
+    claims = _claims(owner, address)
     epochs = [epoch for epoch, _ in claims]
     assert epochs == sorted(epochs) and len(set(epochs)) >= 3, claims
     hosts_by_segment = {r["segment"]: r["winner"] for r in report.rows}
@@ -144,13 +140,18 @@ def test_draining_a_network_jobs_host_moves_its_guest_live(swarm):
     report = audit(owner, hosts, job_id, SEED)
     assert report.ok, report.problems
     # the taker claimed the address in the moved segment, at a higher epoch than the source
-    claims = [
+    claims = _claims(owner, address)
+    by_node = {node: epoch for epoch, node in claims}
+    assert by_node[taker] > by_node[source["node_id"]], claims
+
+
+def _claims(owner, address):
+    """(epoch, holder) of every route change of `address` the owner saw, oldest first."""
+    return [
         (h["epoch"], h["node_id"])
         for h in rpc(owner, "routes")["history"]
         if h["address"] == address and h["event"] == "routed" and h["node_id"]
     ]
-    by_node = {node: epoch for epoch, node in claims}
-    assert by_node[taker] > by_node[source["node_id"]], claims
 
 
 def _running_segment(owner, job_id):
