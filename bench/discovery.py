@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import testbed
-from node.testbed_checks import full_mesh, rpc, wait_for
+from node.testbed import testbed
+from node.testbed.checks import full_mesh, rpc, wait_for
 
 
 def one_run(hosts: int, failure: bool) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 A testbed of N hosts, each with its agent and a private libvirtd; the first host
 owns the jobs, the others bid. Each host's policy watches its own namespace
-(grace 20 s, quiet 2 s, one sample every 0.5 s; node/testbed.py), so a busy
+(grace 20 s, quiet 2 s, one sample every 0.5 s; node/testbed/testbed.py), so a busy
 loop started there (``Load``) is that host's volunteer coming back.
 
 - `pause_latency_s`: a job of the demo guest with a long extent (k = 2) runs;
@@ -17,10 +17,10 @@ loop started there (``Load``) is that host's volunteer coming back.
   k = 1 replica breaking a tie), ``drain`` is called with `--deadline`, and
   the clock runs until its policy state is "drained" and its libvirtd lists no
   domain. Both jobs must then complete and pass the market audit
-  (node/testbed_market.py): `jobs_ok`.
+  (node/testbed/market.py): `jobs_ok`.
 - `lost_probes_max`, `gap_ms_max`: from just before the drain, the owner's
   namespace probes the network job's overlay address once a millisecond
-  (node.prober) until the guest answers again after the drain (its segment
+  (node.testbed.prober) until the guest answers again after the drain (its segment
   continued on another host), or the job ends. The drained host hands its
   network replica on live (docs/decisions.md 26): the owner auctions the rest
   of the segment, the winner pulls the running guest by live migration and
@@ -51,9 +51,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import netns, testbed
-from node.testbed_checks import full_mesh, ping, rpc, wait_for
-from node.testbed_market import (
+from node.testbed import netns, testbed
+from node.testbed.checks import full_mesh, ping, rpc, wait_for
+from node.testbed.market import (
     Load,
     audit,
     guest_states,
@@ -66,8 +66,8 @@ from node.testbed_market import (
     submit,
     wait_job,
 )
-from segments.image import build
-from segments.vm import LibvirtRuntime, VmError
+from segments.image.store import build
+from segments.vm.runtime import LibvirtRuntime, VmError
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 SEED = "bench"
@@ -332,14 +332,14 @@ def drain_under_probe(
 
 
 class Prober:
-    """node.prober in the owner's namespace, one ICMPv6 echo a millisecond to `address`."""
+    """node.testbed.prober in the owner's namespace, one ICMPv6 echo a millisecond to `address`."""
 
     def __init__(self, owner: dict[str, Any], address: str, duration_s: float) -> None:
         self.stop_file = Path(tempfile.mkdtemp(prefix="gleaner-probe-")) / "stop"
         command = [
             sys.executable,
             "-m",
-            "node.prober",
+            "node.testbed.prober",
             address,
             "--interval-ms",
             str(PROBE_INTERVAL_MS),

@@ -4,10 +4,10 @@ A testbed of N hosts, each with its agent and a private libvirtd; the first host
 owns the job, the others bid on it. One job of the demo guest (its hash-chain
 workload, run until stopped) is submitted: `--segments` segments of
 `--extent` seconds, each run by k replicas. When it has finished, the market
-is audited from both sides (node/testbed_market.py); a failed audit is
+is audited from both sides (node/testbed/market.py); a failed audit is
 reported and the exit status is 1.
 
-Every figure comes from the owner's job history (node/market_owner.py), so
+Every figure comes from the owner's job history (node/runtime/market_owner.py), so
 from the owner's wall clock; all hosts share one machine, hence one clock.
 
 - `offer_to_award_ms`: per attempt, its "offered" row to its first "awarded"
@@ -39,10 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import testbed
-from node.testbed_checks import full_mesh, rpc, wait_for
-from node.testbed_market import audit, keep_logs, market_conditions, spread, submit, wait_job
-from segments.image import build
+from node.testbed import testbed
+from node.testbed.checks import full_mesh, rpc, wait_for
+from node.testbed.market import audit, keep_logs, market_conditions, spread, submit, wait_job
+from segments.image.store import build
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 SEED = "bench-market"

@@ -25,10 +25,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import netns, testbed
-from node.testbed_checks import full_mesh, ping, wait_for
-from node.testbed_vm import NetworkVm
-from segments.image import build
+from node.testbed import netns, testbed
+from node.testbed.checks import full_mesh, ping, wait_for
+from node.testbed.vm import NetworkVm
+from segments.image.store import build
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 NAME, TAP = "mig1", "gtmig1"
@@ -53,7 +53,7 @@ def main() -> int:
         stop_file = root.parent / "stop-prober"
         prober = subprocess.Popen(
             netns.exec_command(hosts[2]["netns"], [
-                sys.executable, "-m", "node.prober", address, "--duration-s",
+                sys.executable, "-m", "node.testbed.prober", address, "--duration-s",
                 str(args.migrations * 30 + 60), "--stop-file", str(stop_file),
             ]),
             stdout=subprocess.PIPE, text=True,

@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import netns, testbed, testbed_vm
-from node.testbed_checks import full_mesh, ping, rpc, wait_for
+from node.testbed import netns, testbed
+from node.testbed import vm as testbed_vm
+from node.testbed.checks import full_mesh, ping, rpc, wait_for
 
 SETTLE_S = 0.5
 
@@ -53,7 +54,7 @@ def main() -> int:
                 [
                     sys.executable,
                     "-m",
-                    "node.prober",
+                    "node.testbed.prober",
                     vm["address"],
                     "--interval-ms",
                     str(args.interval_ms),

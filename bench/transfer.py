@@ -17,7 +17,7 @@ hash's throughput per core, the same delta at other block sizes, and, for QEMU
 streams, what a page-aligned layout of the same pages would ship.
 
 With ``--relayout`` (real save files only) it also splits A and B with
-``segments.savestream`` into ``ram`` (pages at their guest addresses) and
+``segments.vm.savestream`` into ``ram`` (pages at their guest addresses) and
 ``rest``, stores both files as one checkpoint, fetches B's over loopback,
 joins it and checks that it equals B, and reports under ``relayout``: what B
 ships given A (per file and at other block sizes) and the codec's MB/s.
@@ -46,11 +46,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.identity import Identity
-from segments.blocks import DEFAULT_BLOCK_SIZE, BlockStore
-from segments.manifest import ZERO, Manifest
-from segments.savestream import join, split
-from segments.transfer import fetch, serve_blocks
+from node.base.identity import Identity
+from segments.store.blocks import DEFAULT_BLOCK_SIZE, BlockStore
+from segments.store.manifest import ZERO, Manifest
+from segments.store.transfer import fetch, serve_blocks
+from segments.vm.savestream import join, split
 
 PAGE = 4096
 SIZES = (4096, 16384, 65536, 262144)

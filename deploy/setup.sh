@@ -50,7 +50,7 @@ image_stamp=.cache/demo-image
 if [ ! -f "$image_stamp" ] || [ deploy/recipes/demo.toml -nt "$image_stamp" ]; then
   echo "setup: building the demo guest image"
   mkdir -p .cache
-  .venv/bin/python -m segments.image build deploy/recipes/demo.toml --store .cache/images --json \
+  .venv/bin/python -m node image build deploy/recipes/demo.toml --store .cache/images --json \
     > "$image_stamp.tmp"
   mv "$image_stamp.tmp" "$image_stamp"
 fi

@@ -24,7 +24,7 @@ another owner's address a stranger needs a key and nonce hashing to the same
 RFC 3972, Sec=0). Defence in depth, in the route table: an address is also
 pinned to its owner key once known; other keys are refused.
 
-Wire forms (the signed-statement envelope of ``node.signed``: msgpack
+Wire forms (the signed-statement envelope of ``node.base.signed``: msgpack
 ``[payload, signature]``, Ed25519 over context + payload)::
 
     grant: by owner, "gleaner/grant/v1\\0", {swarm: str, owner: bin32,
@@ -49,8 +49,8 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address
 
-from node.identity import KEY_BYTES, Identity, NodeId
-from node.signed import (
+from node.base.identity import KEY_BYTES, Identity, NodeId
+from node.base.signed import (
     bin_field,
     decode_own,
     key_field,
@@ -60,7 +60,7 @@ from node.signed import (
     text_field,
     uint_field,
 )
-from node.wire import RemoteProtocolError
+from node.base.wire import RemoteProtocolError
 from overlay.addressing import vm_address
 
 GRANT_CONTEXT = b"gleaner/grant/v1\x00"

@@ -24,8 +24,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from node.identity import NodeId
-from node.records import PeerRecord, parse_endpoint
+from node.base.identity import NodeId
+from node.base.records import PeerRecord, parse_endpoint
 from overlay.addressing import node_address
 from overlay.wgstate import DeviceConfig, PeerConfig, public_key_of
 

@@ -56,8 +56,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv6Address, IPv6Network
 
-from node.identity import KEY_BYTES, Identity, NodeId
-from node.wire import LocalProtocolError, RemoteProtocolError
+from node.base.identity import KEY_BYTES, Identity, NodeId
+from node.base.wire import LocalProtocolError, RemoteProtocolError
 from overlay.addressing import VM_SUBNET, is_in_swarm, vm_address
 from overlay.claims import (
     ClaimKind,

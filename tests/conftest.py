@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from node.control import ControlError, call
+from node.runtime.control import ControlError, call
 
 ROOT_AGENT_START_S = 20.0
 

@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from node.identity import Identity
+from node.base.identity import Identity
 
 Edit = tuple[int, int, int]  # (kind: 0 set, 1 delete, 2 insert, 3 cut; position; byte)
 
@@ -54,7 +54,7 @@ def accepted_only_if_unchanged(decode, original: bytes, mutated: bytes) -> None:
     """
     import msgpack
 
-    from node.wire import RemoteProtocolError
+    from node.base.wire import RemoteProtocolError
 
     try:
         decode(mutated)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.identity import Identity
+from node.base.identity import Identity
 
 NOW = 1_800_000_000
 SWARM = "alpha"

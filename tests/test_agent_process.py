@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wire import valid_frames
 
-from node.identity import Identity
-from node.wire import MessageType, decode_frame, encode_frame
+from node.base.identity import Identity
+from node.base.wire import MessageType, decode_frame, encode_frame
 
 
 def gleaner(*args: str) -> subprocess.CompletedProcess[str]:
@@ -146,7 +146,7 @@ def test_fuzzed_agent_still_answers(fuzzed_agent):
 
 def test_record_message_is_verified_and_persisted(fuzzed_agent):
     agent, sock, address = fuzzed_agent
-    from node.records import Capabilities, sign_record
+    from node.base.records import Capabilities, sign_record
 
     other = Identity.generate()
     record = sign_record(
@@ -190,7 +190,7 @@ BAD_REQUESTS = [
 def test_bad_control_requests_get_one_clear_error_and_the_agent_stays_up(
     root_agent: AgentProcess, method, params
 ):
-    from node.control import ControlError, call
+    from node.runtime.control import ControlError, call
 
     root_agent.start()
     with pytest.raises(ControlError) as info:

@@ -13,10 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.identity import Identity
-from node.wire import RemoteProtocolError
-from segments.blocks import SCHEMA_VERSION, BlockStore, BlockStoreError, CorruptBlock, MissingBlock
-from segments.manifest import (
+from node.base.identity import Identity
+from node.base.wire import RemoteProtocolError
+from segments.store.blocks import (
+    SCHEMA_VERSION,
+    BlockStore,
+    BlockStoreError,
+    CorruptBlock,
+    MissingBlock,
+)
+from segments.store.manifest import (
     SIGNING_CONTEXT,
     ZERO,
     BlockRef,

@@ -11,8 +11,8 @@ import time
 SERVER = """
 import sys, trio
 from pathlib import Path
-from segments.blocks import BlockStore
-from segments.transfer import serve_blocks
+from segments.store.blocks import BlockStore
+from segments.store.transfer import serve_blocks
 
 async def main():
     store = BlockStore(Path(sys.argv[1]))

@@ -1,6 +1,6 @@
 import pytest
 
-from node import config
+from node.runtime import config
 
 
 def load_text(tmp_path, text):

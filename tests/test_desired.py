@@ -1,7 +1,7 @@
 import ipaddress
 
-from node.identity import Identity
-from node.records import Capabilities, sign_record
+from node.base.identity import Identity
+from node.base.records import Capabilities, sign_record
 from overlay.addressing import node_address
 from overlay.desired import desired_device, wireguard_endpoint
 

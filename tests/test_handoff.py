@@ -9,7 +9,9 @@ import pytest
 from market_kit import NONCE, NOW
 from market_kit import identity as _identity
 
-from node.handoff import (
+from node.base.signed import sign_payload
+from node.base.wire import RemoteProtocolError
+from node.market.handoff import (
     HANDOFF_CONTEXT,
     MAX_CONSOLE_BYTES,
     decode_handed_off,
@@ -17,7 +19,7 @@ from node.handoff import (
     sign_handed_off,
     sign_handoff,
 )
-from node.market import (
+from node.market.messages import (
     MarketRefused,
     Refusal,
     Requirements,
@@ -26,8 +28,6 @@ from node.market import (
     sign_award,
     sign_offer,
 )
-from node.signed import sign_payload
-from node.wire import RemoteProtocolError
 
 OWNER, SOURCE, DEST, STRANGER = (_identity(n) for n in (1, 2, 3, 99))
 URI, ADDRESS = "qemu+tcp://198.51.100.4/system", "198.51.100.4"

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import config as config_module
-from node.host_policy import (
+from node.base.wire import LocalProtocolError
+from node.policy.machine import (
     BiddingChanged,
     DrainRequested,
     GuestsEmpty,
@@ -32,7 +32,7 @@ from node.host_policy import (
     in_windows,
     parse_window,
 )
-from node.wire import LocalProtocolError
+from node.runtime import config as config_module
 
 NOON = 12 * 60
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node.host_policy import HostSampled
-from node.host_probe import (
+from node.policy.machine import HostSampled
+from node.runtime.host_probe import (
     FakeProbe,
     HostProbe,
     Probe,
@@ -298,7 +298,7 @@ def test_a_busy_loop_is_other_load_unless_it_is_a_guest():
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_namespace_only_sees_its_own_namespace_not_a_neighbours():
     """A testbed host's probe counts a load in its own namespace, not in another's."""
-    from node import netns
+    from node.testbed import netns
 
     name = f"glprobe{os.getpid()}"
     netns.add_namespace(name)

@@ -2,7 +2,8 @@ import stat
 
 import pytest
 
-from node.identity import IdentityError, NodeId, load_or_create
+from node.base.identity import IdentityError, NodeId
+from node.runtime.keystore import load_or_create
 
 
 def test_keys_are_created_private_and_reloaded(tmp_path):

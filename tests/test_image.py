@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from segments import image as images
-from segments import kernelpkg
-from segments.cpio import CpioError, Entry, read_newc, write_newc
-from segments.image import Image, ImageError, build, list_images, load
-from segments.recipe import load_recipe, parse_recipe, recipe_toml
-from segments.workload import (
+from segments.image import kernelpkg
+from segments.image import store as images
+from segments.image.cpio import CpioError, Entry, read_newc, write_newc
+from segments.image.recipe import load_recipe, parse_recipe, recipe_toml
+from segments.image.store import Image, ImageError, build, list_images, load
+from segments.image.workload import (
     DEMO_INIT,
     ContinuityError,
     check_continuity,

@@ -16,8 +16,12 @@ from hypothesis import strategies as st
 from market_kit import MIB, NONCE, NOW, SWARM
 from market_kit import identity as _identity
 
-from node.auction import AuctionConfig
-from node.bidder import (
+from node.base.identity import Identity, NodeId
+from node.ledger.journal import Refused
+from node.ledger.payer import ChainAdded, PayerLedger
+from node.ledger.tokens import HashChain, Refusal, sign_commitment
+from node.market.auction import AuctionConfig
+from node.market.bidder import (
     AwardReceived,
     Bidder,
     CancelReceived,
@@ -31,8 +35,7 @@ from node.bidder import (
     StartReplica,
     StopReplica,
 )
-from node.identity import Identity, NodeId
-from node.jobs import (
+from node.market.jobs import (
     TRANSITIONS,
     BidReceived,
     CheckpointReplicated,
@@ -55,8 +58,7 @@ from node.jobs import (
     VerifyCompletion,
     WithdrawReceived,
 )
-from node.ledger import Refused
-from node.market import (
+from node.market.messages import (
     Award,
     BroadcastOffer,
     Cancel,
@@ -81,10 +83,8 @@ from node.market import (
     sign_offer,
     sign_withdraw,
 )
-from node.payer import ChainAdded, PayerLedger
-from node.reputation import Reputation
-from node.segment_machine import MachineConfig, SegmentMachine
-from node.tokens import HashChain, Refusal, sign_commitment
+from node.market.reputation import Reputation
+from node.market.segment_machine import MachineConfig, SegmentMachine
 from overlay.claims import derive_job_id, sign_claim
 from overlay.routes import RouteTable
 

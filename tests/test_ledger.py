@@ -18,10 +18,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-import node.tokens as tokens
-from node.identity import Identity
-from node.ledger import JournalEntry, PaymentState, Persist, Persisted, Refused
-from node.payee import (
+import node.ledger.tokens as tokens
+from node.base.identity import Identity
+from node.base.wire import LocalProtocolError, RemoteProtocolError
+from node.ledger.journal import JournalEntry, PaymentState, Persist, Persisted, Refused
+from node.ledger.payee import (
     CommitmentReceived,
     PayeeConfig,
     PayeeLedger,
@@ -29,7 +30,7 @@ from node.payee import (
     PaymentReceived,
     SendAck,
 )
-from node.payer import (
+from node.ledger.payer import (
     AckReceived,
     ChainAdded,
     ChainNeeded,
@@ -39,7 +40,7 @@ from node.payer import (
     SendPayment,
     WinnerRecorded,
 )
-from node.tokens import (
+from node.ledger.tokens import (
     ACK_CONTEXT,
     COMMITMENT_CONTEXT,
     PAYMENT_CONTEXT,
@@ -54,7 +55,6 @@ from node.tokens import (
     sign_commitment,
     sign_payment,
 )
-from node.wire import LocalProtocolError, RemoteProtocolError
 
 NOW = 1_800_000_000
 EXPIRES = NOW + 86_400

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from market_kit import MIB, NONCE, NOW, SWARM
 from market_kit import identity as _identity
 
-import node.market as market
-from node.auction import AuctionConfig, Auctioneer, BidOutcome, ScoreWeights, score_bids
-from node.bidder import (
+import node.market.messages as market
+from node.base.identity import Identity
+from node.base.wire import LocalProtocolError, RemoteProtocolError
+from node.market.auction import AuctionConfig, Auctioneer, BidOutcome, ScoreWeights, score_bids
+from node.market.bidder import (
     AwardReceived,
     Bidder,
     BidderConfig,
@@ -34,8 +36,7 @@ from node.bidder import (
     disk_need_mib,
     estimate_finish_s,
 )
-from node.identity import Identity
-from node.market import (
+from node.market.messages import (
     AWARD_CONTEXT,
     BID_CONTEXT,
     OFFER_CONTEXT,
@@ -63,8 +64,7 @@ from node.market import (
     sign_completion,
     sign_offer,
 )
-from node.reputation import Reputation, ReputationConfig
-from node.wire import LocalProtocolError, RemoteProtocolError
+from node.market.reputation import Reputation, ReputationConfig
 from overlay.claims import derive_job_id, sign_claim, sign_grant
 
 OWNER, H1, H2, H3, STRANGER = (_identity(n) for n in range(1, 6))

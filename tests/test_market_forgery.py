@@ -32,10 +32,10 @@ from conftest import AgentProcess, write_config
 from fuzzing import signed
 from test_agent_process import _ping
 
-from node.control import ControlError, call
-from node.identity import Identity, NodeId
-from node.ledger_service import LedgerKind
-from node.market import (
+from node.base.identity import Identity, NodeId
+from node.base.wire import MessageType, encode_frame
+from node.ledger.tokens import HashChain, Payment, sign_ack, sign_commitment, sign_payment
+from node.market.messages import (
     AWARD_CONTEXT,
     OFFER_CONTEXT,
     CancelReason,
@@ -51,10 +51,10 @@ from node.market import (
     sign_completion,
     sign_offer,
 )
-from node.tokens import HashChain, Payment, sign_ack, sign_commitment, sign_payment
-from node.wire import MessageType, encode_frame
+from node.runtime.control import ControlError, call
+from node.runtime.ledger_service import LedgerKind
 from overlay.claims import sign_grant
-from segments.image import BUSYBOX, build
+from segments.image.store import BUSYBOX, build
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 JOB = {

@@ -1,6 +1,6 @@
 """The host side of the market around the bidder core: what it does when a replica ends.
 
-The real SegmentService runs the replica, on the fake libvirt twin (segments.vm_fake,
+The real SegmentService runs the replica, on the fake libvirt twin (segments.vm.fake,
 itself tested against libvirt in test_vm_libvirt.py), so a failure can be injected.
 """
 
@@ -16,10 +16,9 @@ from market_kit import NONCE
 from market_kit import identity as _identity
 from test_replica_handoff import FakeHostService
 
-import node.market_host as market_host
-from node import segment_service as service_module
-from node.bidder import HostPolicy
-from node.market import (
+import node.runtime.market_host as market_host
+from node.market.bidder import HostPolicy
+from node.market.messages import (
     MarketKind,
     Requirements,
     Winner,
@@ -28,8 +27,9 @@ from node.market import (
     sign_award,
     sign_offer,
 )
-from node.market_host import HostMarket
-from segments.vm_fake import FakeVmRuntime
+from node.runtime import segment_service as service_module
+from node.runtime.market_host import HostMarket
+from segments.vm.fake import FakeVmRuntime
 
 OWNER, HOST = _identity(1), _identity(2)
 POLICY = HostPolicy(vcpus=2, memory_mib=1024, disk_mib=10_000, replicas=2)

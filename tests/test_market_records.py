@@ -7,18 +7,18 @@ import pytest
 import trio
 import trio.testing
 
-from node.identity import Identity
-from node.job_records import (
+from node.base.identity import Identity
+from node.ledger.payee import PayeeConfig
+from node.market.job_records import (
     JobRecordError,
     decode_snapshot,
     decode_spec,
     encode_snapshot,
     encode_spec,
 )
-from node.jobs import JobSnapshot, JobSpec
-from node.ledger_service import LedgerKind, LedgerService
-from node.payee import PayeeConfig
-from node.state import State
+from node.market.jobs import JobSnapshot, JobSpec
+from node.runtime.ledger_service import LedgerKind, LedgerService
+from node.runtime.state import State
 
 OWNER = Identity.from_seeds(b"\x01" * 32, b"\x02" * 32)
 HOST = Identity.from_seeds(b"\x03" * 32, b"\x04" * 32)
@@ -178,8 +178,8 @@ def test_forged_and_unknown_ledger_frames_are_counted_not_fatal(tmp_path):
 
 
 def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
-    from node.market_owner import OwnerMarket, machine_config
-    from node.segment_service import SegmentService
+    from node.runtime.market_owner import OwnerMarket, machine_config
+    from node.runtime.segment_service import SegmentService
 
     state = State(tmp_path / "state.db")
     good = spec()
@@ -215,9 +215,9 @@ def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
 def test_a_verifier_failure_of_our_own_is_retried_not_blamed_on_the_replica(tmp_path):
     from types import SimpleNamespace
 
-    from node.jobs import VerifyCompletion
-    from node.market_owner import VERIFY_TRIES, OwnerMarket, machine_config
-    from node.segment_service import VerifierUnavailable
+    from node.market.jobs import VerifyCompletion
+    from node.runtime.market_owner import VERIFY_TRIES, OwnerMarket, machine_config
+    from node.runtime.segment_service import VerifierUnavailable
 
     state = State(tmp_path / "state.db")
     job = spec()

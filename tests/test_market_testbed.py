@@ -8,9 +8,9 @@ import time
 import pytest
 from conftest import needs_root
 
-from node import testbed
-from node.testbed_checks import ping, rpc, wait_for
-from node.testbed_market import (
+from node.testbed import testbed
+from node.testbed.checks import ping, rpc, wait_for
+from node.testbed.market import (
     audit,
     guest_states,
     job,

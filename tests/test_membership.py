@@ -2,7 +2,7 @@
 
 The swarm tests run several cores over an in-test network: a heap of timed
 deliveries and wakeups, a fixed latency, an optional drop function, and real
-frames (every message goes through node.wire's encoder and decoder, so the
+frames (every message goes through node.base.wire's encoder and decoder, so the
 size and schema limits hold). Time is simulated; nothing reads a clock.
 """
 
@@ -20,7 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.dissemination import (
+from node.base.identity import Identity, NodeId
+from node.base.records import Capabilities, PeerRecord, decode_record, sign_record
+from node.base.wire import (
+    LocalProtocolError,
+    MessageType,
+    RemoteProtocolError,
+    decode_frame,
+    encode_frame,
+)
+from node.membership.dissemination import (
     ALIVE_PREFIX,
     Alive,
     Broadcast,
@@ -32,8 +41,7 @@ from node.dissemination import (
     encode_update,
     retransmit_limit,
 )
-from node.identity import Identity, NodeId
-from node.membership import (
+from node.membership.swim import (
     BroadcastReceived,
     Effect,
     Event,
@@ -49,14 +57,6 @@ from node.membership import (
     RefreshOwnRecord,
     SendMessage,
     SendToEndpoint,
-)
-from node.records import Capabilities, PeerRecord, decode_record, sign_record
-from node.wire import (
-    LocalProtocolError,
-    MessageType,
-    RemoteProtocolError,
-    decode_frame,
-    encode_frame,
 )
 
 T0 = 1_800_000_000.0

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import testbed
-from node.testbed_checks import full_mesh, ping, rpc, wait_for
-from node.testbed_vm import NetworkVm
-from segments.image import build
-from segments.workload import check_continuity, parse_progress
+from node.testbed import testbed
+from node.testbed.checks import full_mesh, ping, rpc, wait_for
+from node.testbed.vm import NetworkVm
+from segments.image.store import build
+from segments.image.workload import check_continuity, parse_progress
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
 

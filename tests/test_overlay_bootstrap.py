@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import needs_root
 
-from node import netns, testbed
-from node.testbed_checks import full_mesh, overlay_address, ping, wait_for
+from node.testbed import netns, testbed
+from node.testbed.checks import full_mesh, overlay_address, ping, wait_for
 
 pytestmark = [needs_root, pytest.mark.netns]
 

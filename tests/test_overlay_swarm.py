@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import testbed, testbed_vm
-from node.identity import Identity
-from node.records import Capabilities, sign_record
-from node.testbed_checks import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
-from node.wire import MessageType, encode_frame
+from node.base.identity import Identity
+from node.base.records import Capabilities, sign_record
+from node.base.wire import MessageType, encode_frame
+from node.testbed import testbed
+from node.testbed import vm as testbed_vm
+from node.testbed.checks import alive_peers, full_mesh, overlay_address, ping, rpc, wait_for
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -179,9 +180,9 @@ def test_kill_9_marks_dead_removes_peer_and_restart_rejoins(swarm):
 
 def test_forged_and_replayed_route_claims_are_refused(swarm):
     """Runs after the move test: replays its epoch-1 claim and forges others."""
-    from node.dissemination import Broadcast, encode_update
-    from node.identity import load_or_create
-    from node.signed import sign_payload
+    from node.base.signed import sign_payload
+    from node.membership.dissemination import Broadcast, encode_update
+    from node.runtime.keystore import load_or_create
     from overlay import claims
     from overlay.claims import sign_claim, sign_grant
 

@@ -2,7 +2,7 @@
 
 Each testbed host's policy watches only its own namespace (``policy.scope =
 "netns"``), so a busy loop started there is that host's volunteer coming back;
-its grace is 20 s and its quiet period 2 s (node/testbed.py).
+its grace is 20 s and its quiet period 2 s (node/testbed/testbed.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import testbed
-from node.testbed_checks import rpc, wait_for
-from node.testbed_market import (
+from node.testbed import testbed
+from node.testbed.checks import rpc, wait_for
+from node.testbed.market import (
     Load,
     finish,
     guest_states,

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from node.procs import pid_alive, stop_recorded, terminate_pid
+from node.base.host.procs import pid_alive, stop_recorded, terminate_pid
 
 IGNORES_TERM = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -1,9 +1,9 @@
 import msgpack
 import pytest
 
-from node.identity import Identity
-from node.records import Capabilities, RecordBook, decode_record, sign_record
-from node.wire import RemoteProtocolError
+from node.base.identity import Identity
+from node.base.records import Capabilities, RecordBook, decode_record, sign_record
+from node.base.wire import RemoteProtocolError
 
 NOW = 1_800_000_000
 

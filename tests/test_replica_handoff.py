@@ -28,20 +28,21 @@ import trio
 from conftest import needs_root
 from test_vm_libvirt import Guest, Lab, guest, hosts, lab  # noqa: F401 (fixtures)
 
-from node import segment_service as service_module
-from node.identity import Identity
-from node.segment_service import (
+from node.base.identity import Identity
+from node.runtime import segment_service as service_module
+from node.runtime.segment_service import (
     ReplicaOrder,
     SegmentError,
     SegmentMigrated,
     SegmentService,
     parse_destination_spec,
 )
-from segments import replica as replica_module
-from segments import workload
-from segments.blocks import BlockStore
-from segments.progress import console_text, decode_progress, encode_progress
-from segments.replica import (
+from segments.image import workload
+from segments.store.blocks import BlockStore
+from segments.vm import replica as replica_module
+from segments.vm.fake import FakeMigration, FakeVmRuntime
+from segments.vm.progress import console_text, decode_progress, encode_progress
+from segments.vm.replica import (
     CONSOLE_FILE,
     Replica,
     ReplicaCancelled,
@@ -51,9 +52,8 @@ from segments.replica import (
     SegmentRun,
     replica_spec,
 )
-from segments.verify import VerifySpec, verify_checkpoint
-from segments.vm import VmSpec, VmState
-from segments.vm_fake import FakeMigration, FakeVmRuntime
+from segments.vm.runtime import VmSpec, VmState
+from segments.vm.verify import VerifySpec, verify_checkpoint
 
 IDENTITY = Identity.from_seeds(b"\x09" * 32, b"\x0a" * 32)
 SEED = "glv"

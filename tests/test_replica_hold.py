@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.identity import Identity
-from segments import workload
-from segments.blocks import BlockStore
-from segments.replica import Replica, SegmentRun
-from segments.vm import VmState
-from segments.vm_fake import FakeVmRuntime
+from node.base.identity import Identity
+from segments.image import workload
+from segments.store.blocks import BlockStore
+from segments.vm.fake import FakeVmRuntime
+from segments.vm.replica import Replica, SegmentRun
+from segments.vm.runtime import VmState
 
 IDENTITY = Identity.from_seeds(b"\x07" * 32, b"\x08" * 32)
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import overlay.claims as claims
 import overlay.routes as routes
-from node.identity import Identity
-from node.wire import LocalProtocolError, RemoteProtocolError
+from node.base.identity import Identity
+from node.base.wire import LocalProtocolError, RemoteProtocolError
 from overlay.addressing import node_address, vm_address
 from overlay.claims import (
     GRANT_CONTEXT,

@@ -1,7 +1,7 @@
 """The save-image codec: byte-exact round trips, RAM by address, and refusals.
 
 Synthetic streams are built here record by record (QEMU 7.2's layout, see
-``segments.savestream``); real ones come from /tmp/gl-blocks-guest when present
+``segments.vm.savestream``); real ones come from /tmp/gl-blocks-guest when present
 and, under ``-m vm``, from the demo guest saved twice by a private libvirtd.
 """
 
@@ -22,8 +22,8 @@ from conftest import needs_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segments.blocks import BlockStore
-from segments.savestream import PAGE, SaveStreamError, join, split
+from segments.store.blocks import BlockStore
+from segments.vm.savestream import PAGE, SaveStreamError, join, split
 
 RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
 PACKAGE_CACHE = Path("/var/cache/gleaner/packages")
@@ -406,9 +406,10 @@ def measure(a: Path, b: Path, work: Path) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def saved_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SavedGuest]:
     """The demo guest under a private libvirtd, saved twice a few seconds apart."""
-    from segments import image, workload
-    from segments.libvirtd import Libvirtd
-    from segments.vm import LibvirtRuntime, VmSpec
+    from segments.image import store as image
+    from segments.image import workload
+    from segments.vm.libvirtd import Libvirtd
+    from segments.vm.runtime import LibvirtRuntime, VmSpec
 
     work = tmp_path_factory.mktemp("ssv")
     built = image.build(RECIPE, work / "images", PACKAGE_CACHE)
@@ -441,7 +442,7 @@ class SavedGuest:
 
 
 def progress(log: Path) -> int:
-    from segments import workload
+    from segments.image import workload
 
     text = log.read_text(errors="replace") if log.exists() else ""
     steps = [step for step, _ in workload.parse_progress(text)]

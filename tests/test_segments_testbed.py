@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import testbed
-from node.control import call
-from node.testbed_checks import full_mesh, wait_for
-from segments.image import build
-from segments.workload import check_continuity, parse_progress, parse_result, reference_result
+from node.runtime.control import call
+from node.testbed import testbed
+from node.testbed.checks import full_mesh, wait_for
+from segments.image.store import build
+from segments.image.workload import check_continuity, parse_progress, parse_result, reference_result
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.vm]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from test_purity import imported_roots
 
-from node.identity import Identity
+from node.base.identity import Identity
+from node.base.wire import MessageType, encode_frame
 from node.sim.engine import InvariantViolated, Simulator
 from node.sim.network import FRAME_OVERHEAD_BYTES, LatencyModel, Network, Partition, frame_size
 from node.sim.scenario import ScenarioError, load, parse
-from node.wire import MessageType, encode_frame
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "node" / "sim" / "scenarios"
 

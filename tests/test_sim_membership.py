@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from node.dissemination import Roster
-from node.membership import Membership, MembershipConfig, MemberState, MessageReceived
+from node.base.wire import MessageType
+from node.membership.dissemination import Roster
+from node.membership.swim import Membership, MembershipConfig, MemberState, MessageReceived
 from node.sim import cli, scenario
 from node.sim.churn import ChurnModel
 from node.sim.engine import InvariantViolated
 from node.sim.network import Partition
 from node.sim.studies import Run, RunSpec, run_join, run_route_move
 from node.sim.swarm import EPOCH, KeyRing
-from node.wire import MessageType
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "node" / "sim" / "scenarios" / "small.toml"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from node.ledger.tokens import sign_payment
 from node.sim.engine import InvariantViolated
 from node.sim.market_world import EPOCH, LEDGER_PAYMENT, Frame
 from node.sim.redundancy import (
@@ -19,7 +20,6 @@ from node.sim.redundancy import (
     run_redundancy,
     validate,
 )
-from node.tokens import sign_payment
 
 SCENARIOS = pathlib.Path(__file__).resolve().parent.parent / "node" / "sim" / "scenarios"
 

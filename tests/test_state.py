@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from node.state import SCHEMA_VERSION, State, StateError
+from node.runtime.state import SCHEMA_VERSION, State, StateError
 
 
 def test_fresh_database_is_migrated_private_and_wal(tmp_path):
@@ -66,7 +66,7 @@ def test_route_claims_snapshot_is_replaced_whole(tmp_path):
 def test_version_one_database_is_migrated(tmp_path):
     import sqlite3
 
-    from node.state import MIGRATIONS
+    from node.runtime.state import MIGRATIONS
 
     path = tmp_path / "state.db"
     db = sqlite3.connect(path)

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import needs_root
 
-from node import netns, testbed
-from node.control import call
+from node.runtime.control import call
+from node.testbed import netns, testbed
 
 pytestmark = [needs_root, pytest.mark.netns]
 

@@ -12,11 +12,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.identity import Identity
-from node.wire import RemoteProtocolError
-from segments.blocks import BlockStore
-from segments.manifest import block_digest
-from segments.transfer import (
+from node.base.identity import Identity
+from node.base.wire import RemoteProtocolError
+from segments.store.blocks import BlockStore
+from segments.store.manifest import block_digest
+from segments.store.transfer import (
     BlockArrived,
     BlockLacked,
     BlockMessage,
@@ -32,6 +32,7 @@ from segments.transfer import (
     IdsMessage,
     Kind,
     LackMessage,
+    ReportFault,
     RequestBlocks,
     StoreBlock,
     decode_message,
@@ -276,8 +277,13 @@ def test_unsolicited_blocks_count_as_faults() -> None:
     core = FetchCore({d: BS for d in blocks}, max_faults=2)
     core.handle(HolderJoined("pushy"))
     core.handle(HaveAnnounced("pushy", ()))
-    assert core.handle(BlockArrived("pushy", digest, blocks[digest])) == []
-    assert core.handle(BlockLacked("pushy", digest)) == [DropHolder("pushy", "2 faults")]
+    assert core.handle(BlockArrived("pushy", digest, blocks[digest])) == [
+        ReportFault("pushy", "a block not asked for", 1)
+    ]
+    assert core.handle(BlockLacked("pushy", digest)) == [
+        ReportFault("pushy", "LACK for a block not asked for", 2),
+        DropHolder("pushy", "2 faults"),
+    ]
     assert core.stalled and not core.done
 
 
@@ -553,7 +559,9 @@ async def test_a_silent_holder_times_out_and_the_other_finishes(tmp_path: Path) 
     assert (tmp_path / "out").read_bytes() == original
 
 
-@pytest.mark.parametrize("module", ["segments/transfer_core.py", "segments/manifest.py"])
+@pytest.mark.parametrize(
+    "module", ["segments/store/transfer_core.py", "segments/store/manifest.py"]
+)
 def test_cores_import_no_io(module: str) -> None:
     import ast
 

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_transfer import start_server
 
-from node.identity import Identity
-from node.wire import RemoteProtocolError
-from segments.blocks import BlockStore, MissingBlock
-from segments.manifest import (
+from node.base.identity import Identity
+from node.base.wire import RemoteProtocolError
+from segments.store.blocks import BlockStore, MissingBlock
+from segments.store.manifest import (
     MAX_BLOCK_SIZE,
     SIGNING_CONTEXT,
     ZERO,
@@ -28,7 +28,7 @@ from segments.manifest import (
     decode_manifest,
     sign_manifest,
 )
-from segments.transfer import (
+from segments.store.transfer import (
     EXCHANGE_TIMEOUTS,
     BlockMessage,
     FetchError,
@@ -42,7 +42,7 @@ from segments.transfer import (
     encode_message,
     fetch_manifest,
 )
-from segments.transfer_core import (
+from segments.store.transfer_core import (
     LENGTH,
     MANIFEST_PREFIX,
     MAX_FRAME_BYTES,

@@ -1,8 +1,8 @@
 import pytest
 
-from node.identity import Identity
-from node.transport import OVERLAY, UNDERLAY, ReplayWindow, Transport
-from node.wire import MessageType, RemoteProtocolError, encode_frame
+from node.base.identity import Identity
+from node.base.wire import MessageType, RemoteProtocolError, encode_frame
+from node.runtime.transport import OVERLAY, UNDERLAY, ReplayWindow, Transport
 from overlay.addressing import node_address
 
 SWARM = "t"

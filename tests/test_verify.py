@@ -25,23 +25,25 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import netns
-from node.identity import Identity
-from segments import image, progress, workload
-from segments.blocks import BlockStore
-from segments.libvirtd import Libvirtd
-from segments.manifest import Manifest
-from segments.progress import Progress, decode_progress, encode_progress
-from segments.replica import (
+from node.base.identity import Identity
+from node.testbed import netns
+from segments.image import store as image
+from segments.image import workload
+from segments.store.blocks import BlockStore
+from segments.store.manifest import Manifest
+from segments.vm import progress
+from segments.vm.fake import FakeVmRuntime
+from segments.vm.libvirtd import Libvirtd
+from segments.vm.progress import Progress, decode_progress, encode_progress
+from segments.vm.replica import (
     CONSOLE_FILE,
     MEMORY_FILE,
     Replica,
     ReplicaError,
     SegmentRun,
 )
-from segments.verify import VerifyError, VerifySpec, verify_checkpoint
-from segments.vm import LibvirtRuntime, VmSpec, VmState
-from segments.vm_fake import FakeVmRuntime
+from segments.vm.runtime import LibvirtRuntime, VmSpec, VmState
+from segments.vm.verify import VerifyError, VerifySpec, verify_checkpoint
 
 IDENTITY = Identity.from_seeds(b"\x05" * 32, b"\x06" * 32)
 SEED = "glv"

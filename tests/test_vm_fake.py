@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from segments.vm import (
+from segments.vm.fake import FakeMigration, FakeVmRuntime
+from segments.vm.runtime import (
     LibvirtRuntime,
     MigrationResult,
     VmError,
@@ -28,7 +29,6 @@ from segments.vm import (
     domain_xml,
     kvm_usable,
 )
-from segments.vm_fake import FakeMigration, FakeVmRuntime
 
 _names = itertools.count()
 

@@ -2,7 +2,7 @@
 
 Two "hosts" are network namespaces ``glv-<tag>-a`` and ``glv-<tag>-b`` joined by
 a veth pair (198.51.100.221/24 and .222/24), each with its own private libvirtd
-(``segments.libvirtd``). The guest is the demo image (``segments.image``,
+(``segments.vm.libvirtd``). The guest is the demo image (``segments.image.store``,
 recipe deploy/recipes/demo.toml) running its hash chain forever; its serial log
 must show one unbroken chain (``workload.check_continuity``) across pause,
 save/restore and live migration. Daemons, QEMU and namespaces are removed on every path
@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from node import netns
-from segments import image, workload
-from segments import libvirtd as libvirtd_module
-from segments.libvirtd import Libvirtd, LibvirtdError
-from segments.vm import LibvirtRuntime, VmError, VmSpec, VmState
+from node.testbed import netns
+from segments.image import store as image
+from segments.image import workload
+from segments.vm import libvirtd as libvirtd_module
+from segments.vm.libvirtd import Libvirtd, LibvirtdError
+from segments.vm.runtime import LibvirtRuntime, VmError, VmSpec, VmState
 
 pytestmark = [
     needs_root,

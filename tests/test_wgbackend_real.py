@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from node import netns
+from node.testbed import netns
 from overlay.addressing import node_address, vm_address
 from overlay.errors import OverlayError
-from overlay.uapi import UapiClient, UapiError
-from overlay.wgbackend import NetlinkBackend, UapiBackend
-from overlay.wgprocess import WireGuardGo, interface_name
 from overlay.wgstate import (
     AddPeer,
     DeviceConfig,
@@ -36,6 +33,9 @@ from overlay.wgstate import (
     public_key_of,
     short_key,
 )
+from overlay.wireguard.backend import NetlinkBackend, UapiBackend
+from overlay.wireguard.process import WireGuardGo, interface_name
+from overlay.wireguard.uapi import UapiClient, UapiError
 
 SWARM = "gleaner-wg-test"
 PORT = 51820

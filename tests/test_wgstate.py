@@ -11,10 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay import wgbackend
-from overlay.uapi import UapiError, encode_set, parse_get, reply_errno
-from overlay.wgbackend import FakeBackend, status_from_netlink
-from overlay.wgprocess import interface_name
 from overlay.wgstate import (
     AddPeer,
     DeviceConfig,
@@ -33,6 +29,10 @@ from overlay.wgstate import (
     short_key,
     transaction,
 )
+from overlay.wireguard import backend as wgbackend
+from overlay.wireguard.backend import FakeBackend, status_from_netlink
+from overlay.wireguard.process import interface_name
+from overlay.wireguard.uapi import UapiError, encode_set, parse_get, reply_errno
 
 PRIVATE = bytes(range(1, 33))
 OWN = public_key_of(PRIVATE)

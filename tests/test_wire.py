@@ -4,8 +4,8 @@ from fuzzing import edit_lists, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.identity import Identity
-from node.wire import (
+from node.base.identity import Identity
+from node.base.wire import (
     MAX_DEPTH,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,

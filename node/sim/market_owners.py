@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``OwnerSide`` is the half of ``MarketWorld`` (node/sim/market_world.py) that
-plays the job owners, as node/market_owner.py and node/ledger_service.py do in
+plays the job owners, as node/runtime/market_owner.py and node/runtime/ledger_service.py do in
 the agent: it routes bids, completions and withdrawals to each job's
 ``SegmentMachine`` (by the job id the message names), acks to the
 ``PayerLedger``, and carries out their effects: offers to a sample of the
@@ -22,8 +22,18 @@ import random
 from collections import Counter
 from typing import Any, Protocol
 
-from node.identity import NodeId
-from node.jobs import (
+from node.base.identity import NodeId
+from node.base.wire import RemoteProtocolError
+from node.ledger.effects import EffectQueue, open_chain
+from node.ledger.journal import Persist, Persisted, Refused
+from node.ledger.payer import (
+    AckReceived,
+    ChainNeeded,
+    PaymentRequested,
+    SendPayment,
+)
+from node.ledger.tokens import HashChain
+from node.market.jobs import (
     BidReceived,
     CheckpointReplicated,
     CompletionReceived,
@@ -39,15 +49,7 @@ from node.jobs import (
     VerifyCompletion,
     WithdrawReceived,
 )
-from node.ledger import Persist, Persisted, Refused
-from node.ledger_effects import EffectQueue, open_chain
-from node.market import BroadcastOffer, MarketKind, Offer, SendStatement, peek_job
-from node.payer import (
-    AckReceived,
-    ChainNeeded,
-    PaymentRequested,
-    SendPayment,
-)
+from node.market.messages import BroadcastOffer, MarketKind, Offer, SendStatement, peek_job
 from node.sim.engine import Simulator
 from node.sim.market_invariants import MarketInvariants
 from node.sim.market_parts import (
@@ -58,8 +60,6 @@ from node.sim.market_parts import (
     Timer,
     WorldConfig,
 )
-from node.tokens import HashChain
-from node.wire import RemoteProtocolError
 
 
 class SendFrame(Protocol):

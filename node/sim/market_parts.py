@@ -18,16 +18,16 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.bidder import Bidder, HostPolicy
-from node.identity import Identity, NodeId
-from node.market import Offer
-from node.payee import PayeeLedger
-from node.payer import PayerLedger
-from node.segment_machine import SegmentMachine
+from node.base.identity import Identity, NodeId
+from node.ledger.payee import PayeeLedger
+from node.ledger.payer import PayerLedger
+from node.market.bidder import Bidder, HostPolicy
+from node.market.messages import Offer
+from node.market.segment_machine import SegmentMachine
 from node.sim.availability import IntervalIndex
 
 EPOCH = 1_800_000_000.0  # simulated Unix time of the run's start (a Monday, 00:00 UTC)
-LEDGER_PAYMENT, LEDGER_ACK = 2, 3  # node.ledger_service.LedgerKind values
+LEDGER_PAYMENT, LEDGER_ACK = 2, 3  # node.runtime.ledger_service.LedgerKind values
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``MarketWorld`` drives, on one ``Simulator``, the same sans-IO cores the agent
 runs, through the same events and effects its adapters use
-(node/market_owner.py, node/market_host.py, node/ledger_service.py):
+(node/runtime/market_owner.py, node/runtime/market_host.py, node/runtime/ledger_service.py):
 
 * each **owner** runs one ``SegmentMachine`` per job, one ``Reputation`` and
   one ``PayerLedger``; owners are always up (an assumption: job owners are
@@ -52,8 +52,15 @@ import random
 from collections import Counter
 from typing import Any
 
-from node.auction import AuctionConfig
-from node.bidder import (
+from node.base.identity import Identity, NodeId
+from node.ledger.journal import Persist, Persisted, Refused
+from node.ledger.payee import PayeeConfig, PayeeLedger, PaymentAccepted, PaymentReceived, SendAck
+from node.ledger.payer import (
+    PayerLedger,
+)
+from node.ledger.tokens import HashChain
+from node.market.auction import AuctionConfig
+from node.market.bidder import (
     AwardReceived,
     Bidder,
     CancelReceived,
@@ -66,18 +73,12 @@ from node.bidder import (
     StartReplica,
     StopReplica,
 )
-from node.identity import Identity, NodeId
-from node.jobs import (
+from node.market.jobs import (
     JobSpec,
 )
-from node.ledger import Persist, Persisted, Refused
-from node.market import MarketKind, Offer, SendStatement
-from node.payee import PayeeConfig, PayeeLedger, PaymentAccepted, PaymentReceived, SendAck
-from node.payer import (
-    PayerLedger,
-)
-from node.reputation import Reputation
-from node.segment_machine import MachineConfig, SegmentMachine
+from node.market.messages import MarketKind, Offer, SendStatement
+from node.market.reputation import Reputation
+from node.market.segment_machine import MachineConfig, SegmentMachine
 from node.sim.availability import HostAvailability, IntervalIndex
 from node.sim.engine import Simulator
 from node.sim.market_invariants import MarketInvariants
@@ -97,7 +98,6 @@ from node.sim.market_parts import (
     make_identity,
     next_start,
 )
-from node.tokens import HashChain
 
 __all__ = ["EPOCH", "LEDGER_PAYMENT", "Frame", "HostModel", "MarketWorld", "Run", "WorldConfig"]
 
@@ -162,7 +162,7 @@ class MarketWorld(OwnerSide):
 
     def _create_jobs(self, keys: random.Random) -> None:
         c = self.config
-        machine_config = MachineConfig(  # as node.market_owner.machine_config builds it
+        machine_config = MachineConfig(  # as node.runtime.market_owner.machine_config builds it
             "sim",
             auction=AuctionConfig(bid_window_s=c.bid_window_s),
             reoffer_s=max(c.bid_window_s, 1.0),

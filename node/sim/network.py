@@ -23,7 +23,7 @@ says how long it travels. The model, and its limits:
   (``up[node]`` false) neither sends nor receives.
 
 Counters: per node, messages and bytes sent and received. Bytes are the size of
-the frame ``node.wire.encode_frame`` would put in one UDP datagram (the body's
+the frame ``node.base.wire.encode_frame`` would put in one UDP datagram (the body's
 real msgpack encoding plus ``FRAME_OVERHEAD_BYTES`` of envelope, checked against
 the real encoder by a test); IP, UDP and WireGuard headers are not included.
 

@@ -7,7 +7,7 @@ A scenario names its ``kind`` and the conditions of its runs::
     kind = "convergence"            # convergence | routes | redundancy
     name = "convergence-10k"
     [swarm]      nodes, warmup_s, seconds, eager_limit, withdraw_after_s
-    [membership] any field of node.membership.MembershipConfig
+    [membership] any field of node.membership.swim.MembershipConfig
     [network]    base_latency_ms, spread_latency_ms, jitter_ms, loss (a rate, or a
                  list of rates: one run per rate)
     [churn]      departures_per_hour, mean_downtime_s, leave_fraction
@@ -19,7 +19,7 @@ unchanged and checked by its ``validate`` (loaded lazily: a clear error if that
 module is not there).
 
 ``load`` refuses unknown sections and keys, wrong types and values out of range
-with ``ScenarioError("section.key: reason")`` (the house style of node/config.py),
+with ``ScenarioError("section.key: reason")`` (the house style of node/runtime/config.py),
 so a typo never silently runs the default. ``run(scenario, seed)`` returns one
 dict of figures: no wall-clock time in it, so the same seed gives the same dict.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from node.membership import MembershipConfig
+from node.membership.swim import MembershipConfig
 from node.sim.churn import ChurnModel
 from node.sim.engine import Simulator
 from node.sim.network import LatencyModel, Partition

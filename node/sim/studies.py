@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import Any
 
-from node.identity import Identity
-from node.membership import MemberChanged, MembershipConfig, MemberState
+from node.base.identity import Identity
+from node.membership.swim import MemberChanged, MembershipConfig, MemberState
 from node.sim import churn
 from node.sim.engine import Simulator
 from node.sim.network import LatencyModel, Network, Partition

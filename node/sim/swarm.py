@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 Each ``SimNode`` holds what an agent holds for these protocols: an identity,
-its signed ``PeerRecord``, a ``node.membership.Membership`` core and an
+its signed ``PeerRecord``, a ``node.membership.swim.Membership`` core and an
 ``overlay.routes.RouteTable``. The ``Swarm`` plays the agent's effect
-interpreter (node/agent.py), against models instead of sockets:
+interpreter (node/runtime/agent.py), against models instead of sockets:
 
 - ``SendMessage`` / ``SendToEndpoint`` go through ``Network.transit``; a message
   that survives is scheduled as a ``MessageReceived`` at the target after its
@@ -40,9 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.dissemination import Broadcast, encode_update
-from node.identity import Identity, NodeId
-from node.membership import (
+from node.base.identity import Identity, NodeId
+from node.base.records import Capabilities, PeerRecord, decode_record, sign_record
+from node.base.wire import MessageType, RemoteProtocolError
+from node.membership.dissemination import Broadcast, encode_update
+from node.membership.swim import (
     BroadcastReceived,
     Effect,
     JoinRequested,
@@ -58,11 +60,9 @@ from node.membership import (
     SendMessage,
     SendToEndpoint,
 )
-from node.records import Capabilities, PeerRecord, decode_record, sign_record
-from node.routing import ROUTE_TOPIC
+from node.runtime.routing import ROUTE_TOPIC
 from node.sim.engine import Simulator
 from node.sim.network import Network, frame_size
-from node.wire import MessageType, RemoteProtocolError
 from overlay.routes import RouteChanged, RouteTable
 
 EPOCH = 1_800_000_000.0

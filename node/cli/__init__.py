@@ -1,0 +1,1 @@
+"""The `gleaner` command, one module per command group."""

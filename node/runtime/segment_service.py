@@ -1,0 +1,513 @@
+"""The agent's segment edge: its block store and block server, and replicas on request.
+
+- The block store lives in ``<state_dir>/blocks``; its block server listens on
+  the agent's overlay address (port ``BLOCK_PORT``), so peers fetch checkpoint
+  blocks through WireGuard; an agent without an overlay (a test in the root
+  namespace) serves on its underlay host instead.
+- ``run_segment`` fetches the blocks of the previous checkpoint that this node
+  lacks (from every holder it is given at once, each block verified), then
+  runs a replica (segments.vm.replica) in a worker thread against this host's
+  libvirt, and returns the new checkpoint's signed manifest.
+- A draining host hands its running guest to another host (issue 6): the
+  destination runs an order with ``adopt`` (it waits for the guest to arrive
+  instead of fetching and restoring) and tells the source its files
+  (``destination_spec``); the source checks them (``parse_destination_spec``)
+  and asks its running replica to live-migrate (``migrate_replica``), after
+  which that replica's ``run_replica`` raises ``SegmentMigrated`` with its
+  console; the destination gets that console through ``set_console_prefix``
+  and checkpoints the whole segment's console. Call ``set_console_prefix``
+  while the adopting replica runs (it arrives after the guest did).
+
+The market (which segment, which image, who holds what) decides *what* to run;
+this service only knows how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import trio
+
+from node.base.identity import Identity
+from node.base.records import parse_endpoint
+from node.base.wire import RemoteProtocolError
+from node.market.jobs import JobSpec
+from node.runtime.guest_address import guest_cmdline
+from segments.image.store import ImageError, load
+from segments.store.blocks import BlockStore, BlockStoreError
+from segments.store.manifest import Manifest, decode_manifest
+from segments.store.transfer import FetchError, fetch, serve_blocks
+from segments.vm.progress import encode_progress
+from segments.vm.replica import (
+    CONSOLE_FILE,
+    Replica,
+    ReplicaError,
+    ReplicaMigrated,
+    ReplicaResult,
+    SegmentRun,
+    replica_spec,
+)
+from segments.vm.runtime import LibvirtRuntime, VmError, VmRuntime, VmSpec, VmState
+from segments.vm.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
+
+log = logging.getLogger("gleaner.segments")
+
+BLOCK_PORT = 7947
+MARKET_VM = re.compile(r"gl-r[0-9a-f]{16}")  # replicas the market starts: gl-r<job id prefix>
+ARRIVAL_TIMEOUT_S = 120.0  # an adopting replica's wait for its guest (a fresh daemon: ~6 s)
+MIGRATION_TIMEOUT_S = 300.0  # migrate_replica's wait for the outcome
+MIGRATION_POLL_S = 0.05
+DESTINATION_KEYS = frozenset({"kernel", "initrd", "serial_log", "tap"})
+MAX_PATH_CHARS = 4096
+TAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
+
+
+def market_vm_name(job_id: bytes) -> str:
+    """A market replica's ``ReplicaOrder.name`` (its domain is ``gl-<name>``, see MARKET_VM)."""
+    return f"r{job_id.hex()[:16]}"
+
+
+class SegmentError(Exception):
+    """A segment request could not be carried out; the message says why."""
+
+
+class VerifierUnavailable(SegmentError):
+    """This host could not verify (its libvirt, image or store failed): not the replica's fault."""
+
+
+class SegmentMigrated(SegmentError):
+    """The replica's guest was live-migrated away (``migrate_replica``): no checkpoint here.
+
+    It carries what the worker's ``ReplicaMigrated`` says: ``console`` (everything
+    the guest printed here, the destination's console prefix), ``cpu_s`` (the vCPU
+    time it used here) and ``downtime_ms`` (libvirt's switch-over figure).
+    """
+
+    def __init__(self, moved: ReplicaMigrated) -> None:
+        super().__init__(str(moved))
+        self.console, self.cpu_s, self.downtime_ms = moved.console, moved.cpu_s, moved.downtime_ms
+
+
+class SegmentService:
+    def __init__(
+        self, identity: Identity, state_dir: Path, libvirt_uri: str, image_store: Path
+    ) -> None:
+        self.identity = identity
+        self.state_dir = state_dir
+        self.libvirt_uri = libvirt_uri
+        self.image_store = image_store
+        self.store = BlockStore(state_dir / "blocks")
+        self.listen: tuple[str, int] | None = None
+        self.runs = 0
+        self.replicas: dict[str, Replica] = {}
+        self.held = False  # the volunteer is back: replicas start held
+
+    async def serve(
+        self,
+        host: str,
+        port: int = BLOCK_PORT,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        self.listen = (host, bound[1])
+        log.info("block server on [%s]:%d", host, bound[1])
+        await serve_blocks(self.store, listeners[0], task_status=task_status)
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def run_segment(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The ``segment_run`` control request: one replica, run by hand."""
+        job = _text(params, "job")
+        if not job.replace("-", "").isalnum() or len(job) > 40:
+            raise SegmentError("job names are letters, digits and dashes, at most 40")
+        checkpoint = None
+        holders: list[tuple[str, int]] = []
+        if params.get("checkpoint") is not None:
+            try:
+                checkpoint = decode_manifest(params["checkpoint"])
+            except RemoteProtocolError as exc:
+                raise SegmentError(f"bad checkpoint manifest: {exc}") from None
+            holders = _holders(params.get("holders"))
+        order = ReplicaOrder(
+            name=job,
+            segment=_number(params, "segment", int),
+            image_id=_text(params, "image_id"),
+            args=_text(params, "args"),
+            vcpus=1,
+            extent_cpu_s=_number(params, "extent_cpu_s", float),
+        )
+        outcome = await self.run_replica(order, checkpoint, holders)
+        result = outcome.result
+        return {
+            "checkpoint": result.checkpoint.encode(),
+            "checkpoint_digest": result.checkpoint.digest.hex(),
+            "checkpoint_bytes": result.checkpoint.total_size,
+            "progress": result.progress.hex(),
+            "cpu_s": result.cpu_s,
+            "wall_s": result.wall_s,
+            "powered_off": result.powered_off,
+            "serial_log": str(result.serial_log),
+            "fetched": outcome.fetched,
+            "holder": f"[{self.listen[0]}]:{self.listen[1]}" if self.listen else None,
+        }
+
+    async def run_replica(
+        self,
+        order: ReplicaOrder,
+        checkpoint: Manifest | None,
+        holders: list[tuple[str, int]],
+        cancel: trio.Event | None = None,
+    ) -> ReplicaOutcome:
+        """Fetch what this node lacks of ``checkpoint``, then run one replica of it.
+
+        With ``order.adopt``, no checkpoint is fetched or restored (``checkpoint``
+        is ignored): the replica waits for its guest to live-migrate here and runs
+        the rest of the segment (``Replica.adopt``). Setting ``cancel`` stops the
+        replica at its next poll (SegmentError); a guest migrated away with
+        ``migrate_replica`` ends it with SegmentMigrated.
+        """
+        run = await self._segment_run(order)
+        fetched: dict[str, Any] = {}
+        if checkpoint is not None and not order.adopt:
+            try:
+                stats = await fetch(checkpoint, holders, self.store)
+            except FetchError as exc:
+                raise SegmentError(f"fetching the checkpoint: {exc}") from None
+            fetched = {
+                "blocks": stats.blocks_done,
+                "bytes": stats.bytes_done,
+                "bad_blocks": stats.bad_blocks,
+            }
+        work = self._work_dir(order)
+        failure: SegmentError | None = None
+        async with trio.open_nursery() as nursery:
+            if cancel is not None:
+                nursery.start_soon(self._cancel_on, cancel, run.vm_name)
+            try:
+                result = await trio.to_thread.run_sync(
+                    self._run_blocking, run, None if order.adopt else checkpoint, work, order
+                )
+            except SegmentError as exc:
+                failure = exc  # raised below, outside the nursery: not as an exception group
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        self.runs += 1
+        return ReplicaOutcome(result, fetched)
+
+    async def destination_spec(self, order: ReplicaOrder) -> dict[str, Any]:
+        """The files this host runs ``order``'s guest on, for a source to migrate onto.
+
+        Plain strings (and None for a job without a tap), for the wire; the
+        source reads them back with ``parse_destination_spec``.
+        """
+        spec = replica_spec(await self._segment_run(order), self._work_dir(order))
+        return {
+            "kernel": str(spec.kernel),
+            "initrd": str(spec.initrd),
+            "serial_log": str(spec.serial_log),
+            "tap": spec.tap,
+        }
+
+    async def migrate_replica(
+        self,
+        vm_name: str,
+        dest_uri: str,
+        dest_address: str,
+        dest_spec: VmSpec | dict[str, Any],
+        timeout_s: float = MIGRATION_TIMEOUT_S,
+    ) -> str | None:
+        """Live-migrate the guest of the replica running `vm_name` here; None once it left.
+
+        `dest_spec` is the destination's files: a VmSpec, or the map a peer sent
+        (``destination_spec``), checked by ``parse_destination_spec``. Returns the
+        error text if the migration failed or a map was bad (the guest runs on
+        here and the replica goes on); SegmentError if no such replica runs here,
+        or if there is no outcome after `timeout_s` (then the replica's run will
+        tell: SegmentMigrated, or it carries on).
+        """
+        replica = self.replicas.get(vm_name)
+        if replica is None:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+        if not isinstance(dest_spec, VmSpec):
+            try:
+                dest_spec = parse_destination_spec(vm_name, dest_spec)
+            except ValueError as exc:
+                return f"bad destination spec from {dest_uri}: {exc}"
+        try:
+            replica.migrate_to(dest_uri, dest_address, dest_spec)
+        except ReplicaError as exc:
+            raise SegmentError(str(exc)) from None
+        with trio.move_on_after(timeout_s):
+            while not replica.migration_done.is_set():
+                await trio.sleep(MIGRATION_POLL_S)
+            return replica.migration_error
+        raise SegmentError(f"migrating {vm_name} to {dest_uri}: no outcome after {timeout_s:g} s")
+
+    async def cpu_time_s(self, vm_name: str) -> float:
+        """The vCPU time the guest of the replica running `vm_name` here has used so far.
+
+        Counted from its start, restore or arrival here (the QEMU process's
+        clock); SegmentError if no such replica runs here or libvirt failed.
+        """
+        if vm_name not in self.replicas:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+
+        def read() -> float:
+            with self._open_runtime() as runtime:
+                return runtime.cpu_time_s(vm_name)
+
+        try:
+            return await trio.to_thread.run_sync(read)
+        except VmError as exc:
+            raise SegmentError(str(exc)) from None
+
+    def set_console_prefix(self, vm_name: str, data: bytes) -> None:
+        """Hand the adopting replica of `vm_name` its guest's console from the source host.
+
+        ValueError if `data` is not bytes; SegmentError if no such replica runs
+        here or it already has a different one.
+        """
+        if not isinstance(data, bytes):
+            raise ValueError(f"a console is bytes, not {type(data).__name__}")
+        replica = self.replicas.get(vm_name)
+        if replica is None:
+            raise SegmentError(f"no replica of {vm_name} runs here")
+        try:
+            replica.set_console_prefix(data)
+        except ReplicaError as exc:
+            raise SegmentError(str(exc)) from None
+
+    async def verify_completion(
+        self,
+        job: JobSpec,
+        manifest: Manifest,
+        claimed: bytes,
+        base_checkpoint: bytes | None,
+        halted: bool,
+        timeout_s: float,
+    ) -> Verdict:
+        """Restore a completed segment's checkpoint here and check the guest moved on.
+
+        ``base_checkpoint`` is the previous committed checkpoint (held here: the
+        owner verified it), whose console gives the progress to continue from.
+        """
+        try:
+            image = await trio.to_thread.run_sync(load, self.image_store, job.image)
+        except ImageError as exc:
+            raise VerifierUnavailable(str(exc)) from None
+        base = None
+        if base_checkpoint is not None:
+            console = await self.console_of(base_checkpoint)
+            if console is None:
+                raise VerifierUnavailable("the previous checkpoint's console is not held here")
+            base = encode_progress(console)
+        spec = VerifySpec(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=f"{image.cmdline} {job.args}".strip(),
+            memory_mb=job.memory_mib,
+            vcpus=job.vcpus,
+            work_dir=self.state_dir / "verify",
+            tap=f"gv{job.job_id.hex()[:12]}" if job.network else None,  # never a replica's tap
+        )
+
+        def verify() -> Verdict:
+            with LibvirtRuntime(self.libvirt_uri) as runtime:
+                return verify_checkpoint(
+                    runtime, self.store, spec, manifest, claimed, base, halted, timeout_s
+                )
+
+        try:
+            return await trio.to_thread.run_sync(verify)
+        except (VerifyError, VmError) as exc:
+            raise VerifierUnavailable(f"verifier: {exc}") from None
+
+    async def reap_orphans(self) -> list[str]:
+        """Stop market replicas a crashed run of this agent left running in libvirt."""
+
+        def reap() -> list[str]:
+            reaped = []
+            with self._open_runtime() as runtime:
+                for name, state in runtime.list_vms().items():
+                    if not MARKET_VM.fullmatch(name):
+                        continue
+                    if state in (VmState.RUNNING, VmState.PAUSED, VmState.SHUTTING_DOWN):
+                        runtime.destroy(name)
+                    try:
+                        runtime.undefine(name)
+                    except VmError:
+                        pass  # a transient domain is gone once destroyed
+                    reaped.append(name)
+            return reaped
+
+        try:
+            return await trio.to_thread.run_sync(reap)
+        except VmError as exc:
+            log.warning("could not look for orphaned replicas: %s", exc)
+            return []
+
+    async def console_of(self, digest: bytes) -> str | None:
+        """The guest console a checkpoint carries (None: not held here, or no console)."""
+
+        def read() -> str | None:
+            manifest = self.store.manifest(digest)
+            if manifest is None or CONSOLE_FILE not in {f.name for f in manifest.files}:
+                return None
+            try:
+                data = self.store.read_file(manifest, CONSOLE_FILE)
+            except BlockStoreError:
+                return None
+            return data.decode("utf-8", "replace")
+
+        return await trio.to_thread.run_sync(read)
+
+    async def _cancel_on(self, cancel: trio.Event, vm_name: str) -> None:
+        await cancel.wait()
+        while (replica := self.replicas.get(vm_name)) is None:  # not started yet
+            await trio.sleep(0.05)
+        replica.cancel()
+
+    async def _segment_run(self, order: ReplicaOrder) -> SegmentRun:
+        try:
+            image = await trio.to_thread.run_sync(load, self.image_store, order.image_id)
+        except ImageError as exc:
+            raise SegmentError(str(exc)) from None
+        network = guest_cmdline(order.address) if order.address else ""
+        return SegmentRun(
+            vm_name=f"gl-{order.name}",
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=" ".join(part for part in (image.cmdline, order.args, network) if part),
+            memory_mb=order.memory_mib or image.memory_mb,
+            vcpus=order.vcpus,
+            extent_cpu_s=order.extent_cpu_s,
+            tap=order.tap,
+        )
+
+    def _work_dir(self, order: ReplicaOrder) -> Path:
+        return self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
+
+    def _open_runtime(self) -> contextlib.AbstractContextManager[VmRuntime]:
+        """This host's libvirt, for one replica's worker thread (a test may hand in a fake)."""
+        return LibvirtRuntime(self.libvirt_uri)
+
+    def _run_blocking(
+        self, run: SegmentRun, checkpoint: Any, work: Path, order: ReplicaOrder
+    ) -> ReplicaResult:
+        try:
+            with self._open_runtime() as runtime:
+                replica = Replica(runtime, self.store, self.identity, work)
+                replica.hold(self.held)
+                self.replicas[run.vm_name] = replica
+                try:
+                    if order.adopt:
+                        return replica.adopt(run, order.arrival_timeout_s)
+                    return replica.run(run, checkpoint)
+                finally:
+                    self.replicas.pop(run.vm_name, None)
+        except ReplicaMigrated as exc:
+            raise SegmentMigrated(exc) from None
+        except (ReplicaError, VmError) as exc:
+            raise SegmentError(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaOrder:
+    """What to run: ``name`` names the VM and its work directory (letters, digits, dashes).
+
+    A restored guest keeps the domain name it was saved with, so every segment of
+    a job runs under the name of its first: one name per job, and a host runs
+    one replica of a job at a time.
+    """
+
+    name: str
+    segment: int
+    image_id: str
+    args: str
+    vcpus: int
+    extent_cpu_s: float
+    memory_mib: int | None = None  # None: the image's default
+    attempt: int = 0
+    tap: str | None = None  # a network job's NIC: the tap libvirt creates here
+    address: str | None = None  # a network job's overlay address (kernel command line)
+    adopt: bool = False  # run the rest of a segment whose guest migrates here (no checkpoint)
+    arrival_timeout_s: float = ARRIVAL_TIMEOUT_S  # adopt: how long to wait for the guest
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaOutcome:
+    result: ReplicaResult
+    fetched: dict[str, Any]
+
+
+def parse_destination_spec(vm_name: str, fields: Any) -> VmSpec:
+    """The destination's files (``destination_spec``, from a peer) as a VmSpec to migrate onto.
+
+    Strict: exactly the keys kernel, initrd, serial_log (absolute paths) and
+    tap (an interface name, or None); anything else raises ValueError. Only
+    the fields ``vm.relocated_xml`` uses are meaningful in the result.
+    """
+    if not isinstance(fields, dict):
+        raise ValueError(f"a destination spec is a map, not {type(fields).__name__}")
+    keys = set(fields)
+    if keys != DESTINATION_KEYS:
+        missing = ", ".join(sorted(str(k) for k in DESTINATION_KEYS - keys)) or "none"
+        extra = ", ".join(sorted(repr(k) for k in keys - DESTINATION_KEYS)) or "none"
+        raise ValueError(f"a destination spec's keys: missing {missing}; unknown {extra}")
+    paths = {key: _absolute_path(fields[key], key) for key in ("kernel", "initrd", "serial_log")}
+    tap = fields["tap"]
+    if tap is not None and (
+        not isinstance(tap, str) or not TAP_NAME.fullmatch(tap) or tap in (".", "..")
+    ):
+        raise ValueError(f"destination 'tap' must be an interface name or None, not {tap!r:.40}")
+    return VmSpec(
+        name=vm_name,
+        kernel=paths["kernel"],
+        initrd=paths["initrd"],
+        cmdline="",
+        serial_log=paths["serial_log"],
+        tap=tap,
+    )
+
+
+def _absolute_path(value: Any, key: str) -> Path:
+    what = f"destination {key!r}"
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a path (a string), not {type(value).__name__}")
+    if not value.startswith("/") or len(value) > MAX_PATH_CHARS:
+        raise ValueError(f"{what} must be an absolute path of at most {MAX_PATH_CHARS} chars")
+    if not value.isprintable() or ".." in PurePosixPath(value).parts:
+        raise ValueError(f"{what} must be printable, without '..': {value!r:.60}")
+    return Path(value)
+
+
+def _holders(value: Any) -> list[tuple[str, int]]:
+    if not isinstance(value, list) or not value or not all(isinstance(h, str) for h in value):
+        raise SegmentError("parameter 'holders' must list at least one HOST:PORT")
+    try:
+        return [parse_endpoint(holder) for holder in value]
+    except ValueError as exc:
+        raise SegmentError(f"parameter 'holders': {exc}") from None
+
+
+def _text(params: dict[str, Any], name: str) -> str:
+    value = params.get(name, "")
+    if not isinstance(value, str):
+        raise SegmentError(f"parameter {name!r} must be a string")
+    return value
+
+
+def _number(params: dict[str, Any], name: str, kind: type) -> Any:
+    value = params.get(name)
+    if type(value) not in ((int,) if kind is int else (int, float)):
+        raise SegmentError(f"parameter {name!r} must be a number")
+    return kind(value)

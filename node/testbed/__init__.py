@@ -1,0 +1,1 @@
+"""Local swarms in network namespaces: the testbed, the demo, the prober."""

@@ -1,0 +1,2 @@
+"""WireGuard adapters: the UAPI and netlink backends, the wireguard-go process,
+the overlay service."""

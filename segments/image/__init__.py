@@ -1,0 +1,1 @@
+"""Guest images: recipes, kernels, initramfs, the image store."""

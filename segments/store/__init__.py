@@ -1,0 +1,1 @@
+"""Content-addressed blocks, manifests and their transfer between hosts."""

@@ -1,0 +1,1 @@
+"""The VM side: libvirt runtime and its fake twin, replicas, save streams, verification."""
