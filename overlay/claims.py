@@ -37,7 +37,7 @@ the bytes sent; a grant is at most ``MAX_GRANT_BYTES``, a claim (with its grant)
 at most ``MAX_CLAIM_BYTES``. A claim embeds its grant's blob unchanged.
 
 Errors: decoding is where outside bytes come in, and only ``RemoteProtocolError``
-escapes it (``RouteRefused`` with a ``Refusal`` if the input is well-formed but
+escapes it (``RouteRefused`` with a ``ClaimRefusal`` if the input is well-formed but
 refused). Signing decodes what it just signed, so inputs that would make a
 statement peers refuse raise ``LocalProtocolError`` instead.
 """
@@ -73,7 +73,7 @@ MAX_GRANT_BYTES = 1024
 MAX_CLAIM_BYTES = 2048
 
 
-class Refusal(enum.Enum):
+class ClaimRefusal(enum.Enum):
     """Why a claim was refused, counted as ``refused_<value>``.
 
     Malformed input raises plain RemoteProtocolError (counted as MALFORMED);
@@ -95,7 +95,7 @@ class Refusal(enum.Enum):
 class RouteRefused(RemoteProtocolError):
     """A peer's route claim or grant is refused, for ``reason``."""
 
-    def __init__(self, reason: Refusal, message: str) -> None:
+    def __init__(self, reason: ClaimRefusal, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -214,13 +214,13 @@ def decode_grant(blob: bytes) -> Grant:
     payload, signature, fields = open_statement(blob, what, MAX_GRANT_BYTES)
     owner_key = bin_field(fields, "owner", what, KEY_BYTES)
     if not signed_by(owner_key, GRANT_CONTEXT, payload, signature):
-        raise RouteRefused(Refusal.BAD_GRANT, "grant is not signed by its owner key")
+        raise RouteRefused(ClaimRefusal.BAD_GRANT, "grant is not signed by its owner key")
     swarm_id = text_field(fields, "swarm", what)
     job_nonce = bin_field(fields, "nonce", what, MIN_NONCE_BYTES, MAX_NONCE_BYTES)
     address = IPv6Address(bin_field(fields, "vm", what, ADDRESS_BYTES))
     if address != vm_address(swarm_id, derive_job_id(owner_key, job_nonce)):
         raise RouteRefused(
-            Refusal.BAD_GRANT, f"grant for {address}: not the address of the owner's job"
+            ClaimRefusal.BAD_GRANT, f"grant for {address}: not the address of the owner's job"
         )
     return Grant(
         swarm_id=swarm_id,
@@ -241,7 +241,7 @@ def decode_claim(blob: bytes) -> RouteClaim:
     payload, signature, fields = open_statement(blob, what, MAX_CLAIM_BYTES)
     node_id = key_field(fields, "node", what)
     if not signed_by(node_id.key, ROUTE_CONTEXT, payload, signature):
-        raise RouteRefused(Refusal.BAD_SIGNATURE, "route claim is not signed by its node")
+        raise RouteRefused(ClaimRefusal.BAD_SIGNATURE, "route claim is not signed by its node")
     raw_kind = uint_field(fields, "kind", what)
     if raw_kind not in tuple(ClaimKind):
         raise RemoteProtocolError(f"route claim kind {raw_kind} is unknown")
@@ -272,6 +272,6 @@ def decode_claim(blob: bytes) -> RouteClaim:
     ):
         if granted != claimed:
             raise RouteRefused(
-                Refusal.GRANT_MISMATCH, f"claim {name} {claimed} but grant {name} {granted}"
+                ClaimRefusal.GRANT_MISMATCH, f"claim {name} {claimed} but grant {name} {granted}"
             )
     return replace(claim, grant=grant)

@@ -61,8 +61,8 @@ from node.base.wire import LocalProtocolError, RemoteProtocolError
 from overlay.addressing import VM_SUBNET, is_in_swarm, vm_address
 from overlay.claims import (
     ClaimKind,
+    ClaimRefusal,
     Grant,
-    Refusal,
     RouteClaim,
     RouteRefused,
     decode_claim,
@@ -114,7 +114,7 @@ COUNTERS = (
     "expired",
     "ignored_withdraw_stale",
     "ignored_withdraw_unknown",
-    *(f"refused_{reason.value}" for reason in Refusal),
+    *(f"refused_{reason.value}" for reason in ClaimRefusal),
 )
 
 
@@ -262,9 +262,11 @@ class RouteTable:
     def _apply(self, claim: RouteClaim, now: float, *, check_expiry: bool) -> list[Effect]:
         address = claim.vm_address
         if claim.swarm_id != self.swarm_id:
-            raise RouteRefused(Refusal.WRONG_SWARM, f"claim for swarm {claim.swarm_id!r}")
+            raise RouteRefused(ClaimRefusal.WRONG_SWARM, f"claim for swarm {claim.swarm_id!r}")
         if not is_in_swarm(self.swarm_id, address) or _subnet(address) != VM_SUBNET:
-            raise RouteRefused(Refusal.WRONG_SWARM, f"{address} is not a VM address of this swarm")
+            raise RouteRefused(
+                ClaimRefusal.WRONG_SWARM, f"{address} is not a VM address of this swarm"
+            )
         if claim.kind is ClaimKind.WITHDRAW:
             return self._withdraw(claim)
         return self._claim(claim, now, check_expiry)
@@ -278,19 +280,24 @@ class RouteTable:
             return []
         pinned = self._owners.get(address, held.grant.owner_key if held else grant.owner_key)
         if grant.owner_key != pinned:
-            raise RouteRefused(Refusal.OWNER_MISMATCH, f"{address} belongs to another owner key")
+            raise RouteRefused(
+                ClaimRefusal.OWNER_MISMATCH, f"{address} belongs to another owner key"
+            )
         if check_expiry and grant.is_expired(now):
-            raise RouteRefused(Refusal.EXPIRED, f"grant for {address} expired at {grant.expires}")
+            raise RouteRefused(
+                ClaimRefusal.EXPIRED, f"grant for {address} expired at {grant.expires}"
+            )
         if held is not None:
             held_epoch, held_node = held.claim.epoch, held.claim.node_id
             if claim.epoch == held_epoch and claim.node_id != held_node:
                 raise RouteRefused(
-                    Refusal.CONFLICT,
+                    ClaimRefusal.CONFLICT,
                     f"{address} epoch {claim.epoch} is already claimed by {held_node.short}",
                 )
             if claim.epoch <= held_epoch:
                 raise RouteRefused(
-                    Refusal.STALE, f"{address} claim at epoch {claim.epoch} <= held {held_epoch}"
+                    ClaimRefusal.STALE,
+                    f"{address} claim at epoch {claim.epoch} <= held {held_epoch}",
                 )
         self._entries[address] = _Entry(claim, grant)
         if claim.node_id == self.local_node:
@@ -309,7 +316,7 @@ class RouteTable:
             return []
         if claim.node_id != held.claim.node_id:
             raise RouteRefused(
-                Refusal.NOT_HOLDER,
+                ClaimRefusal.NOT_HOLDER,
                 f"{claim.node_id.short} withdraws {address} epoch {claim.epoch} it does not hold",
             )
         if held.withdrawal is not None:
@@ -327,7 +334,7 @@ class RouteTable:
         return {a: (entry.holder, entry.claim.epoch) for a, entry in self._entries.items()}
 
     def _count_refusal(self, exc: RemoteProtocolError) -> None:
-        reason = exc.reason if isinstance(exc, RouteRefused) else Refusal.MALFORMED
+        reason = exc.reason if isinstance(exc, RouteRefused) else ClaimRefusal.MALFORMED
         self._counts[f"refused_{reason.value}"] += 1
 
 

@@ -20,8 +20,8 @@ from node.market.handoff import (
     sign_handoff,
 )
 from node.market.messages import (
+    MarketRefusal,
     MarketRefused,
-    Refusal,
     Requirements,
     Winner,
     decode_statement,
@@ -59,10 +59,13 @@ def test_a_handoff_proves_the_owner_sent_this_host_for_this_guest():
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda o: (live_offer(source=None), award_for(live_offer(source=None))), Refusal.MISMATCH),
-        (lambda o: (o, award_for(o, node=DEST)), Refusal.NOT_AWARDED),
-        (lambda o: (o, award_for(live_offer(attempt=8))), Refusal.WRONG_AUTHOR),
-        (lambda o: (o, award_for(o, owner=STRANGER)), Refusal.WRONG_AUTHOR),
+        (
+            lambda o: (live_offer(source=None), award_for(live_offer(source=None))),
+            MarketRefusal.MISMATCH,
+        ),
+        (lambda o: (o, award_for(o, node=DEST)), MarketRefusal.NOT_AWARDED),
+        (lambda o: (o, award_for(live_offer(attempt=8))), MarketRefusal.WRONG_AUTHOR),
+        (lambda o: (o, award_for(o, owner=STRANGER)), MarketRefusal.WRONG_AUTHOR),
     ],
 )
 def test_handoffs_the_owner_did_not_authorise_are_refused(make, reason):
@@ -81,7 +84,7 @@ def test_malformed_handoffs_and_forged_signatures_are_refused():
     payload, signature = msgpack.unpackb(good)
     with pytest.raises(MarketRefused) as forged:
         decode_handoff(msgpack.packb([payload, bytes(64)]))
-    assert forged.value.reason is Refusal.BAD_SIGNATURE
+    assert forged.value.reason is MarketRefusal.BAD_SIGNATURE
     for bad_spec in ({"k" * 40: "x"}, {"kernel": 5}, {str(n): "x" for n in range(9)}, []):
         fields = msgpack.unpackb(payload)
         fields["spec"] = bad_spec

@@ -19,7 +19,7 @@ from market_kit import identity as _identity
 from node.base.identity import Identity, NodeId
 from node.ledger.journal import Refused
 from node.ledger.payer import ChainAdded, PayerLedger
-from node.ledger.tokens import HashChain, Refusal, sign_commitment
+from node.ledger.tokens import HashChain, TokenRefusal, sign_commitment
 from node.market.auction import AuctionConfig
 from node.market.bidder import (
     AwardReceived,
@@ -45,6 +45,7 @@ from node.market.jobs import (
     JobSnapshot,
     JobSpec,
     JobSpecError,
+    JobStep,
     OfferDelivered,
     OwnerResumed,
     PayWinner,
@@ -54,7 +55,6 @@ from node.market.jobs import (
     ReplicateCheckpoint,
     SegmentChanged,
     SegmentState,
-    Step,
     VerifyCompletion,
     WithdrawReceived,
 )
@@ -175,9 +175,9 @@ def test_deadline_must_leave_time_for_a_segment():
 
 
 def test_transition_table_covers_the_documented_machine():
-    assert TRANSITIONS[(SegmentState.COMPLETED, Step.COMMIT)] is SegmentState.COMMITTED
+    assert TRANSITIONS[(SegmentState.COMPLETED, JobStep.COMMIT)] is SegmentState.COMMITTED
     assert all(
-        TRANSITIONS[(state, Step.EXPIRE)] is SegmentState.DONE
+        TRANSITIONS[(state, JobStep.EXPIRE)] is SegmentState.DONE
         for state in SegmentState
         if state is not SegmentState.DONE
     )
@@ -500,7 +500,7 @@ def test_pay_winner_feeds_the_payers_ledger():
         assert not any(isinstance(e, Refused) for e in effects)
     again = swarm.paid[-1]
     [refusal] = ledger.pay_winner(again.job_id, again.segment, again.node, again.units, swarm.now)
-    assert isinstance(refusal, Refused) and refusal.reason is Refusal.DUPLICATE_PAYMENT
+    assert isinstance(refusal, Refused) and refusal.reason is TokenRefusal.DUPLICATE_PAYMENT
 
 
 # -- failures ----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from node.ledger.tokens import (
     PAYMENT_CONTEXT,
     HashChain,
     LedgerRefused,
-    Refusal,
+    TokenRefusal,
     decode_ack,
     decode_commitment,
     decode_payment,
@@ -129,7 +129,7 @@ def of(kind: type, effects: list[Any]) -> list[Any]:
     return [e for e in effects if isinstance(e, kind)]
 
 
-def reasons(effects: list[Any]) -> list[Refusal]:
+def reasons(effects: list[Any]) -> list[TokenRefusal]:
     return [e.reason for e in of(Refused, effects)]
 
 
@@ -273,7 +273,9 @@ def test_vendor_issued_chain_is_accepted_when_the_vendor_is_trusted():
     assert of(Persist, trusting.handle(CommitmentReceived(commitment.blob), NOW))
     # self-issued chains are not trusted unless the swarm is a volunteer credit swarm
     _, own = chain_and_commitment(1)
-    assert reasons(trusting.handle(CommitmentReceived(own.blob), NOW)) == [Refusal.UNTRUSTED_ISSUER]
+    assert reasons(trusting.handle(CommitmentReceived(own.blob), NOW)) == [
+        TokenRefusal.UNTRUSTED_ISSUER
+    ]
 
 
 # -- forged commitments ---------------------------------------------------------------------
@@ -304,11 +306,11 @@ def _tampered_commitment() -> bytes:
 @pytest.mark.parametrize(
     ("blob", "reason"),
     [
-        (_tampered_commitment(), Refusal.BAD_SIGNATURE),
-        (chain_and_commitment(issuer=STRANGER)[1].blob, Refusal.UNTRUSTED_ISSUER),
-        (chain_and_commitment(payee=OTHER_HOST)[1].blob, Refusal.NOT_FOR_US),
-        (chain_and_commitment(expires=NOW)[1].blob, Refusal.EXPIRED),
-        (b"\x93\x01\x02\x03", Refusal.MALFORMED),
+        (_tampered_commitment(), TokenRefusal.BAD_SIGNATURE),
+        (chain_and_commitment(issuer=STRANGER)[1].blob, TokenRefusal.UNTRUSTED_ISSUER),
+        (chain_and_commitment(payee=OTHER_HOST)[1].blob, TokenRefusal.NOT_FOR_US),
+        (chain_and_commitment(expires=NOW)[1].blob, TokenRefusal.EXPIRED),
+        (b"\x93\x01\x02\x03", TokenRefusal.MALFORMED),
     ],
     ids=["bad_signature", "untrusted_issuer", "not_for_us", "expired", "malformed"],
 )
@@ -327,7 +329,9 @@ def test_a_second_commitment_for_a_known_chain_id_is_refused():
     rival = sign_commitment(
         OWNER, chain, payer=OWNER.node_id, payee=HOST.node_id, unit_value=500, expires=EXPIRES
     )
-    assert reasons(payee.handle(CommitmentReceived(rival.blob), NOW)) == [Refusal.CHAIN_CONFLICT]
+    assert reasons(payee.handle(CommitmentReceived(rival.blob), NOW)) == [
+        TokenRefusal.CHAIN_CONFLICT
+    ]
     assert payee.chains()[0].unit_value == 5
 
 
@@ -335,14 +339,14 @@ def test_payment_carrying_a_forged_commitment_is_refused():
     chain, _ = chain_and_commitment()
     forged = signed(STRANGER, COMMITMENT_CONTEXT, _commitment_fields(chain))  # issuer field: OWNER
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, commitment=forged))
-    assert reasons(receive(payee_ledger(), blob)) == [Refusal.BAD_SIGNATURE]
+    assert reasons(receive(payee_ledger(), blob)) == [TokenRefusal.BAD_SIGNATURE]
 
 
 def test_payment_carrying_another_chains_commitment_is_malformed():
     chain, _ = chain_and_commitment()
     _, other = chain_and_commitment(7)
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, commitment=other.blob))
-    assert reasons(receive(payee_ledger(), blob)) == [Refusal.MALFORMED]
+    assert reasons(receive(payee_ledger(), blob)) == [TokenRefusal.MALFORMED]
 
 
 # -- forged, replayed and out-of-range tokens ---------------------------------------------
@@ -359,7 +363,7 @@ def committed() -> tuple[HashChain, PayeeLedger]:
 def test_a_random_token_is_refused(committed):
     chain, payee = committed
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, token=b"\x01" * 32))
-    assert reasons(receive(payee, blob)) == [Refusal.BAD_TOKEN]
+    assert reasons(receive(payee, blob)) == [TokenRefusal.BAD_TOKEN]
     assert payee.chains()[0].accepted == 0
 
 
@@ -367,23 +371,23 @@ def test_a_token_of_another_chain_is_refused(committed):
     chain, payee = committed
     other = HashChain(seed(9), 5)
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, token=other.token(1)))
-    assert reasons(receive(payee, blob)) == [Refusal.BAD_TOKEN]
+    assert reasons(receive(payee, blob)) == [TokenRefusal.BAD_TOKEN]
 
 
 def test_a_deeper_token_claimed_as_one_unit_is_refused(committed):
     chain, payee = committed
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, token=chain.token(2)))
-    assert reasons(receive(payee, blob)) == [Refusal.BAD_TOKEN]
+    assert reasons(receive(payee, blob)) == [TokenRefusal.BAD_TOKEN]
 
 
 def test_payment_signed_by_someone_else_is_refused(committed):
     chain, payee = committed
     fields = payment_fields(chain, 1, payer=STRANGER.node_id.key)
     assert reasons(receive(payee, signed(STRANGER, PAYMENT_CONTEXT, fields))) == [
-        Refusal.WRONG_PAYER
+        TokenRefusal.WRONG_PAYER
     ]
     forged = signed(STRANGER, PAYMENT_CONTEXT, payment_fields(chain, 1))  # payer field: OWNER
-    assert reasons(receive(payee, forged)) == [Refusal.BAD_SIGNATURE]
+    assert reasons(receive(payee, forged)) == [TokenRefusal.BAD_SIGNATURE]
 
 
 def test_payment_for_another_payee_or_unknown_chain_is_refused(committed):
@@ -391,10 +395,10 @@ def test_payment_for_another_payee_or_unknown_chain_is_refused(committed):
     other_payee = signed(
         OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, payee=STRANGER.node_id.key)
     )
-    assert reasons(receive(payee, other_payee)) == [Refusal.NOT_FOR_US]
+    assert reasons(receive(payee, other_payee)) == [TokenRefusal.NOT_FOR_US]
     unknown = HashChain(seed(8), 5)
     assert reasons(receive(payee, signed(OWNER, PAYMENT_CONTEXT, payment_fields(unknown, 1)))) == [
-        Refusal.UNKNOWN_CHAIN
+        TokenRefusal.UNKNOWN_CHAIN
     ]
 
 
@@ -407,11 +411,11 @@ def test_replayed_token_is_refused_and_a_resend_is_only_reacknowledged(committed
     assert of(SendAck, again) == [ack] and not of(Persist, again) and not of(PaymentAccepted, again)
     # the same token offered for another segment: a replay
     replay = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, segment=1))
-    assert reasons(receive(payee, replay)) == [Refusal.REPLAYED_TOKEN]
+    assert reasons(receive(payee, replay)) == [TokenRefusal.REPLAYED_TOKEN]
     # a token below the head
     receive(payee, signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 2, segment=1)))
     below = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, segment=2))
-    assert reasons(receive(payee, below)) == [Refusal.REPLAYED_TOKEN]
+    assert reasons(receive(payee, below)) == [TokenRefusal.REPLAYED_TOKEN]
     assert payee.chains()[0].accepted == 2
     assert payee.statistics()["payments_accepted"] == 2
     assert payee.statistics()["duplicates_reacked"] == 1
@@ -424,7 +428,7 @@ def test_token_beyond_the_chain_is_refused(committed):
     beyond = signed(
         OWNER, PAYMENT_CONTEXT, payment_fields(chain, 6, segment=2, token=hashlib.sha256().digest())
     )
-    assert reasons(receive(payee, beyond)) == [Refusal.BEYOND_CHAIN]
+    assert reasons(receive(payee, beyond)) == [TokenRefusal.BEYOND_CHAIN]
     assert payee.chains()[0].remaining == 0
 
 
@@ -441,14 +445,14 @@ def test_multi_unit_step_and_the_step_limit(committed):
     payee2 = payee_ledger(max_step=3)
     persist_all(payee2, payee2.handle(CommitmentReceived(commitment.blob), NOW))
     too_far = signed(OWNER, PAYMENT_CONTEXT, payment_fields(fresh_chain, 4, units=4))
-    assert reasons(receive(payee2, too_far)) == [Refusal.STEP_TOO_LARGE]
+    assert reasons(receive(payee2, too_far)) == [TokenRefusal.STEP_TOO_LARGE]
 
 
 def test_payments_out_of_order_wait_for_the_resend(committed):
     chain, payee = committed
     first = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, segment=0))
     second = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 2, segment=1))
-    assert reasons(receive(payee, second)) == [Refusal.OUT_OF_ORDER]
+    assert reasons(receive(payee, second)) == [TokenRefusal.OUT_OF_ORDER]
     assert of(PaymentAccepted, receive(payee, first))
     assert of(PaymentAccepted, receive(payee, second))
 
@@ -456,7 +460,7 @@ def test_payments_out_of_order_wait_for_the_resend(committed):
 def test_expired_chain_takes_no_more_tokens(committed):
     chain, payee = committed
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1))
-    assert reasons(receive(payee, blob, now=EXPIRES)) == [Refusal.EXPIRED]
+    assert reasons(receive(payee, blob, now=EXPIRES)) == [TokenRefusal.EXPIRED]
 
 
 # -- the payer's rules -----------------------------------------------------------------------
@@ -467,9 +471,13 @@ def test_a_segment_is_paid_once():
     journaling = payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)
     assert [type(e) for e in journaling] == [Persist]
     # while the first release is still being journaled
-    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [Refusal.DUPLICATE_PAYMENT]
+    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [
+        TokenRefusal.DUPLICATE_PAYMENT
+    ]
     persist_all(payer, journaling)
-    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 2, NOW)) == [Refusal.DUPLICATE_PAYMENT]
+    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 2, NOW)) == [
+        TokenRefusal.DUPLICATE_PAYMENT
+    ]
     assert payer.statistics()["refused_duplicate_payment"] == 2
     assert [p.index for p in payer.payments()] == [1]
 
@@ -477,10 +485,10 @@ def test_a_segment_is_paid_once():
 def test_only_the_recorded_first_completer_is_paid():
     payer = funded_payer(chain_and_commitment(), chain_and_commitment(1, payee=OTHER_HOST))
     request = PaymentRequested(JOB, 0, HOST.node_id, 1)
-    assert reasons(payer.handle(request, NOW)) == [Refusal.NOT_WINNER]  # no winner yet
+    assert reasons(payer.handle(request, NOW)) == [TokenRefusal.NOT_WINNER]  # no winner yet
     assert payer.handle(WinnerRecorded(JOB, 0, OTHER_HOST.node_id), NOW) == []
-    assert reasons(payer.handle(request, NOW)) == [Refusal.NOT_WINNER]
-    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [Refusal.WINNER_CONFLICT]
+    assert reasons(payer.handle(request, NOW)) == [TokenRefusal.NOT_WINNER]
+    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [TokenRefusal.WINNER_CONFLICT]
     refused = of(Refused, payer.handle(request, NOW))[0]
     assert (refused.job_id, refused.segment, refused.peer) == (JOB, 0, HOST.node_id)
     assert of(Persist, payer.pay_winner(JOB, 0, OTHER_HOST.node_id, 1, NOW))
@@ -491,7 +499,7 @@ def test_no_chain_left_asks_for_one():
     payer = funded_payer(chain_and_commitment(length=2))
     pay(payer, 0, units=2)
     effects = payer.pay_winner(JOB, 1, HOST.node_id, 1, NOW)
-    assert reasons(effects) == [Refusal.NO_CHAIN]
+    assert reasons(effects) == [TokenRefusal.NO_CHAIN]
     assert of(ChainNeeded, effects) == [ChainNeeded(HOST.node_id, 1)]
     chain, commitment = chain_and_commitment(1, length=4)
     persist_all(payer, payer.handle(ChainAdded(chain, commitment), NOW))
@@ -500,7 +508,7 @@ def test_no_chain_left_asks_for_one():
 
 def test_a_chain_near_expiry_is_not_used():
     payer = funded_payer(chain_and_commitment(expires=NOW + 100), expiry_margin_s=300)
-    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [Refusal.NO_CHAIN]
+    assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [TokenRefusal.NO_CHAIN]
 
 
 def test_payer_refuses_its_own_mistakes():
@@ -532,21 +540,21 @@ def test_acks_that_do_not_match_a_payment_are_refused():
     fields = msgpack.unpackb(msgpack.unpackb(ack.blob)[0])
     fields["payee"] = STRANGER.node_id.key
     assert reasons(payer.handle(AckReceived(signed(STRANGER, ACK_CONTEXT, fields)), NOW)) == [
-        Refusal.BAD_ACK
+        TokenRefusal.BAD_ACK
     ]
     fields = msgpack.unpackb(msgpack.unpackb(ack.blob)[0]) | {"segment": 7}
     assert reasons(payer.handle(AckReceived(signed(HOST, ACK_CONTEXT, fields)), NOW)) == [
-        Refusal.BAD_ACK
+        TokenRefusal.BAD_ACK
     ]
     fields = msgpack.unpackb(msgpack.unpackb(ack.blob)[0]) | {"payer": STRANGER.node_id.key}
     assert reasons(payer.handle(AckReceived(signed(HOST, ACK_CONTEXT, fields)), NOW)) == [
-        Refusal.NOT_FOR_US
+        TokenRefusal.NOT_FOR_US
     ]
     fields = msgpack.unpackb(msgpack.unpackb(ack.blob)[0]) | {"chain": b"\x00" * 16}
     assert reasons(payer.handle(AckReceived(signed(HOST, ACK_CONTEXT, fields)), NOW)) == [
-        Refusal.UNKNOWN_CHAIN
+        TokenRefusal.UNKNOWN_CHAIN
     ]
-    assert reasons(payer.handle(AckReceived(b"\xc1"), NOW)) == [Refusal.MALFORMED]
+    assert reasons(payer.handle(AckReceived(b"\xc1"), NOW)) == [TokenRefusal.MALFORMED]
     assert of(Persist, payer.handle(AckReceived(ack.blob), NOW))
     assert payer.handle(AckReceived(ack.blob), NOW) == []
     assert payer.statistics()["acks_duplicate"] == 1
@@ -665,10 +673,10 @@ def test_payer_restore_resends_unacknowledged_payments_and_keeps_segments_paid()
     resent = restarted.tick(NOW + 1)
     assert [decode_payment(e.blob).index for e in resent] == [1, 3]
     assert reasons(restarted.pay_winner(JOB, 1, HOST.node_id, 2, NOW)) == [
-        Refusal.DUPLICATE_PAYMENT
+        TokenRefusal.DUPLICATE_PAYMENT
     ]
     assert reasons(restarted.pay_winner(JOB, 1, OTHER_HOST.node_id, 2, NOW)) == [
-        Refusal.WINNER_CONFLICT
+        TokenRefusal.WINNER_CONFLICT
     ]
     # the lost release is made again, identically
     again = of(Persist, restarted.pay_winner(JOB, 2, HOST.node_id, 1, NOW))
@@ -785,7 +793,7 @@ def test_mutated_statements_raise_only_remote_protocol_error(data):
 def test_refusals_are_ledger_refused_with_a_reason():
     with pytest.raises(LedgerRefused) as caught:
         decode_commitment(_tampered_commitment())
-    assert caught.value.reason is Refusal.BAD_SIGNATURE
+    assert caught.value.reason is TokenRefusal.BAD_SIGNATURE
 
 
 # -- crash and restart, at random ----------------------------------------------------------------

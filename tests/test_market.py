@@ -43,8 +43,8 @@ from node.market.messages import (
     CancelReason,
     Capacity,
     MarketKind,
+    MarketRefusal,
     MarketRefused,
-    Refusal,
     Requirements,
     SendStatement,
     Winner,
@@ -136,7 +136,7 @@ def offer_fields(**over: Any) -> dict[str, Any]:
     return fields
 
 
-def refused(decode: Any, blob: bytes) -> Refusal:
+def refused(decode: Any, blob: bytes) -> MarketRefusal:
     with pytest.raises(RemoteProtocolError) as info:
         decode(blob)
     return refusal_of(info.value)
@@ -196,21 +196,21 @@ def test_a_statement_signed_by_someone_else_is_refused():
     fields = {"host": H1.node_id.key, **ref_fields(OFFER.ref), "price": 5, "finish": 1}
     fields |= {"held": 0, "vcpus": 1, "memory": 96, "disk": 1, "slots": 1}
     assert decode_bid(signed(H1, BID_CONTEXT, fields)).host == H1.node_id
-    assert refused(decode_bid, signed(STRANGER, BID_CONTEXT, fields)) is Refusal.BAD_SIGNATURE
+    assert refused(decode_bid, signed(STRANGER, BID_CONTEXT, fields)) is MarketRefusal.BAD_SIGNATURE
 
 
 def test_signatures_are_domain_separated():
     fields = {"host": H1.node_id.key, **ref_fields(OFFER.ref), "price": 5, "finish": 1}
     fields |= {"held": 0, "vcpus": 1, "memory": 96, "disk": 1, "slots": 1}
-    assert refused(decode_bid, signed(H1, OFFER_CONTEXT, fields)) is Refusal.BAD_SIGNATURE
-    assert refused(decode_bid, signed(H1, AWARD_CONTEXT, fields)) is Refusal.BAD_SIGNATURE
+    assert refused(decode_bid, signed(H1, OFFER_CONTEXT, fields)) is MarketRefusal.BAD_SIGNATURE
+    assert refused(decode_bid, signed(H1, AWARD_CONTEXT, fields)) is MarketRefusal.BAD_SIGNATURE
 
 
 def test_an_offer_for_someone_elses_job_id_is_refused():
     blob = signed(OWNER, OFFER_CONTEXT, offer_fields(job=bytes(32)))
-    assert refused(decode_offer, blob) is Refusal.JOB_MISMATCH
+    assert refused(decode_offer, blob) is MarketRefusal.JOB_MISMATCH
     blob = signed(STRANGER, OFFER_CONTEXT, offer_fields(owner=STRANGER.node_id.key))
-    assert refused(decode_offer, blob) is Refusal.JOB_MISMATCH  # the stranger's key, our job
+    assert refused(decode_offer, blob) is MarketRefusal.JOB_MISMATCH  # the stranger's key, our job
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_malformed_offers_are_refused(over):
     fields = offer_fields(**over)
     if "nonce" in over:
         fields["job"] = derive_job_id(OWNER.node_id.key, over["nonce"])
-    assert refused(decode_offer, signed(OWNER, OFFER_CONTEXT, fields)) is Refusal.MALFORMED
+    assert refused(decode_offer, signed(OWNER, OFFER_CONTEXT, fields)) is MarketRefusal.MALFORMED
 
 
 def test_award_grants_must_be_the_owners_for_this_job_node_and_epoch():
@@ -255,18 +255,20 @@ def test_award_grants_must_be_the_owners_for_this_job_node_and_epoch():
         award_with(grant_for(H1, 3, nonce=b"another-nonce-1")),  # another job
         award_with(grant_for(H1, 3, owner=STRANGER, nonce=NONCE), owner=OWNER),
     ):
-        assert refused(decode_award, blob) is Refusal.BAD_GRANT
+        assert refused(decode_award, blob) is MarketRefusal.BAD_GRANT
     forged = grant_for(H1, 3).blob[:-1] + b"\x00"
     row = [H1.node_id.key, 5, 3, forged]
     fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "winners": [row]}
-    assert refused(decode_award, signed(OWNER, AWARD_CONTEXT, fields)) is Refusal.BAD_GRANT
+    assert refused(decode_award, signed(OWNER, AWARD_CONTEXT, fields)) is MarketRefusal.BAD_GRANT
 
 
 def test_awards_name_each_winner_once_and_k_at_most():
     row = [H1.node_id.key, 5, 0, None]
     for rows in ([row, row], [], [[bytes([n]) * 32, 5, 0, None] for n in range(9)], [row[:3]]):
         fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "winners": rows}
-        assert refused(decode_award, signed(OWNER, AWARD_CONTEXT, fields)) is Refusal.MALFORMED
+        assert (
+            refused(decode_award, signed(OWNER, AWARD_CONTEXT, fields)) is MarketRefusal.MALFORMED
+        )
 
 
 def test_cancel_and_commit_are_strict():
@@ -274,10 +276,13 @@ def test_cancel_and_commit_are_strict():
     assert decode_cancel(cancel.blob).reason is CancelReason.ABANDONED
     fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "nodes": [H1.node_id.key]}
     bad = signed(OWNER, market.CANCEL_CONTEXT, fields | {"reason": 9})
-    assert refused(decode_cancel, bad) is Refusal.MALFORMED
+    assert refused(decode_cancel, bad) is MarketRefusal.MALFORMED
     fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "winner": H1.node_id.key}
     fields |= {"manifest": b"m" * 32, "size": 1, "holders": []}
-    assert refused(decode_commit, signed(OWNER, market.COMMIT_CONTEXT, fields)) is Refusal.MALFORMED
+    assert (
+        refused(decode_commit, signed(OWNER, market.COMMIT_CONTEXT, fields))
+        is MarketRefusal.MALFORMED
+    )
 
 
 def test_decode_statement_refuses_unknown_kinds_and_peek_refuses_garbage():
@@ -391,12 +396,12 @@ def test_auction_refuses_bids_that_do_not_fit():
     stale = make_offer(attempt=2)
     other_job = make_offer(job_nonce=b"another-nonce-1")
     cases = [
-        (make_bid(H1, stale), NOW, Refusal.STALE),
-        (make_bid(H1, other_job), NOW, Refusal.UNKNOWN_OFFER),
-        (make_bid(H1), NOW + 3.5, Refusal.LATE),
-        (make_bid(H1, price=11), NOW, Refusal.OVER_CEILING),
-        (make_bid(H1, capacity=Capacity(1, 64, 100, 1)), NOW, Refusal.UNFIT),
-        (make_bid(H1, capacity=Capacity(1, 96, 100, 0)), NOW, Refusal.UNFIT),
+        (make_bid(H1, stale), NOW, MarketRefusal.STALE),
+        (make_bid(H1, other_job), NOW, MarketRefusal.UNKNOWN_OFFER),
+        (make_bid(H1), NOW + 3.5, MarketRefusal.LATE),
+        (make_bid(H1, price=11), NOW, MarketRefusal.OVER_CEILING),
+        (make_bid(H1, capacity=Capacity(1, 64, 100, 1)), NOW, MarketRefusal.UNFIT),
+        (make_bid(H1, capacity=Capacity(1, 96, 100, 0)), NOW, MarketRefusal.UNFIT),
     ]
     for b, at, reason in cases:
         with pytest.raises(MarketRefused) as info:
@@ -407,7 +412,7 @@ def test_auction_refuses_bids_that_do_not_fit():
     assert auction.add_bid(decode_bid(first.blob), NOW) is BidOutcome.DUPLICATE
     with pytest.raises(MarketRefused) as info:
         auction.add_bid(make_bid(H1, price=4), NOW)
-    assert info.value.reason is Refusal.EQUIVOCATION
+    assert info.value.reason is MarketRefusal.EQUIVOCATION
     assert auction.add_bid(make_bid(H2), NOW) is BidOutcome.ACCEPTED
     assert auction.add_bid(make_bid(H3), NOW) is BidOutcome.IGNORED
     assert [b.price for b in auction.bids] == [5, 5]

@@ -19,7 +19,7 @@ from overlay.claims import (
     GRANT_CONTEXT,
     ROUTE_CONTEXT,
     ClaimKind,
-    Refusal,
+    ClaimRefusal,
     RouteRefused,
     decode_claim,
     decode_grant,
@@ -77,12 +77,12 @@ def table(local=C) -> RouteTable:
     return RouteTable(SWARM, local.node_id)
 
 
-def refused(t: RouteTable, blob: bytes, reason: Refusal, now=NOW) -> None:
+def refused(t: RouteTable, blob: bytes, reason: ClaimRefusal, now=NOW) -> None:
     before = (t.snapshot(), t.allowed_ips(), t.local_addresses())
     count = t.statistics()[f"refused_{reason.value}"]
     with pytest.raises(RemoteProtocolError) as info:
         t.offer(blob, now)
-    assert getattr(info.value, "reason", Refusal.MALFORMED) is reason, str(info.value)
+    assert getattr(info.value, "reason", ClaimRefusal.MALFORMED) is reason, str(info.value)
     assert t.statistics()[f"refused_{reason.value}"] == count + 1
     assert (t.snapshot(), t.allowed_ips(), t.local_addresses()) == before
 
@@ -206,7 +206,7 @@ def test_withdrawal_leaves_a_tombstone_against_replays():
     t.offer(withdraw(A, 1), NOW)
     assert t.offer(blob, NOW) == []  # the same bytes: a harmless duplicate...
     assert t.allowed_ips() == {}  # ...that does not bring the route back
-    refused(t, sign_claim(A, grant(A, 1), issued_at=NOW + 5).blob, Refusal.STALE)
+    refused(t, sign_claim(A, grant(A, 1), issued_at=NOW + 5).blob, ClaimRefusal.STALE)
     assert t.offer(withdraw(A, 1, issued_at=NOW + 9), NOW) == []
     assert t.statistics()["withdrawn"] == 1 and t.statistics()["duplicate"] == 2
 
@@ -225,7 +225,7 @@ def test_withdrawals_that_prove_nothing_are_ignored():
 def test_withdrawal_by_a_node_that_does_not_hold_the_epoch_is_refused():
     t = table()
     t.offer(claim(A, 1), NOW)
-    refused(t, withdraw(B, 1), Refusal.NOT_HOLDER)
+    refused(t, withdraw(B, 1), ClaimRefusal.NOT_HOLDER)
     assert t.allowed_ips() == {A.node_id: frozenset({net(ADDRESS)})}
 
 
@@ -241,12 +241,12 @@ def test_higher_epoch_by_the_same_node_is_accepted():
 def test_forged_claim_signature_is_refused():
     payload, signature = msgpack.unpackb(claim(A, 1))
     forged = msgpack.packb([payload, bytes([signature[0] ^ 1]) + signature[1:]])
-    refused(table(), forged, Refusal.BAD_SIGNATURE)
+    refused(table(), forged, ClaimRefusal.BAD_SIGNATURE)
 
 
 def test_claim_signed_by_someone_else_is_refused():
     # B has a valid grant for A and signs "A holds the address" with its own key.
-    refused(table(), signed(B, ROUTE_CONTEXT, claim_fields(A, 1)), Refusal.BAD_SIGNATURE)
+    refused(table(), signed(B, ROUTE_CONTEXT, claim_fields(A, 1)), ClaimRefusal.BAD_SIGNATURE)
 
 
 def test_grant_not_signed_by_the_owner_is_refused():
@@ -261,7 +261,7 @@ def test_grant_not_signed_by_the_owner_is_refused():
     }
     forged = signed(STRANGER, GRANT_CONTEXT, fields)  # ...but signed by the stranger
     blob = signed(STRANGER, ROUTE_CONTEXT, claim_fields(STRANGER, 9, forged))
-    refused(table(), blob, Refusal.BAD_GRANT)
+    refused(table(), blob, ClaimRefusal.BAD_GRANT)
 
 
 def test_stranger_cannot_grant_someone_elses_address():
@@ -279,13 +279,13 @@ def test_stranger_cannot_grant_someone_elses_address():
         }
         forged = signed(STRANGER, GRANT_CONTEXT, fields)
         blob = signed(STRANGER, ROUTE_CONTEXT, claim_fields(STRANGER, 99, forged))
-        refused(t, blob, Refusal.BAD_GRANT)
+        refused(t, blob, ClaimRefusal.BAD_GRANT)
     assert t.allowed_ips() == {A.node_id: frozenset({net(ADDRESS)})}
 
 
 def test_claim_with_a_grant_for_another_node_is_refused():
     blob = signed(B, ROUTE_CONTEXT, claim_fields(B, 1, grant(C, 1).blob))
-    refused(table(), blob, Refusal.GRANT_MISMATCH)
+    refused(table(), blob, ClaimRefusal.GRANT_MISMATCH)
     with pytest.raises(LocalProtocolError):
         sign_claim(B, grant(C, 1), issued_at=NOW)
 
@@ -300,12 +300,12 @@ def test_claim_with_a_grant_for_another_node_is_refused():
 )
 def test_claim_that_disagrees_with_its_grant_is_refused(override):
     blob = signed(A, ROUTE_CONTEXT, claim_fields(A, 1, **override))
-    refused(table(), blob, Refusal.GRANT_MISMATCH)
+    refused(table(), blob, ClaimRefusal.GRANT_MISMATCH)
 
 
 def test_expired_grant_is_refused():
-    refused(table(), claim(A, 1, expires=NOW), Refusal.EXPIRED)
-    refused(table(), claim(A, 1, expires=NOW + 10), Refusal.EXPIRED, now=NOW + 11)
+    refused(table(), claim(A, 1, expires=NOW), ClaimRefusal.EXPIRED)
+    refused(table(), claim(A, 1, expires=NOW + 10), ClaimRefusal.EXPIRED, now=NOW + 11)
     assert table().offer(claim(A, 1, expires=NOW + 1), NOW) != []
 
 
@@ -314,8 +314,8 @@ def test_replayed_older_claim_is_refused():
     old = claim(A, 1)
     t.offer(old, NOW)
     t.offer(claim(B, 2), NOW)
-    refused(t, old, Refusal.STALE)
-    refused(t, sign_claim(B, grant(B, 2), issued_at=NOW + 1).blob, Refusal.STALE)
+    refused(t, old, ClaimRefusal.STALE)
+    refused(t, sign_claim(B, grant(B, 2), issued_at=NOW + 1).blob, ClaimRefusal.STALE)
     assert t.offer(claim(B, 2), NOW) == []  # byte-identical: harmless
     assert t.statistics()["duplicate"] == 1
 
@@ -323,26 +323,28 @@ def test_replayed_older_claim_is_refused():
 def test_conflicting_claim_for_the_same_epoch_is_refused():
     t = table()
     t.offer(claim(A, 5), NOW)
-    refused(t, claim(B, 5), Refusal.CONFLICT)
+    refused(t, claim(B, 5), ClaimRefusal.CONFLICT)
     assert t.allowed_ips() == {A.node_id: frozenset({net(ADDRESS)})}
 
 
 def test_claim_for_another_swarm_is_refused():
-    refused(table(), claim(A, 1, swarm="beta"), Refusal.WRONG_SWARM)
+    refused(table(), claim(A, 1, swarm="beta"), ClaimRefusal.WRONG_SWARM)
     elsewhere = vm_address("beta", derive_job_id(OWNER.node_id.key, NONCE))
-    refused(table(), withdraw(A, 1, address=elsewhere), Refusal.WRONG_SWARM)
+    refused(table(), withdraw(A, 1, address=elsewhere), ClaimRefusal.WRONG_SWARM)
     node_addr = node_address(SWARM, A.node_id.key)  # in the swarm, but not a VM address
-    refused(table(), withdraw(A, 1, address=node_addr), Refusal.WRONG_SWARM)
+    refused(table(), withdraw(A, 1, address=node_addr), ClaimRefusal.WRONG_SWARM)
 
 
 def test_withdraw_with_a_grant_and_claim_without_are_malformed():
     w = claim_fields(A, 1, kind=int(ClaimKind.WITHDRAW))
-    refused(table(), signed(A, ROUTE_CONTEXT, w), Refusal.MALFORMED)
+    refused(table(), signed(A, ROUTE_CONTEXT, w), ClaimRefusal.MALFORMED)
     c = claim_fields(A, 1)
     c["grant"] = None
-    refused(table(), signed(A, ROUTE_CONTEXT, c), Refusal.MALFORMED)
-    refused(table(), signed(A, ROUTE_CONTEXT, claim_fields(A, 1, kind=3)), Refusal.MALFORMED)
-    refused(table(), signed(A, ROUTE_CONTEXT, claim_fields(A, 1, epoch=True)), Refusal.MALFORMED)
+    refused(table(), signed(A, ROUTE_CONTEXT, c), ClaimRefusal.MALFORMED)
+    refused(table(), signed(A, ROUTE_CONTEXT, claim_fields(A, 1, kind=3)), ClaimRefusal.MALFORMED)
+    refused(
+        table(), signed(A, ROUTE_CONTEXT, claim_fields(A, 1, epoch=True)), ClaimRefusal.MALFORMED
+    )
 
 
 @pytest.mark.parametrize(
@@ -359,7 +361,7 @@ def test_withdraw_with_a_grant_and_claim_without_are_malformed():
     ],
 )
 def test_garbage_is_refused_as_malformed(blob):
-    refused(table(), blob, Refusal.MALFORMED)
+    refused(table(), blob, ClaimRefusal.MALFORMED)
 
 
 def test_owner_pin_refuses_a_colliding_owner(monkeypatch):
@@ -374,12 +376,12 @@ def test_owner_pin_refuses_a_colliding_owner(monkeypatch):
     assert address == vm_address(SWARM, b"collision")
     t2 = table()
     t2.register_owner(OWNER.node_id.key, NONCE)
-    refused(t2, claim(B, 1, owner=STRANGER), Refusal.OWNER_MISMATCH)  # pinned by registration
+    refused(t2, claim(B, 1, owner=STRANGER), ClaimRefusal.OWNER_MISMATCH)  # pinned by registration
     t.offer(claim(A, 1), NOW)
-    refused(t, claim(B, 2, owner=STRANGER), Refusal.OWNER_MISMATCH)
+    refused(t, claim(B, 2, owner=STRANGER), ClaimRefusal.OWNER_MISMATCH)
     t3 = table()
     t3.offer(claim(A, 1), NOW)  # pinned by the held claim
-    refused(t3, claim(B, 2, owner=STRANGER), Refusal.OWNER_MISMATCH)
+    refused(t3, claim(B, 2, owner=STRANGER), ClaimRefusal.OWNER_MISMATCH)
     with pytest.raises(LocalProtocolError):
         t.register_owner(STRANGER.node_id.key, NONCE)
 
@@ -402,7 +404,7 @@ def test_tick_unroutes_expired_grants_and_keeps_the_floor():
     assert t.tick(NOW + 61) == []
     assert t.allowed_ips() == {} and t.next_expiry() is None
     assert t.statistics()["expired"] == 1
-    refused(t, claim(B, 1, expires=NOW + 600), Refusal.CONFLICT, now=NOW + 61)
+    refused(t, claim(B, 1, expires=NOW + 600), ClaimRefusal.CONFLICT, now=NOW + 61)
     assert t.offer(withdraw(A, 1), NOW + 62) == []  # recorded, nothing to unroute
     assert t.offer(claim(B, 2, expires=NOW + 600), NOW + 62) == [
         RouteChanged(ADDRESS, B.node_id, 2)
@@ -441,7 +443,7 @@ def test_local_mistakes_are_local_protocol_errors():
         t.claim_local(grant(A, 2), A, NOW)  # stale
     with pytest.raises(LocalProtocolError):
         t.withdraw_local(ADDRESS, A, NOW)  # never held
-    assert all(t.statistics()[f"refused_{r.value}"] == 0 for r in Refusal)
+    assert all(t.statistics()[f"refused_{r.value}"] == 0 for r in ClaimRefusal)
 
 
 # -- persistence -----------------------------------------------------------------------------
@@ -484,7 +486,7 @@ def test_snapshot_restore_round_trip():
     )
     # the withdrawn address stays withdrawn: replaying its claim is refused
     gone = sign_claim(B, grant(B, 4, nonce=b"nonce-gone"), issued_at=NOW + 3).blob
-    refused(again, gone, Refusal.STALE, now=NOW + 2)
+    refused(again, gone, ClaimRefusal.STALE, now=NOW + 2)
     # our own claim survives the restart, so we can still withdraw it, once
     _, effects = again.withdraw_local(addresses["local"], C, NOW + 3)
     assert effects == [RouteChanged(addresses["local"], None, 4)]
@@ -509,7 +511,7 @@ def test_restore_after_expiry_keeps_the_epoch_floor():
     assert addresses["short"] not in {e.vm_address for e in effects}
     assert again.route(addresses["short"]).node_id is None
     old = sign_claim(B, grant(B, 3, nonce=b"nonce-short"), issued_at=NOW).blob
-    refused(again, old, Refusal.STALE, now=NOW + 120)
+    refused(again, old, ClaimRefusal.STALE, now=NOW + 120)
 
 
 def test_restore_skips_and_counts_damaged_blobs():
@@ -547,7 +549,7 @@ def test_moves_converge_on_the_newest_epoch_in_any_order(holders, rng):
         try:
             t.offer(blob, NOW)
         except RouteRefused as exc:
-            assert exc.reason is Refusal.STALE
+            assert exc.reason is ClaimRefusal.STALE
         route = t.route(ADDRESS)
         if route is not None:
             assert route.epoch >= floor

@@ -22,7 +22,7 @@ from node.sim import cli, scenario
 from node.sim.churn import ChurnModel
 from node.sim.engine import InvariantViolated
 from node.sim.network import Partition
-from node.sim.studies import Run, RunSpec, run_join, run_route_move
+from node.sim.studies import RunSpec, StudyRun, run_join, run_route_move
 from node.sim.swarm import EPOCH, KeyRing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,7 +160,7 @@ def test_a_partition_heals_and_everyone_sees_everyone_alive_again():
     spec = small_spec(
         nodes=60, seconds=40.0, partitions=(Partition(1.0, 9.0, frozenset(range(10))),)
     )
-    run = Run(spec, 5, "t", keys_for(60))
+    run = StudyRun(spec, 5, "t", keys_for(60))
     run.start(list(range(60)))
     run.run()
     assert run.network.dropped_partition > 0
@@ -176,7 +176,7 @@ def test_a_partition_heals_and_everyone_sees_everyone_alive_again():
 
 def test_an_unannounced_partition_in_a_lossless_run_breaks_no_false_death():
     spec = small_spec(nodes=40, seconds=30.0)
-    run = Run(spec, 2, "t", keys_for(40))
+    run = StudyRun(spec, 2, "t", keys_for(40))
     assert "no-false-death" in [name for name, _ in run.sim._invariants]
     run.start(list(range(40)))
     # a fault the scenario does not declare: the network silently cuts five nodes off
@@ -190,9 +190,9 @@ def test_a_route_table_that_goes_back_an_epoch_breaks_epoch_monotone(monkeypatch
     keys = keys_for(30)
     spec = small_spec(nodes=30, seconds=3.0)
     victim: dict[str, object] = {}
-    original = Run.run
+    original = StudyRun.run
 
-    def run_with_fault(self: Run) -> None:
+    def run_with_fault(self: StudyRun) -> None:
         node = self.swarm.nodes[7]
         first = node.routes.snapshot()  # epoch 1, as every node starts
         victim["node"] = node
@@ -206,7 +206,7 @@ def test_a_route_table_that_goes_back_an_epoch_breaks_epoch_monotone(monkeypatch
         self.sim.at(self.t0 + 2.5, -1, corrupt)
         original(self)
 
-    monkeypatch.setattr(Run, "run", run_with_fault)
+    monkeypatch.setattr(StudyRun, "run", run_with_fault)
     with pytest.raises(InvariantViolated) as caught:
         run_route_move(spec, 1, "t", keys)
     assert caught.value.name == "route-epoch-monotone"
@@ -278,7 +278,7 @@ def test_churn_takes_nodes_down_and_brings_them_back_with_a_higher_seq():
     spec = small_spec(
         nodes=50, seconds=12.0, churn=ChurnModel(departures_per_hour=360, mean_downtime_s=2.0)
     )
-    run = Run(spec, 3, "t", keys_for(50))
+    run = StudyRun(spec, 3, "t", keys_for(50))
     assert "no-false-death" not in [name for name, _ in run.sim._invariants]
     run.start(list(range(50)))
     run.run()

@@ -50,12 +50,12 @@ import msgpack
 from node.base.identity import Identity, NodeId
 from node.base.signed import decode_own
 from node.base.wire import LocalProtocolError, RemoteProtocolError, unpack_limited
-from node.ledger.tokens import Commitment, LedgerRefused, Payment, Refusal
+from node.ledger.tokens import Commitment, LedgerRefused, Payment, TokenRefusal
 
 _PAYER_ONLY = ("bad_ack", "duplicate_payment", "not_winner", "winner_conflict", "no_chain")
 _PAYER_TOO = ("malformed", "bad_signature", "not_for_us", "unknown_chain")
-PAYER_REFUSALS = tuple(Refusal(name) for name in _PAYER_TOO + _PAYER_ONLY)
-PAYEE_REFUSALS = tuple(r for r in Refusal if r.value not in _PAYER_ONLY)
+PAYER_REFUSALS = tuple(TokenRefusal(name) for name in _PAYER_TOO + _PAYER_ONLY)
+PAYEE_REFUSALS = tuple(r for r in TokenRefusal if r.value not in _PAYER_ONLY)
 
 SegmentKey = tuple[bytes, int]  # (job id, segment index)
 _T = TypeVar("_T")
@@ -90,7 +90,7 @@ class Persist:
 class Refused:
     """Effect: something was refused; ``peer`` is the sender, or the payee asked for."""
 
-    reason: Refusal
+    reason: TokenRefusal
     peer: NodeId | None
     detail: str
     job_id: bytes | None = None
@@ -228,7 +228,7 @@ class LedgerCore:
     side = ""
 
     def __init__(
-        self, identity: Identity, counters: tuple[str, ...], refusals: tuple[Refusal, ...]
+        self, identity: Identity, counters: tuple[str, ...], refusals: tuple[TokenRefusal, ...]
     ) -> None:
         self._identity = identity
         self._id = identity.node_id
@@ -255,12 +255,12 @@ class LedgerCore:
             raise LocalProtocolError(f"Persisted for unknown journal entry {entry_id}")
         return self._pending.pop(entry_id)
 
-    def _refuse(self, reason: Refusal, peer: NodeId | None, detail: str, **about: Any) -> None:
+    def _refuse(self, reason: TokenRefusal, peer: NodeId | None, detail: str, **about: Any) -> None:
         self._stats[f"refused_{reason.value}"] += 1
         self._out.append(Refused(reason, peer, detail, **about))
 
     def _refuse_error(self, exc: RemoteProtocolError, peer: NodeId | None) -> None:
-        reason = exc.reason if isinstance(exc, LedgerRefused) else Refusal.MALFORMED
+        reason = exc.reason if isinstance(exc, LedgerRefused) else TokenRefusal.MALFORMED
         self._refuse(reason, peer, str(exc))
 
     def _drain(self) -> list[Any]:

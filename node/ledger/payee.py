@@ -71,7 +71,7 @@ from node.ledger.tokens import (
     Commitment,
     LedgerRefused,
     Payment,
-    Refusal,
+    TokenRefusal,
     decode_commitment,
     decode_payment,
     hash_token,
@@ -248,17 +248,19 @@ class PayeeLedger(LedgerCore):
 
     def _offer_commitment(self, commitment: Commitment, now: float) -> None:
         if commitment.payee != self._id:
-            raise LedgerRefused(Refusal.NOT_FOR_US, "commitment for another payee")
+            raise LedgerRefused(TokenRefusal.NOT_FOR_US, "commitment for another payee")
         if not self.config.trusts(commitment):
             raise LedgerRefused(
-                Refusal.UNTRUSTED_ISSUER, f"issuer {commitment.issuer.short} is not trusted"
+                TokenRefusal.UNTRUSTED_ISSUER, f"issuer {commitment.issuer.short} is not trusted"
             )
         if commitment.is_expired(now):
-            raise LedgerRefused(Refusal.EXPIRED, "commitment expired")
+            raise LedgerRefused(TokenRefusal.EXPIRED, "commitment expired")
         held = self._chains.get(commitment.chain_id)
         if held is not None:
             if held.commitment != commitment:
-                raise LedgerRefused(Refusal.CHAIN_CONFLICT, "another commitment for this chain")
+                raise LedgerRefused(
+                    TokenRefusal.CHAIN_CONFLICT, "another commitment for this chain"
+                )
             return
         self._add_chain(commitment)
         self._persist("commitment", commitment=commitment.blob)
@@ -271,7 +273,7 @@ class PayeeLedger(LedgerCore):
 
     def _on_payment(self, payment: Payment, now: float) -> None:
         if payment.payee != self._id:
-            raise LedgerRefused(Refusal.NOT_FOR_US, "payment for another payee")
+            raise LedgerRefused(TokenRefusal.NOT_FOR_US, "payment for another payee")
         if payment.chain_id not in self._chains and payment.commitment is not None:
             commitment = decode_commitment(payment.commitment)
             if commitment.chain_id != payment.chain_id:
@@ -302,29 +304,31 @@ class PayeeLedger(LedgerCore):
         """
         chain = self._chains.get(payment.chain_id)
         if chain is None:
-            raise LedgerRefused(Refusal.UNKNOWN_CHAIN, "payment on an unknown chain")
+            raise LedgerRefused(TokenRefusal.UNKNOWN_CHAIN, "payment on an unknown chain")
         commitment = chain.commitment
         if payment.payer != commitment.payer:
-            raise LedgerRefused(Refusal.WRONG_PAYER, "payment not signed by the chain's payer")
+            raise LedgerRefused(TokenRefusal.WRONG_PAYER, "payment not signed by the chain's payer")
         if payment.index <= chain.head:
             raise LedgerRefused(
-                Refusal.REPLAYED_TOKEN, f"token {payment.index} is at or below head {chain.head}"
+                TokenRefusal.REPLAYED_TOKEN,
+                f"token {payment.index} is at or below head {chain.head}",
             )
         if payment.index > commitment.length:
             raise LedgerRefused(
-                Refusal.BEYOND_CHAIN, f"token {payment.index} beyond chain of {commitment.length}"
+                TokenRefusal.BEYOND_CHAIN,
+                f"token {payment.index} beyond chain of {commitment.length}",
             )
         if now is not None and commitment.is_expired(now):
-            raise LedgerRefused(Refusal.EXPIRED, "chain expired")
+            raise LedgerRefused(TokenRefusal.EXPIRED, "chain expired")
         if payment.units > self.config.max_step:
-            raise LedgerRefused(Refusal.STEP_TOO_LARGE, f"{payment.units} units at once")
+            raise LedgerRefused(TokenRefusal.STEP_TOO_LARGE, f"{payment.units} units at once")
         if payment.index - payment.units != chain.head:
             raise LedgerRefused(
-                Refusal.OUT_OF_ORDER,
+                TokenRefusal.OUT_OF_ORDER,
                 f"payment starts at {payment.index - payment.units}, head is {chain.head}",
             )
         if hash_token(payment.chain_id, payment.token, payment.units) != chain.head_value:
-            raise LedgerRefused(Refusal.BAD_TOKEN, "token does not hash to the chain's head")
+            raise LedgerRefused(TokenRefusal.BAD_TOKEN, "token does not hash to the chain's head")
 
     def _accept(self, payment: Payment) -> _Accepted:
         chain = self._chains[payment.chain_id]

@@ -71,7 +71,7 @@ from node.ledger.tokens import (
     HashChain,
     LedgerRefused,
     Payment,
-    Refusal,
+    TokenRefusal,
     decode_ack,
     decode_commitment,
     decode_payment,
@@ -308,7 +308,7 @@ class PayerLedger(LedgerCore):
         held = self._winners.setdefault(key, winner)
         if held != winner:
             self._refuse(
-                Refusal.WINNER_CONFLICT,
+                TokenRefusal.WINNER_CONFLICT,
                 winner,
                 f"segment {key[1]} was first completed by {held.short}",
                 job_id=key[0],
@@ -320,15 +320,17 @@ class PayerLedger(LedgerCore):
             raise LocalProtocolError(f"a payment is 1..{self.config.max_units} units, not {units}")
         about: dict[str, Any] = {"job_id": key[0], "segment": key[1]}
         if key in self._releases:
-            self._refuse(Refusal.DUPLICATE_PAYMENT, payee, f"segment {key[1]} is paid", **about)
+            self._refuse(
+                TokenRefusal.DUPLICATE_PAYMENT, payee, f"segment {key[1]} is paid", **about
+            )
             return
         if self._winners.get(key) != payee:
             detail = f"{payee.short} is not the first completer of segment {key[1]}"
-            self._refuse(Refusal.NOT_WINNER, payee, detail, **about)
+            self._refuse(TokenRefusal.NOT_WINNER, payee, detail, **about)
             return
         state = self._chain_for(payee, units, now)
         if state is None:
-            self._refuse(Refusal.NO_CHAIN, payee, f"no chain with {units} units left", **about)
+            self._refuse(TokenRefusal.NO_CHAIN, payee, f"no chain with {units} units left", **about)
             self._out.append(ChainNeeded(payee, units))
             return
         payment = sign_payment(
@@ -395,10 +397,10 @@ class PayerLedger(LedgerCore):
     def _on_ack(self, blob: bytes) -> None:
         ack = decode_ack(blob)
         if ack.payer != self._id:
-            raise LedgerRefused(Refusal.NOT_FOR_US, "ack for another payer")
+            raise LedgerRefused(TokenRefusal.NOT_FOR_US, "ack for another payer")
         state = self._chains.get(ack.chain_id)
         if state is None:
-            raise LedgerRefused(Refusal.UNKNOWN_CHAIN, "ack for a chain we never paid from")
+            raise LedgerRefused(TokenRefusal.UNKNOWN_CHAIN, "ack for a chain we never paid from")
         release = self._releases.get((ack.job_id, ack.segment))
         p = release.payment if release is not None else None
         if (
@@ -408,7 +410,7 @@ class PayerLedger(LedgerCore):
             or (p.chain_id, p.payee, p.index, p.units)
             != (ack.chain_id, ack.payee, ack.index, ack.units)
         ):
-            raise LedgerRefused(Refusal.BAD_ACK, "ack for a payment we did not send")
+            raise LedgerRefused(TokenRefusal.BAD_ACK, "ack for a payment we did not send")
         if ack.index <= state.acked:
             self._stats["acks_duplicate"] += 1
             return

@@ -41,7 +41,7 @@ chain from ``index - units`` to ``index``, for segment ``segment`` of job
 can show what it was paid for; the payee's signed ack is the payer's receipt.
 
 Errors: decoding is where outside bytes come in; only ``RemoteProtocolError``
-escapes it (``LedgerRefused`` with a ``Refusal`` for a bad signature). Signing
+escapes it (``LedgerRefused`` with a ``TokenRefusal`` for a bad signature). Signing
 decodes what it just signed, so inputs peers would refuse raise
 ``LocalProtocolError``. Judging a well-formed statement (trust, expiry, chain
 state) is the ledgers' job (node/ledger/payer.py, node/ledger/payee.py), not this module's.
@@ -82,7 +82,7 @@ MAX_PAYMENT_BYTES = 2048
 MAX_ACK_BYTES = 1024
 
 
-class Refusal(enum.Enum):
+class TokenRefusal(enum.Enum):
     """Why the ledger refused something, counted as ``refused_<value>``."""
 
     # a peer's message (payee side, and acks on the payer side)
@@ -110,7 +110,7 @@ class Refusal(enum.Enum):
 class LedgerRefused(RemoteProtocolError):
     """A peer's well-formed ledger message is refused, for ``reason``."""
 
-    def __init__(self, reason: Refusal, message: str) -> None:
+    def __init__(self, reason: TokenRefusal, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -352,4 +352,4 @@ def decode_ack(blob: bytes) -> Ack:
 
 def _verify(signer: NodeId, context: bytes, payload: bytes, signature: bytes, what: str) -> None:
     if not signed_by(signer.key, context, payload, signature):
-        raise LedgerRefused(Refusal.BAD_SIGNATURE, f"{what} has a bad signature")
+        raise LedgerRefused(TokenRefusal.BAD_SIGNATURE, f"{what} has a bad signature")

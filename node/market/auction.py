@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from node.base.identity import NodeId
-from node.market.messages import Bid, MarketRefused, Offer, Refusal
+from node.market.messages import Bid, MarketRefusal, MarketRefused, Offer
 from node.market.reputation import Reputation
 from node.membership.dissemination import RandomSource
 
@@ -132,21 +132,25 @@ class Auctioneer:
         """Take ``bid``; raise ``MarketRefused`` if it does not fit this offer."""
         offer = self.offer
         if bid.ref.job_id != offer.ref.job_id:
-            raise MarketRefused(Refusal.UNKNOWN_OFFER, "bid for another job")
+            raise MarketRefused(MarketRefusal.UNKNOWN_OFFER, "bid for another job")
         if bid.ref != offer.ref:
-            raise MarketRefused(Refusal.STALE, "bid for another segment or attempt")
+            raise MarketRefused(MarketRefusal.STALE, "bid for another segment or attempt")
         if now > self.deadline:
-            raise MarketRefused(Refusal.LATE, f"bid from {bid.host.short} after the deadline")
+            raise MarketRefused(MarketRefusal.LATE, f"bid from {bid.host.short} after the deadline")
         if bid.price > offer.ceiling:
-            raise MarketRefused(Refusal.OVER_CEILING, f"bid of {bid.price} over {offer.ceiling}")
+            raise MarketRefused(
+                MarketRefusal.OVER_CEILING, f"bid of {bid.price} over {offer.ceiling}"
+            )
         need, free = offer.requirements, bid.capacity
         if free.vcpus < need.vcpus or free.memory_mib < need.memory_mib or free.slots < 1:
-            raise MarketRefused(Refusal.UNFIT, f"{bid.host.short} reports too little capacity")
+            raise MarketRefused(
+                MarketRefusal.UNFIT, f"{bid.host.short} reports too little capacity"
+            )
         held = self._bids.get(bid.host)
         if held is not None:
             if held.blob == bid.blob:
                 return BidOutcome.DUPLICATE
-            raise MarketRefused(Refusal.EQUIVOCATION, f"{bid.host.short} bid twice")
+            raise MarketRefused(MarketRefusal.EQUIVOCATION, f"{bid.host.short} bid twice")
         if len(self._bids) >= self.config.max_bids:
             return BidOutcome.IGNORED
         self._bids[bid.host] = bid

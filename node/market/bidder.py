@@ -62,10 +62,10 @@ from node.market.messages import (
     Bid,
     Capacity,
     MarketKind,
+    MarketRefusal,
     MarketRefused,
     Offer,
     OfferRef,
-    Refusal,
     SegmentCommit,
     SendStatement,
     Winner,
@@ -250,7 +250,7 @@ class _Hold:
 
 
 @dataclass(frozen=True, slots=True)
-class Commitment:
+class Reservation:
     """A view of one reservation, for ``gleaner status``."""
 
     ref: OfferRef
@@ -338,8 +338,8 @@ class Bidder:
     def next_wakeup(self) -> float:
         return min((min(h.expires, h.resend_at) for h in self._holds.values()), default=math.inf)
 
-    def commitments(self) -> list[Commitment]:
-        return [Commitment(h.offer.ref, h.phase, *self._reserved(h)) for h in self._holds.values()]
+    def commitments(self) -> list[Reservation]:
+        return [Reservation(h.offer.ref, h.phase, *self._reserved(h)) for h in self._holds.values()]
 
     def free(self) -> Capacity:
         """What the caps leave after every reservation."""
@@ -416,9 +416,11 @@ class Bidder:
             self._stats["auctions_lost"] += 1
             return
         if mine.price != hold.bid.price:
-            raise MarketRefused(Refusal.MISMATCH, f"award pays {mine.price}, bid {hold.bid.price}")
+            raise MarketRefused(
+                MarketRefusal.MISMATCH, f"award pays {mine.price}, bid {hold.bid.price}"
+            )
         if hold.offer.requirements.network != (mine.grant is not None):
-            raise MarketRefused(Refusal.MISMATCH, "award's route grant does not fit the job")
+            raise MarketRefused(MarketRefusal.MISMATCH, "award's route grant does not fit the job")
         hold.phase, hold.expires = Phase.RUNNING, math.inf
         self._stats["awards_won"] += 1
         self._out.append(StartReplica(hold.offer, mine, award.blob))
@@ -437,14 +439,16 @@ class Bidder:
     def _on_commit(self, blob: bytes) -> None:
         commit = decode_commit(blob)
         if self._owners.get(commit.ref.job_id) is None:
-            raise MarketRefused(Refusal.UNKNOWN_OFFER, "commit for a job we never bid on")
+            raise MarketRefused(MarketRefusal.UNKNOWN_OFFER, "commit for a job we never bid on")
         if commit.owner != self._owners[commit.ref.job_id]:
-            raise MarketRefused(Refusal.WRONG_AUTHOR, "commit not signed by the job's owner")
+            raise MarketRefused(MarketRefusal.WRONG_AUTHOR, "commit not signed by the job's owner")
         holder = self._id in commit.holders
         hold = self._holds.get(commit.ref.digest)
         if hold is not None:
             if hold.offer.ref != commit.ref:
-                raise MarketRefused(Refusal.MISMATCH, "commit names the offer with other fields")
+                raise MarketRefused(
+                    MarketRefusal.MISMATCH, "commit names the offer with other fields"
+                )
             del self._holds[commit.ref.digest]
             if hold.phase is not Phase.BID and not holder:
                 self._out.append(StopReplica(commit.ref, "committed elsewhere"))
@@ -498,11 +502,13 @@ class Bidder:
     def _hold_for(self, ref: OfferRef, author: NodeId) -> _Hold:
         hold = self._holds.get(ref.digest)
         if hold is None:
-            raise MarketRefused(Refusal.UNKNOWN_OFFER, "names no offer we hold a bid or run for")
+            raise MarketRefused(
+                MarketRefusal.UNKNOWN_OFFER, "names no offer we hold a bid or run for"
+            )
         if author != hold.offer.owner:
-            raise MarketRefused(Refusal.WRONG_AUTHOR, "not signed by the offer's owner")
+            raise MarketRefused(MarketRefusal.WRONG_AUTHOR, "not signed by the offer's owner")
         if ref != hold.offer.ref:
-            raise MarketRefused(Refusal.MISMATCH, "names the offer with other fields")
+            raise MarketRefused(MarketRefusal.MISMATCH, "names the offer with other fields")
         return hold
 
     def _reserved(self, hold: _Hold) -> tuple[int, int, int]:

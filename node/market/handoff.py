@@ -52,10 +52,10 @@ from node.market.messages import (
     MAX_AWARD_BYTES,
     MAX_OFFER_BYTES,
     Award,
+    MarketRefusal,
     MarketRefused,
     Offer,
     OfferRef,
-    Refusal,
     decode_award,
     decode_offer,
     open_authored,
@@ -123,11 +123,13 @@ def decode_handoff(blob: bytes) -> Handoff:
     offer = decode_offer(bin_field(fields, "offer", what, 1, MAX_OFFER_BYTES))
     award = decode_award(bin_field(fields, "award", what, 1, MAX_AWARD_BYTES))
     if offer.source is None:
-        raise MarketRefused(Refusal.MISMATCH, "handoff names an offer that is not live")
+        raise MarketRefused(MarketRefusal.MISMATCH, "handoff names an offer that is not live")
     if award.owner != offer.owner or award.ref != offer.ref:
-        raise MarketRefused(Refusal.WRONG_AUTHOR, "handoff's award is not for its offer")
+        raise MarketRefused(MarketRefusal.WRONG_AUTHOR, "handoff's award is not for its offer")
     if award.winner(host) is None:
-        raise MarketRefused(Refusal.NOT_AWARDED, f"{host.short} was not awarded the live offer")
+        raise MarketRefused(
+            MarketRefusal.NOT_AWARDED, f"{host.short} was not awarded the live offer"
+        )
     return Handoff(
         host=host,
         offer=offer,

@@ -374,7 +374,7 @@ OwnerEffect = (
 )
 
 
-class Step(enum.Enum):
+class JobStep(enum.Enum):
     OFFER = "offer"
     AWARD = "award"
     START = "start"
@@ -386,21 +386,21 @@ class Step(enum.Enum):
 
 
 _S = SegmentState
-TRANSITIONS: dict[tuple[SegmentState, Step], SegmentState] = {
-    (_S.WAITING, Step.OFFER): _S.OFFERED,
-    (_S.OFFERED, Step.OFFER): _S.OFFERED,
-    (_S.OFFERED, Step.AWARD): _S.AWARDED,
-    (_S.AWARDED, Step.START): _S.RUNNING,
-    (_S.AWARDED, Step.COMPLETE): _S.COMPLETED,
-    (_S.RUNNING, Step.COMPLETE): _S.COMPLETED,
-    (_S.COMPLETED, Step.REJECT): _S.RUNNING,
-    (_S.AWARDED, Step.OFFER): _S.OFFERED,
-    (_S.RUNNING, Step.OFFER): _S.OFFERED,
-    (_S.COMPLETED, Step.OFFER): _S.OFFERED,
-    (_S.COMPLETED, Step.COMMIT): _S.COMMITTED,
-    (_S.COMMITTED, Step.OFFER): _S.OFFERED,
-    (_S.COMMITTED, Step.FINISH): _S.DONE,
-    **{(state, Step.EXPIRE): _S.DONE for state in _S if state is not _S.DONE},
+TRANSITIONS: dict[tuple[SegmentState, JobStep], SegmentState] = {
+    (_S.WAITING, JobStep.OFFER): _S.OFFERED,
+    (_S.OFFERED, JobStep.OFFER): _S.OFFERED,
+    (_S.OFFERED, JobStep.AWARD): _S.AWARDED,
+    (_S.AWARDED, JobStep.START): _S.RUNNING,
+    (_S.AWARDED, JobStep.COMPLETE): _S.COMPLETED,
+    (_S.RUNNING, JobStep.COMPLETE): _S.COMPLETED,
+    (_S.COMPLETED, JobStep.REJECT): _S.RUNNING,
+    (_S.AWARDED, JobStep.OFFER): _S.OFFERED,
+    (_S.RUNNING, JobStep.OFFER): _S.OFFERED,
+    (_S.COMPLETED, JobStep.OFFER): _S.OFFERED,
+    (_S.COMPLETED, JobStep.COMMIT): _S.COMMITTED,
+    (_S.COMMITTED, JobStep.OFFER): _S.OFFERED,
+    (_S.COMMITTED, JobStep.FINISH): _S.DONE,
+    **{(state, JobStep.EXPIRE): _S.DONE for state in _S if state is not _S.DONE},
 }
 IN_FLIGHT = (_S.AWARDED, _S.RUNNING, _S.COMPLETED)
 

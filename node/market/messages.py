@@ -59,7 +59,7 @@ at that winner's epoch, which the winner claims with ``sign_claim``; the decoder
 checks that every grant is the award owner's, for this job, node and epoch.
 
 Errors. Decoding is where outside bytes come in: only ``RemoteProtocolError``
-escapes it, as ``MarketRefused`` with a ``Refusal`` for a forgery (bad signature,
+escapes it, as ``MarketRefused`` with a ``MarketRefusal`` for a forgery (bad signature,
 a job id not the owner's, a grant not matching) and plain for malformed input.
 Whether a well-formed message fits (is this the current offer? was this host
 awarded?) is the cores' judgement; they refuse with the same class and count
@@ -139,7 +139,7 @@ class MarketKind(enum.IntEnum):
     HANDED_OFF = 9  # source -> winner: "it is yours; here is its console so far"
 
 
-class Refusal(enum.Enum):
+class MarketRefusal(enum.Enum):
     """Why a market message was refused, counted as ``refused_<value>`` by the cores."""
 
     MALFORMED = "malformed"
@@ -160,14 +160,14 @@ class Refusal(enum.Enum):
 class MarketRefused(RemoteProtocolError):
     """A peer's market message is refused, for ``reason``."""
 
-    def __init__(self, reason: Refusal, message: str) -> None:
+    def __init__(self, reason: MarketRefusal, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-def refusal_of(exc: RemoteProtocolError) -> Refusal:
+def refusal_of(exc: RemoteProtocolError) -> MarketRefusal:
     """The reason to count for ``exc``: its own, or MALFORMED."""
-    return exc.reason if isinstance(exc, MarketRefused) else Refusal.MALFORMED
+    return exc.reason if isinstance(exc, MarketRefused) else MarketRefusal.MALFORMED
 
 
 class CancelReason(enum.IntEnum):
@@ -471,7 +471,7 @@ def decode_offer(blob: bytes) -> Offer:
     nonce = bin_field(fields, "nonce", what, MIN_NONCE_BYTES, MAX_NONCE_BYTES)
     job_id = bin_field(fields, "job", what, DIGEST_BYTES)
     if job_id != derive_job_id(owner.key, nonce):
-        raise MarketRefused(Refusal.JOB_MISMATCH, "offer's job id is not its owner's")
+        raise MarketRefused(MarketRefusal.JOB_MISMATCH, "offer's job id is not its owner's")
     digest = hashlib.blake2b(payload, digest_size=DIGEST_BYTES, person=OFFER_DIGEST_PERSON)
     ref = OfferRef(
         job_id,
@@ -629,7 +629,7 @@ def open_authored(
     payload, signature, fields = open_statement(blob, what, limit)
     node = key_field(fields, author, what)
     if not signed_by(node.key, context, payload, signature):
-        raise MarketRefused(Refusal.BAD_SIGNATURE, f"{what} is not signed by its {author}")
+        raise MarketRefused(MarketRefusal.BAD_SIGNATURE, f"{what} is not signed by its {author}")
     return node, payload, fields
 
 
@@ -661,14 +661,16 @@ def _read_winner(row: Any, owner: NodeId, ref: OfferRef) -> Winner:
     try:
         grant = decode_grant(bin_field(fields, "grant", what, 1, 1024))
     except RemoteProtocolError as exc:
-        raise MarketRefused(Refusal.BAD_GRANT, f"{what}'s grant: {exc}") from None
+        raise MarketRefused(MarketRefusal.BAD_GRANT, f"{what}'s grant: {exc}") from None
     if (grant.owner_key, grant.job_id, grant.node_id, grant.epoch) != (
         owner.key,
         ref.job_id,
         winner.node,
         winner.epoch,
     ):
-        raise MarketRefused(Refusal.BAD_GRANT, f"{what}'s grant is for another job, node or epoch")
+        raise MarketRefused(
+            MarketRefusal.BAD_GRANT, f"{what}'s grant is for another job, node or epoch"
+        )
     return Winner(winner.node, winner.price, winner.epoch, grant)
 
 

@@ -82,6 +82,7 @@ from node.market.jobs import (
     JobFinished,
     JobSnapshot,
     JobSpec,
+    JobStep,
     OfferDelivered,
     OwnerEffect,
     OwnerEvent,
@@ -93,7 +94,6 @@ from node.market.jobs import (
     ReplicateCheckpoint,
     SegmentChanged,
     SegmentState,
-    Step,
     VerifyCompletion,
     WithdrawReceived,
 )
@@ -103,10 +103,10 @@ from node.market.messages import (
     CancelReason,
     Completion,
     MarketKind,
+    MarketRefusal,
     MarketRefused,
     Offer,
     OfferRef,
-    Refusal,
     SegmentCommit,
     SendStatement,
     Winner,
@@ -263,7 +263,7 @@ class SegmentMachine:
             elif isinstance(event, ReplicaStarted):
                 replica = self._replica(event.node)
                 if self._state is _S.AWARDED and replica is not None and replica.running:
-                    self._move(Step.START)
+                    self._move(JobStep.START)
             elif isinstance(event, ReplicaLost):
                 self._on_lost(event.node, now)
             elif isinstance(event, CompletionReceived):
@@ -337,7 +337,7 @@ class SegmentMachine:
         self._round = _Round(offer, Auctioneer(offer, now, self.config.auction, self._reputation))
         self._reoffer_at = math.inf
         self._stats["offers"] += 1
-        self._move(Step.OFFER)
+        self._move(JobStep.OFFER)
         self._emit(BroadcastOffer(offer))
 
     def _next_offer(self, now: float, extent_s: int, source: NodeId | None = None) -> Offer:
@@ -368,7 +368,7 @@ class SegmentMachine:
         move = round_.move if round_ is not None else None
         if move is not None and bid.ref == move.offer.ref:
             if bid.host == move.offer.source:
-                raise MarketRefused(Refusal.UNFIT, "the source of a move cannot take it")
+                raise MarketRefused(MarketRefusal.UNFIT, "the source of a move cannot take it")
             self._stats[f"bids_{move.auction.add_bid(bid, now).value}"] += 1
             self._maybe_close_move(now)
             return
@@ -376,7 +376,7 @@ class SegmentMachine:
         assert round_ is not None
         auction = round_.auction
         if auction is None or self._state is not _S.OFFERED:
-            raise MarketRefused(Refusal.LATE, f"bid from {bid.host.short} after the award")
+            raise MarketRefused(MarketRefusal.LATE, f"bid from {bid.host.short} after the award")
         self._stats[f"bids_{auction.add_bid(bid, now).value}"] += 1
         self._maybe_close(auction, now)
 
@@ -402,7 +402,7 @@ class SegmentMachine:
         round_.awarded_at = now
         round_.run_deadline = now + slowest * self.config.finish_slack + self.config.run_grace_s
         self._stats["awards"] += 1
-        self._move(Step.AWARD)
+        self._move(JobStep.AWARD)
         self._emit(PersistJob(self.job_id, self._snap))
         for bid in auction.bids:
             self._emit(SendStatement(bid.host, MarketKind.AWARD, award.blob))
@@ -443,9 +443,11 @@ class SegmentMachine:
         assert round_ is not None
         replica = round_.replicas.get(completion.host)
         if replica is None:
-            raise MarketRefused(Refusal.NOT_AWARDED, f"{completion.host.short} was not awarded")
+            raise MarketRefused(
+                MarketRefusal.NOT_AWARDED, f"{completion.host.short} was not awarded"
+            )
         if replica.completion is not None and replica.completion.blob != completion.blob:
-            raise MarketRefused(Refusal.EQUIVOCATION, f"{replica.node.short} completed twice")
+            raise MarketRefused(MarketRefusal.EQUIVOCATION, f"{replica.node.short} completed twice")
         if replica.cancelled:  # the cancel crossed it, or was lost: say it again
             self._stats["cancels_resent"] += 1
             self._cancel(round_, (replica.node,), CancelReason.LOST_RACE, mark=False)
@@ -457,7 +459,7 @@ class SegmentMachine:
         self._stats["completions"] += 1
         if round_.candidate is None and round_.winner is None:
             round_.candidate = replica.node
-            self._move(Step.COMPLETE)
+            self._move(JobStep.COMPLETE)
             self._verify(round_, replica.node)
         else:
             round_.queue.append(replica.node)
@@ -520,7 +522,7 @@ class SegmentMachine:
                 self._verify(round_, node)
                 return
         if any(r.running for r in round_.replicas.values()):
-            self._move(Step.REJECT)
+            self._move(JobStep.REJECT)
         else:
             self._abandon(round_, now)
 
@@ -528,7 +530,7 @@ class SegmentMachine:
         self._judge_ref(withdraw.ref, self._round)
         replica = self._replica(withdraw.host)
         if replica is None:
-            raise MarketRefused(Refusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
+            raise MarketRefused(MarketRefusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
         if withdraw.live:
             self._open_move(replica, withdraw, now)
             return
@@ -671,14 +673,14 @@ class SegmentMachine:
         )
         self._last_commit, self._round = commit, None
         self._stats["commits"] += 1
-        self._move(Step.COMMIT, segment=snap.segment)
+        self._move(JobStep.COMMIT, segment=snap.segment)
         self._emit(PersistJob(self.job_id, self._snap))
         self._emit(PayWinner(self.job_id, snap.segment, winner.node, winner.price))
         for node in dict.fromkeys((*holders, *previous)):
             if node != self._owner.node_id:
                 self._emit(SendStatement(node, MarketKind.COMMIT, commit.blob))
         if done:
-            self._move(Step.FINISH)
+            self._move(JobStep.FINISH)
             outcome = "halted" if completion.halted else "completed"
             self._emit(JobFinished(self.job_id, outcome, completion.manifest))
         else:
@@ -705,7 +707,7 @@ class SegmentMachine:
             self._cancel(self._round, live, CancelReason.JOB_ENDED)
         self._round = None
         self._snap = replace(self._snap, done=True)
-        self._move(Step.EXPIRE)
+        self._move(JobStep.EXPIRE)
         self._emit(PersistJob(self.job_id, self._snap))
         self._emit(JobFinished(self.job_id, "expired", self._snap.manifest))
 
@@ -722,9 +724,9 @@ class SegmentMachine:
 
     def _judge_ref(self, ref: OfferRef, round_: _Round | None) -> None:
         if ref.job_id != self.job_id:
-            raise MarketRefused(Refusal.UNKNOWN_OFFER, "names another job")
+            raise MarketRefused(MarketRefusal.UNKNOWN_OFFER, "names another job")
         if round_ is None or ref != round_.offer.ref:
-            raise MarketRefused(Refusal.STALE, "names an earlier segment or attempt")
+            raise MarketRefused(MarketRefusal.STALE, "names an earlier segment or attempt")
 
     def _replica(self, node: NodeId) -> _Replica | None:
         return self._round.replicas.get(node) if self._round is not None else None
@@ -732,7 +734,7 @@ class SegmentMachine:
     def _any_alive(self, round_: _Round) -> bool:
         return any(not r.lost and not r.cancelled for r in round_.replicas.values())
 
-    def _move(self, step: Step, segment: int | None = None) -> None:
+    def _move(self, step: JobStep, segment: int | None = None) -> None:
         new = TRANSITIONS.get((self._state, step))
         if new is None:
             raise LocalProtocolError(f"segment machine: no {step.value} from {self._state.value}")

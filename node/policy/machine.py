@@ -248,18 +248,18 @@ PolicyEffect = PauseGuests | ResumeGuests | VacateGuests | BiddingChanged | Poli
 # -- the host's table ------------------------------------------------------------------
 
 
-class Step(enum.Enum):
+class PolicyStep(enum.Enum):
     BUSY = "busy"
     QUIET = "quiet"
     GRACE = "grace"
 
 
 _P = PolicyState
-HOST_TRANSITIONS: dict[tuple[PolicyState, Step], PolicyState] = {
-    (_P.IDLE, Step.BUSY): _P.BUSY,
-    (_P.BUSY, Step.QUIET): _P.IDLE,
-    (_P.BUSY, Step.GRACE): _P.VACATING,
-    (_P.VACATING, Step.QUIET): _P.IDLE,
+HOST_TRANSITIONS: dict[tuple[PolicyState, PolicyStep], PolicyState] = {
+    (_P.IDLE, PolicyStep.BUSY): _P.BUSY,
+    (_P.BUSY, PolicyStep.QUIET): _P.IDLE,
+    (_P.BUSY, PolicyStep.GRACE): _P.VACATING,
+    (_P.VACATING, PolicyStep.QUIET): _P.IDLE,
 }
 
 
@@ -423,7 +423,7 @@ class PolicyMachine:
             effects.append(PolicyStateChanged(self.state, self.reason, now))
         return effects
 
-    def _move(self, step: Step) -> None:
+    def _move(self, step: PolicyStep) -> None:
         target = HOST_TRANSITIONS.get((self._host, step))
         if target is None:
             raise LocalProtocolError(f"no host transition {step.value} from {self._host.value}")
@@ -440,7 +440,7 @@ class PolicyMachine:
         self._quiet_since = None
         self._last_busy = reason
         if self._host is PolicyState.IDLE:
-            self._move(Step.BUSY)
+            self._move(PolicyStep.BUSY)
             self._paused_since = now
             self._paused = True
             guests.append(PauseGuests(reason))
@@ -451,7 +451,7 @@ class PolicyMachine:
             return
         paused = now - self._paused_since
         if paused >= self.config.grace_s:
-            self._move(Step.GRACE)
+            self._move(PolicyStep.GRACE)
             self._host_reason = f"busy for {_s(paused)} (grace {self.config.grace_s:g} s): {reason}"
             self._paused = False
             guests.append(VacateGuests(self._host_reason, now))
@@ -477,7 +477,7 @@ class PolicyMachine:
         if self._paused:
             self._paused = False
             guests.append(ResumeGuests())
-        self._move(Step.QUIET)
+        self._move(PolicyStep.QUIET)
         self._paused_since = None
         self._host_reason = idle_reason
 

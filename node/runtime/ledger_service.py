@@ -52,7 +52,7 @@ from node.ledger.payer import (
     PaymentRequested,
     SendPayment,
 )
-from node.ledger.tokens import Refusal
+from node.ledger.tokens import TokenRefusal
 from node.runtime.state import State
 
 log = logging.getLogger("gleaner.ledger")
@@ -156,7 +156,7 @@ class LedgerService:
         elif isinstance(effect, Refused):
             peer = effect.peer.short if effect.peer else "-"
             # NO_CHAIN is the payer asking itself for a chain (ChainNeeded follows), not a fault.
-            level = logging.DEBUG if effect.reason is Refusal.NO_CHAIN else logging.INFO
+            level = logging.DEBUG if effect.reason is TokenRefusal.NO_CHAIN else logging.INFO
             log.log(level, "ledger refused (%s) %s: %s", effect.reason.value, peer, effect.detail)
         return []
 

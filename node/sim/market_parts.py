@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Plain data for node/sim/market_world.py: ``WorldConfig`` (every modelled
 quantity of one run), ``HostModel`` (a host's speed, bandwidth and price
-floor), ``Run`` (one replica, for accounting), ``SimHost`` and ``SimOwner``
+floor), ``ReplicaRun`` (one replica, for accounting), ``SimHost`` and ``SimOwner``
 (a node's cores and the world's view of it), and the two kinds of heap entry
 besides the engine's own: ``Frame`` (a message arriving) and ``Timer`` (a
 modelled delay ending). Also the few helpers both the world and the tests use.
@@ -65,7 +65,7 @@ class HostModel:
 
 
 @dataclass(slots=True)
-class Run:
+class ReplicaRun:
     """One replica, for accounting: who, what, when, and how it ended."""
 
     host: int
@@ -88,7 +88,7 @@ class SimHost:
     bidder: Bidder | None = None
     generation: int = 0
     store: set[bytes] = field(default_factory=set)
-    running: dict[bytes, tuple[Run, Offer]] = field(default_factory=dict)  # by offer digest
+    running: dict[bytes, tuple[ReplicaRun, Offer]] = field(default_factory=dict)  # by offer digest
     down_since: float | None = 0.0
 
 

@@ -40,7 +40,7 @@ network and the timers. What is modelled instead of real things:
   agent);
 * **journals** are written at once: ``Persist`` is answered by ``Persisted``.
 
-Every replica is recorded (``Run``) for the study's accounting; a core's
+Every replica is recorded (``ReplicaRun``) for the study's accounting; a core's
 timers are kept by one pending "wake" per node (``next_wakeup``). The
 invariants checked after every step are node/sim/market_invariants.py.
 """
@@ -89,7 +89,7 @@ from node.sim.market_parts import (
     LEDGER_PAYMENT,
     Frame,
     HostModel,
-    Run,
+    ReplicaRun,
     SimHost,
     SimOwner,
     Timer,
@@ -99,7 +99,15 @@ from node.sim.market_parts import (
     next_start,
 )
 
-__all__ = ["EPOCH", "LEDGER_PAYMENT", "Frame", "HostModel", "MarketWorld", "Run", "WorldConfig"]
+__all__ = [
+    "EPOCH",
+    "LEDGER_PAYMENT",
+    "Frame",
+    "HostModel",
+    "MarketWorld",
+    "ReplicaRun",
+    "WorldConfig",
+]
 
 
 class MarketWorld(OwnerSide):
@@ -131,7 +139,7 @@ class MarketWorld(OwnerSide):
         self.live: list[int] = []  # hosts in the owners' membership view
         self._live_at: dict[int, int] = {}
         self._wake_at: dict[Any, float] = {}
-        self.runs: list[Run] = []
+        self.runs: list[ReplicaRun] = []
         self.stats: Counter[str] = Counter()
         self.commits: dict[tuple[bytes, int], tuple[NodeId, int, float]] = {}  # winner, attempt, t
         self._committing: dict[tuple[bytes, int], tuple[int, float]] = {}
@@ -305,7 +313,7 @@ class MarketWorld(OwnerSide):
         compute = offer.extent_s / (offer.requirements.vcpus * host.model.speed)
         duration = (fetch + c.setup_s + compute) * self.rng.lognormvariate(0.0, c.run_noise)
         ref = offer.ref
-        run = Run(host.index, ref.job_id, ref.segment, ref.attempt, now)
+        run = ReplicaRun(host.index, ref.job_id, ref.segment, ref.attempt, now)
         host.running[ref.digest] = (run, offer)
         self.runs.append(run)
         self.running_per_attempt[(ref.job_id, ref.attempt)] += 1
@@ -328,7 +336,7 @@ class MarketWorld(OwnerSide):
         )
         self._host_effects(host, host.bidder.handle(finished, now), now)
 
-    def _end_run(self, run: Run, now: float, outcome: str) -> None:
+    def _end_run(self, run: ReplicaRun, now: float, outcome: str) -> None:
         run.ended, run.outcome = now, outcome
         self.running_per_attempt[(run.job_id, run.attempt)] -= 1
 

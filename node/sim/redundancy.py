@@ -41,7 +41,7 @@ from typing import Any
 
 from node.sim.availability import HOUR, AvailabilityModel, HostAvailability, generate_hosts
 from node.sim.engine import Simulator
-from node.sim.market_world import EPOCH, HostModel, MarketWorld, Run, WorldConfig
+from node.sim.market_world import EPOCH, HostModel, MarketWorld, ReplicaRun, WorldConfig
 from node.sim.oracle import OracleHost, Pipeline, oracle_schedule
 
 MIB = 1 << 20
@@ -308,7 +308,7 @@ def summarize(world: MarketWorld, k: int) -> dict[str, Any]:
     }
 
 
-def _classify(world: MarketWorld, run: Run, winners: set[Any]) -> str:
+def _classify(world: MarketWorld, run: ReplicaRun, winners: set[Any]) -> str:
     """won; lost (its host went down); loser (in the winning attempt, beaten); other."""
     key = (run.job_id, run.segment)
     node = world.hosts[run.host].identity.node_id

@@ -74,7 +74,7 @@ class RunSpec:
         return self.loss == 0 and not self.partitions and not self.churn.active
 
 
-class Run:
+class StudyRun:
     """A simulator, a network and a seeded swarm, with the invariants registered."""
 
     def __init__(self, spec: RunSpec, seed: int, label: str, keys: KeyRing) -> None:
@@ -203,7 +203,7 @@ def spread_figures(times: dict[int, float], population: int, seconds: float) -> 
 
 def run_join(spec: RunSpec, seed: int, label: str, keys: KeyRing) -> dict[str, Any]:
     """A node joins a converged swarm of spec.nodes - 1 at t0; how fast does everyone know?"""
-    run = Run(spec, seed, label, keys)
+    run = StudyRun(spec, seed, label, keys)
     joiner = spec.nodes - 1
     members = list(range(joiner))
     run.start(members)
@@ -226,7 +226,7 @@ def run_join(spec: RunSpec, seed: int, label: str, keys: KeyRing) -> dict[str, A
 
 def run_route_move(spec: RunSpec, seed: int, label: str, keys: KeyRing) -> dict[str, Any]:
     """H1 holds A at epoch 1; at t0 H2 claims epoch 2 and H1 withdraws; how fast is A moved?"""
-    run = Run(spec, seed, label, keys)
+    run = StudyRun(spec, seed, label, keys)
     members = list(range(spec.nodes))
     run.start(members)
     rng = run.sim.fork(f"{label}/route")
