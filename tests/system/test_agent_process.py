@@ -1,0 +1,200 @@
+"""The agent as a real process: bad config, crash recovery, clean stop, garbage frames."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kit.agents import AgentProcess, write_config
+from kit.fuzzing import edit_lists, mutate
+from test_wire import valid_frames
+
+from node.base.identity import Identity
+from node.base.wire import MessageType, decode_frame, encode_frame
+
+
+def gleaner(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_broken_config_exits_with_one_line_naming_the_field(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[network]\nlisten = "not-an-address"\n')
+    result = gleaner("agent", "--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "network.listen" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unparsable_config_is_one_line_too(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[network\nlisten=")
+    result = gleaner("agent", "--config", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_without_agent_is_one_clear_line(tmp_path):
+    result = gleaner("status", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"gleaner: no agent control socket at {tmp_path / 'none.sock'} (is the agent running?)"
+    ]
+
+
+def test_kill_9_then_restart_keeps_identity_and_state(root_agent: AgentProcess):
+    first = root_agent.start()
+    assert first["boot"] == 1
+    assert root_agent.kill(signal.SIGKILL) == -signal.SIGKILL
+    second = root_agent.start()
+    assert second["node_id"] == first["node_id"]
+    assert second["boot"] == 2
+    assert second["record_seq"] > first["record_seq"]
+    db = sqlite3.connect(root_agent.state_dir / "state.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+
+
+def test_sigterm_stops_cleanly(root_agent: AgentProcess):
+    root_agent.start()
+    assert root_agent.kill(signal.SIGTERM) == 0
+    assert not root_agent.socket.exists()
+    assert "stopped" in root_agent.log.read_text()
+
+
+def test_status_table_and_json(root_agent: AgentProcess):
+    status = root_agent.start()
+    table = gleaner("status", "--socket", str(root_agent.socket))
+    assert table.returncode == 0
+    assert status["node_id"] in table.stdout and "uptime" in table.stdout
+    as_json = gleaner("status", "--socket", str(root_agent.socket), "--json")
+    import json
+
+    parsed = json.loads(as_json.stdout)
+    assert parsed["node_id"] == status["node_id"]
+    assert parsed["listen"].startswith("127.0.0.1:")
+
+
+def test_control_socket_is_private(root_agent: AgentProcess):
+    root_agent.start()
+    assert root_agent.socket.stat().st_mode & 0o077 == 0
+
+
+@pytest.fixture(scope="module")
+def fuzzed_agent(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fuzzed")
+    config = write_config(base / "agent.toml", base / "state")
+    agent = AgentProcess(config, base / "state", base / "agent.log")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        status = agent.start()
+        host, port = status["listen"].rsplit(":", 1)
+        sock.bind(("127.0.0.1", 0))
+        yield agent, sock, (host, int(port))
+    finally:
+        sock.close()
+        agent.stop()
+
+
+def _ping(sock: socket.socket, address: tuple[str, int], nonce: int) -> int:
+    identity = Identity.generate()
+    sock.settimeout(5)
+    sock.sendto(encode_frame(identity, MessageType.PING, 1, {"nonce": nonce}, sign=True), address)
+    while True:
+        reply = decode_frame(sock.recvfrom(65536)[0])
+        if reply.type is MessageType.ACK and reply.body["nonce"] == nonce:
+            return nonce
+
+
+FRAMES = st.one_of(
+    st.binary(max_size=1500),
+    st.builds(mutate, st.sampled_from(valid_frames()), edit_lists(max_position=5000, max_size=6)),
+)
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(FRAMES)
+def test_agent_survives_garbage_over_its_socket(fuzzed_agent, frame):
+    agent, sock, address = fuzzed_agent
+    sock.sendto(frame, address)
+    assert agent.process is not None and agent.process.poll() is None  # still running
+
+
+def test_fuzzed_agent_still_answers(fuzzed_agent):
+    agent, sock, address = fuzzed_agent
+    assert _ping(sock, address, random.randrange(1 << 30))  # answers on its socket
+    status = agent.status()
+    assert status["protocol_errors"] > 100
+    assert status["frames_in"] > status["protocol_errors"]
+    result = gleaner("status", "--socket", str(agent.socket), "--json")
+    assert result.returncode == 0, result.stderr
+    assert agent.process is not None and agent.process.poll() is None
+
+
+def test_record_message_is_verified_and_persisted(fuzzed_agent):
+    agent, sock, address = fuzzed_agent
+    from node.base.records import Capabilities, sign_record
+
+    other = Identity.generate()
+    record = sign_record(
+        other,
+        endpoints=("127.0.0.1:1",),
+        overlay_address="",
+        capabilities=Capabilities(),
+        version="t",
+        seq=1,
+        expires=2**40,
+    )
+    before = agent.status()["peer_count"]
+    frame = encode_frame(other, MessageType.RECORD, 1, {"record": record.blob}, sign=True)
+    sock.sendto(frame, address)
+    payload, _ = msgpack.unpackb(record.blob)
+    forged = msgpack.packb([payload, bytes(64)])
+    sock.sendto(encode_frame(other, MessageType.RECORD, 2, {"record": forged}, sign=True), address)
+    assert _ping(sock, address, 5)  # both handled by now: frames are processed in order
+    assert agent.status()["peer_count"] == before + 1
+    db = sqlite3.connect(Path(agent.state_dir) / "state.db")
+    stored = [row[0] for row in db.execute("SELECT record FROM peers")]
+    db.close()
+    assert record.blob in stored and forged not in stored
+
+
+BAD_REQUESTS = [
+    ("vm_start", {"name": "x", "tap": "t", "image_id": "i", "args": ""}),  # no grant
+    ("vm_start", {"name": "x", "tap": "t", "grant": b"not a grant"}),
+    ("vm_migrate", {"name": "x"}),
+    ("vm_expect", {"name": "x", "tap": "t"}),
+    ("vm_attach", {"grant": b"x", "device": "d", "gateway": "g"}),
+    ("vm_attach", {}),
+    ("segment_run", {"job": "j", "segment": "zero", "image_id": "i"}),
+    ("segment_run", {"job": "j", "segment": 0, "image_id": "0" * 64, "checkpoint": b"zz"}),
+    ("vm_start", {"name": 5, "tap": "t", "grant": b"g"}),
+    ("no_such_method", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), BAD_REQUESTS)
+def test_bad_control_requests_get_one_clear_error_and_the_agent_stays_up(
+    root_agent: AgentProcess, method, params
+):
+    from node.runtime.control import ControlError, call
+
+    root_agent.start()
+    with pytest.raises(ControlError) as info:
+        call(root_agent.socket, method, params)
+    assert "\n" not in str(info.value) and str(info.value)
+    assert root_agent.status()["node_id"]
+    assert root_agent.process is not None and root_agent.process.poll() is None

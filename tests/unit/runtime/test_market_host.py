@@ -1,0 +1,82 @@
+"""The host side of the market around the bidder core: what it does when a replica ends.
+
+The real SegmentService runs the replica, on the fake libvirt twin (segments.vm.fake,
+itself tested against libvirt in test_vm_libvirt.py), so a failure can be injected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from kit.market import NONCE
+from kit.market import identity as _identity
+from test_replica_handoff import FakeHostService
+
+import node.runtime.market_host as market_host
+from node.market.bidder import HostPolicy
+from node.market.messages import (
+    MarketKind,
+    Requirements,
+    Winner,
+    decode_bid,
+    decode_withdraw,
+    sign_award,
+    sign_offer,
+)
+from node.runtime import segment_service as service_module
+from node.runtime.market_host import HostMarket
+from segments.vm.fake import FakeVmRuntime
+
+OWNER, HOST = _identity(1), _identity(2)
+POLICY = HostPolicy(vcpus=2, memory_mib=1024, disk_mib=10_000, replicas=2)
+
+
+def test_a_replica_that_fails_is_withdrawn_from_its_owner_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = SimpleNamespace(
+        kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img", cmdline="", memory_mb=96
+    )
+    monkeypatch.setattr(service_module, "load", lambda _store, _image_id: image)
+    monkeypatch.setattr(market_host, "load", lambda _store, _image_id: image)
+    runtime = FakeVmRuntime("fake:///a", {})
+    runtime.fail_next("start", "qemu died")
+    segments = FakeHostService(tmp_path, "a", runtime)  # type: ignore[arg-type]
+    sent: list[tuple[Any, MarketKind, bytes]] = []
+
+    async def send(target: Any, kind: MarketKind, blob: bytes) -> None:
+        sent.append((target, kind, blob))
+
+    market = HostMarket(HOST, POLICY, segments, send, lambda _node: None)
+    offer = sign_offer(
+        OWNER, job_nonce=NONCE, segment=0, attempt=1, image="0" * 64,
+        requirements=Requirements(96, 1), extent_s=10, checkpoint=None, checkpoint_size=0,
+        holders=(), k=1, ceiling=10, bid_deadline=2**40,
+    )  # fmt: skip
+
+    def of(kind: MarketKind) -> list[bytes]:
+        return [blob for _, k, blob in sent if k is kind]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(market.run)
+            await market.deliver(OWNER.node_id, MarketKind.OFFER, offer.blob)
+            [bid] = of(MarketKind.BID)
+            winner = Winner(HOST.node_id, decode_bid(bid).price)
+            award = sign_award(OWNER, offer.ref, (winner,))
+            await market.deliver(OWNER.node_id, MarketKind.AWARD, award.blob)
+            with trio.fail_after(10):
+                while not of(MarketKind.WITHDRAW):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    segments.close()
+    [withdraw] = [decode_withdraw(blob) for blob in of(MarketKind.WITHDRAW)]
+    assert withdraw.ref == offer.ref and "qemu died" in withdraw.reason and not withdraw.live
+    assert market.view()["statistics"]["replicas_failed"] >= 1
+    assert market.running == {} and market.offers == {}
