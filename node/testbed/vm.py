@@ -196,14 +196,6 @@ def _node_id(host: dict[str, Any]) -> NodeId:
     return NodeId.parse(host["node_id"])
 
 
-def vm_exec(root: Path, name: str) -> list[str]:
-    """The argv prefix to run a command inside the VM stand-in's current instance."""
-    vm = _require(root).get("vms", {}).get(name)
-    if vm is None or not vm["netns"]:
-        raise TestbedError(f"no running VM {name!r}")
-    return ["ip", "netns", "exec", vm["netns"]]
-
-
 class NetworkVm:
     """A real guest with network on the testbed, driven through the agents' RPCs.
 

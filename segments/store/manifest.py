@@ -66,11 +66,6 @@ def block_digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def is_zero(data: bytes) -> bool:
-    """True if `data` is all zero bytes (such blocks are named ``ZERO``)."""
-    return not data or (data[0] == 0 and data == bytes(len(data)))
-
-
 @dataclass(frozen=True, slots=True)
 class BlockRef:
     """One block of one file: where it sits and what it is (``ZERO`` for zeros)."""
