@@ -36,12 +36,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing gleaner into .venv"
   log=$(mktemp)
   if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-         .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'; } >"$log" 2>&1
+         .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,sim]'; } >"$log" 2>&1
   then
     cat "$log" >&2; rm -f "$log"; exit 1
   fi
   rm -f "$log"
-  .venv/bin/python -c 'import node, overlay, segments, trio, nacl, msgpack, libvirt, zeroconf'
+  .venv/bin/python -c 'import node, overlay, segments, trio, nacl, msgpack, libvirt, zeroconf, matplotlib'
   touch "$stamp"
 fi
 

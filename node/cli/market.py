@@ -6,8 +6,6 @@
     gleaner watch JOB            live: segments, replicas, winner, payments; a progress bar
     gleaner fetch JOB [-o DIR]   the job's console output (and its result line)
     gleaner ledger               balances, chains and payments, paid and received
-    gleaner drain [--deadline S] stop bidding, empty this host (progress until empty)
-    gleaner undrain              bid again
 
 A job file is a TOML table of the same settings (``image``, ``memory_mib``,
 ``vcpus``, ``extent_s``, ``segments``, ``redundancy``, ``price_ceiling``,
@@ -25,13 +23,26 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from node.cli.main import CliError, _console, _format_duration, _load_config, _print_json, _rpc
+from node.cli.common import (
+    EXIT_USAGE,
+    CliError,
+    Subcommands,
+    add_command,
+    add_target,
+    console,
+    format_duration,
+    load_config,
+    print_json,
+    rpc,
+)
 
 TERMINAL = ("completed", "halted", "expired")
 
 
-def add_commands(add: Any, add_target: Any) -> None:
-    submit = add("submit", cmd_submit, "inject a VM job into the swarm; prints its job id")
+def add_commands(sub: Subcommands) -> None:
+    submit = add_command(
+        sub, "submit", cmd_submit, "inject a VM job into the swarm; prints its job id"
+    )
     add_target(submit)
     submit.add_argument("job_file", nargs="?", type=Path, help="a TOML file of job settings")
     submit.add_argument("--image", help="image id, or a recipe file to build")
@@ -44,21 +55,20 @@ def add_commands(add: Any, add_target: Any) -> None:
     submit.add_argument("--deadline", type=int, help="seconds from now (default: a day)")
     submit.add_argument("--network", action="store_true", default=None)
     submit.add_argument("--args", help="kernel command-line additions (the workload's settings)")
-    add_target(add("jobs", cmd_jobs, "list the jobs this node owns"))
-    watch = add("watch", cmd_watch, "follow a job: segments, replicas, winners, payments")
+    add_target(add_command(sub, "jobs", cmd_jobs, "list the jobs this node owns"))
+    watch = add_command(
+        sub, "watch", cmd_watch, "follow a job: segments, replicas, winners, payments"
+    )
     add_target(watch)
     watch.add_argument("job")
     watch.add_argument("--once", action="store_true", help="print the table once and exit")
-    fetch = add("fetch", cmd_fetch, "get a job's output: its console, segment by segment")
+    fetch = add_command(
+        sub, "fetch", cmd_fetch, "get a job's output: its console, segment by segment"
+    )
     add_target(fetch)
     fetch.add_argument("job")
     fetch.add_argument("-o", "--output", type=Path, help="write console.txt into this directory")
-    add_target(add("ledger", cmd_ledger, "balances, hash chains and payments"))
-    drain = add("drain", cmd_drain, "stop bidding and empty this host (survives restarts)")
-    add_target(drain)
-    drain.add_argument("--deadline", type=float, help="seconds from now to be empty by")
-    drain.add_argument("--no-wait", action="store_true", help="start the drain and return")
-    add_target(add("undrain", cmd_undrain, "take this host back into the market"))
+    add_target(add_command(sub, "ledger", cmd_ledger, "balances, hash chains and payments"))
 
 
 def job_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,7 +77,7 @@ def job_settings(args: argparse.Namespace) -> dict[str, Any]:
         try:
             settings = tomllib.loads(args.job_file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise CliError(f"{args.job_file}: {exc}", 2) from None
+            raise CliError(f"{args.job_file}: {exc}", EXIT_USAGE) from None
         settings = settings.get("job", settings)
     for name in ("image", "memory_mib", "vcpus", "extent_s", "redundancy", "price_ceiling"):
         if getattr(args, name) is not None:
@@ -96,14 +106,14 @@ def _integer(text: str) -> int:
         return int(text)
     except ValueError:
         raise CliError(
-            f"--segments: expected a number or until-poweroff, got {text!r}", 2
+            f"--segments: expected a number or until-poweroff, got {text!r}", EXIT_USAGE
         ) from None
 
 
 def _build_image(args: argparse.Namespace, recipe: Path) -> str:
     from segments.image.store import ImageError, build
 
-    loaded = _load_config(args)
+    loaded = load_config(args)
     store = Path(loaded["vm.image_store"] or loaded.state_dir / "images")
     try:
         return build(recipe, store).id
@@ -112,18 +122,18 @@ def _build_image(args: argparse.Namespace, recipe: Path) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job = _rpc(args, "job_submit", {"job": job_settings(args)})
+    job = rpc(args, "job_submit", {"job": job_settings(args)})
     if args.json:
-        _print_json(job)
+        print_json(job)
     else:
         print(job["job_id"])
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _rpc(args, "jobs")
+    jobs = rpc(args, "jobs")
     if args.json:
-        _print_json(jobs)
+        print_json(jobs)
         return 0
     from rich.table import Table
 
@@ -140,9 +150,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{job['committed']}/{total}",
             str(job["k"]),
             str(job["paid_units"]),
-            _format_duration(now - job["submitted"]),
+            format_duration(now - job["submitted"]),
         )
-    _console().print(table)
+    console().print(table)
     return 0
 
 
@@ -170,8 +180,8 @@ def segment_table(detail: dict[str, Any]) -> Any:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     if args.json or args.once:
-        detail = _rpc(args, "job", {"job": args.job})
-        _print_json(detail) if args.json else _console().print(segment_table(detail))
+        detail = rpc(args, "job", {"job": args.job})
+        print_json(detail) if args.json else console().print(segment_table(detail))
         return 0
     from rich.console import Group
     from rich.live import Live
@@ -179,9 +189,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     task = progress.add_task("segments", total=None)
-    with Live(console=_console(), refresh_per_second=4) as live:
+    with Live(console=console(), refresh_per_second=4) as live:
         while True:
-            detail = _rpc(args, "job", {"job": args.job})
+            detail = rpc(args, "job", {"job": args.job})
             progress.update(
                 task,
                 total=detail["segments"],
@@ -196,12 +206,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    output = _rpc(args, "job_output", {"job": args.job})
+    output = rpc(args, "job_output", {"job": args.job})
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "console.txt").write_text(output["console"])
     if args.json:
-        _print_json(output)
+        print_json(output)
     elif args.output is None:
         print(output["console"], end="")
     else:
@@ -210,9 +220,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    ledger = _rpc(args, "ledger")
+    ledger = rpc(args, "ledger")
     if args.json:
-        _print_json(ledger)
+        print_json(ledger)
         return 0
     from rich.table import Table
 
@@ -229,39 +239,5 @@ def cmd_ledger(args: argparse.Namespace) -> int:
                 str(b["released"]),
                 str(b["accepted"]),
             )
-    _console().print(table)
-    return 0
-
-
-def cmd_drain(args: argparse.Namespace) -> int:
-    params = {"deadline_s": args.deadline} if args.deadline is not None else {}
-    policy = _rpc(args, "drain", params)
-    if args.no_wait:
-        _print_json(policy) if args.json else print(f"draining: {policy['reason']}")
-        return 0
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    start = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=_console()) as bar:
-        task = bar.add_task("draining")
-        while policy["state"] != "drained":
-            guests = ", ".join(policy["guests"]) or "none"
-            bar.update(
-                task, description=f"draining: {policy['replicas_running']} replica(s) ({guests})"
-            )
-            time.sleep(0.5)
-            policy = _rpc(args, "status")["policy"]
-            if policy is None or not policy["draining"]:
-                raise CliError("the drain was called off (undrain)")
-    elapsed = time.monotonic() - start
-    if args.json:
-        _print_json({**policy, "time_to_empty_s": round(elapsed, 3)})
-    else:
-        print(f"host empty after {elapsed:.1f} s; not bidding until `gleaner undrain`")
-    return 0
-
-
-def cmd_undrain(args: argparse.Namespace) -> int:
-    policy = _rpc(args, "undrain")
-    _print_json(policy) if args.json else print(f"{policy['state']}: {policy['reason']}")
+    console().print(table)
     return 0
