@@ -1,8 +1,10 @@
 # The two commands: `make demo` and `make test`. Both set everything up first.
+# `make check` is the fast lane: the unit tests only (tests/unit: no root, namespaces,
+# VMs or daemons; any user), on the .venv that `make setup` made.
 PY := .venv/bin/python
 PYTEST_FLAGS ?= -q
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test check lint bench clean
 
 setup:
 	@bash deploy/setup.sh
@@ -12,6 +14,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+check:
+	@test -x $(PY) || { echo "make check: no $(PY); run make setup first" >&2; exit 1; }
+	$(PY) -m pytest tests/unit -p no:cacheprovider $(PYTEST_FLAGS)
 
 lint: setup
 	.venv/bin/ruff check .

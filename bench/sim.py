@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.membership.swim import MembershipConfig
+from node.membership.config import MembershipConfig
 from node.sim.engine import Simulator
 from node.sim.studies import RunSpec, run_join
 from node.sim.swarm import KeyRing

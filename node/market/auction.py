@@ -45,9 +45,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from node.base.identity import NodeId
-from node.market.messages import Bid, MarketRefusal, MarketRefused, Offer
+from node.market.message_fields import MarketRefusal, MarketRefused
+from node.market.offer_messages import Bid, Offer
 from node.market.reputation import Reputation
-from node.membership.dissemination import RandomSource
+from node.membership.random_set import RandomSource
 
 
 @dataclass(frozen=True, slots=True)

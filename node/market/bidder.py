@@ -58,23 +58,27 @@ from dataclasses import dataclass
 
 from node.base.identity import Identity, NodeId
 from node.base.wire import RemoteProtocolError
-from node.market.messages import (
-    Bid,
-    Capacity,
+from node.market.message_fields import (
     MarketKind,
     MarketRefusal,
     MarketRefused,
-    Offer,
     OfferRef,
-    SegmentCommit,
-    SendStatement,
+    refusal_of,
+)
+from node.market.messages import SendStatement
+from node.market.offer_messages import (
+    Bid,
+    Capacity,
+    Offer,
     Winner,
     decode_award,
+    decode_offer,
+    sign_bid,
+)
+from node.market.outcome_messages import (
+    SegmentCommit,
     decode_cancel,
     decode_commit,
-    decode_offer,
-    refusal_of,
-    sign_bid,
     sign_completion,
     sign_withdraw,
 )

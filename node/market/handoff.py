@@ -48,19 +48,21 @@ from urllib.parse import parse_qs, urlsplit
 from node.base.identity import Identity, NodeId
 from node.base.signed import bin_field, decode_own, sign_payload
 from node.base.wire import RemoteProtocolError
-from node.market.messages import (
-    MAX_AWARD_BYTES,
-    MAX_OFFER_BYTES,
-    Award,
+from node.market.message_fields import (
     MarketRefusal,
     MarketRefused,
-    Offer,
     OfferRef,
-    decode_award,
-    decode_offer,
     open_authored,
     read_ref,
     ref_fields,
+)
+from node.market.offer_messages import (
+    MAX_AWARD_BYTES,
+    MAX_OFFER_BYTES,
+    Award,
+    Offer,
+    decode_award,
+    decode_offer,
 )
 
 HANDOFF_CONTEXT = b"gleaner/handoff/v1\x00"

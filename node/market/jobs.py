@@ -61,18 +61,16 @@ from typing import Any
 
 from node.base.identity import NodeId
 from node.ledger.tokens import MAX_UNITS
-from node.market.messages import (
+from node.market.message_fields import MAX_HOLDERS, MAX_K
+from node.market.messages import BroadcastOffer, SendStatement
+from node.market.offer_messages import (
     MAX_ARCH_CHARS,
     MAX_ARGS_CHARS,
-    MAX_HOLDERS,
     MAX_IMAGE_CHARS,
-    MAX_K,
     MAX_MEMORY_MIB,
     MAX_VCPUS,
     MIN_MEMORY_MIB,
-    BroadcastOffer,
     Requirements,
-    SendStatement,
 )
 from overlay.claims import MAX_NONCE_BYTES, MIN_NONCE_BYTES, derive_job_id
 

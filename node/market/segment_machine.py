@@ -61,27 +61,27 @@ Invariants
 - Nothing a peer sends raises: refusals are counted as ``refused_<reason>``. A
   completion for an abandoned attempt is refused and answered with a CANCEL, so
   its host stops resending it.
+
+Where things are: the machine's settings and its round and replica records in
+node/market/segment_rounds.py; its state and the steps it takes on its own
+account (the transition, offers, awards, verification, commit, cancels) in
+node/market/segment_actions.py; here, how it reacts to events and time.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass, field, replace
 
-from node.base.identity import Identity, NodeId
-from node.base.wire import LocalProtocolError, RemoteProtocolError
-from node.market.auction import AuctionConfig, Auctioneer
+from node.base.identity import NodeId
+from node.base.wire import RemoteProtocolError
+from node.market.auction import Auctioneer
 from node.market.jobs import (
     IN_FLIGHT,
-    TRANSITIONS,
     BidReceived,
     CheckpointReplicated,
     CompletionReceived,
     CompletionVerified,
-    JobFinished,
     JobSnapshot,
-    JobSpec,
     JobStep,
     OfferDelivered,
     OwnerEffect,
@@ -91,140 +91,28 @@ from node.market.jobs import (
     PersistJob,
     ReplicaLost,
     ReplicaStarted,
-    ReplicateCheckpoint,
-    SegmentChanged,
     SegmentState,
-    VerifyCompletion,
     WithdrawReceived,
 )
-from node.market.messages import (
-    MAX_HOLDERS,
-    BroadcastOffer,
+from node.market.message_fields import MarketKind, MarketRefusal, MarketRefused, refusal_of
+from node.market.messages import BroadcastOffer, SendStatement
+from node.market.offer_messages import decode_bid, sign_award
+from node.market.outcome_messages import (
     CancelReason,
     Completion,
-    MarketKind,
-    MarketRefusal,
-    MarketRefused,
-    Offer,
-    OfferRef,
-    SegmentCommit,
-    SendStatement,
-    Winner,
     Withdraw,
-    decode_bid,
     decode_completion,
     decode_withdraw,
-    refusal_of,
-    sign_award,
     sign_cancel,
-    sign_commit,
-    sign_offer,
 )
-from node.market.reputation import Reputation
-from node.membership.dissemination import RandomSource
-from overlay.claims import sign_grant
+from node.market.segment_actions import SegmentActions
+from node.market.segment_rounds import MoveAuction, Replica, Round
 
 _S = SegmentState
 
 
-@dataclass(frozen=True, slots=True)
-class MachineConfig:
-    swarm_id: str  # route grants name it
-    auction: AuctionConfig = field(default_factory=AuctionConfig)
-    reoffer_s: float = 5.0  # first wait before re-offering after an empty auction; doubles
-    max_reoffer_s: float = 300.0
-    finish_slack: float = 2.0
-    run_grace_s: float = 60.0
-    resume_grace_s: float = 120.0
-    replicate_retry_s: float = 60.0
-    min_holders: int = 2
-
-    def __post_init__(self) -> None:
-        if not 0 < self.reoffer_s <= self.max_reoffer_s or self.finish_slack < 1:
-            raise ValueError("need 0 < reoffer_s <= max_reoffer_s and finish_slack >= 1")
-        if not 1 <= self.min_holders <= MAX_HOLDERS or self.replicate_retry_s <= 0:
-            raise ValueError(f"need 1 <= min_holders <= {MAX_HOLDERS}, replicate_retry_s > 0")
-
-
-# -- the core --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Replica:
-    node: NodeId
-    price: int
-    estimate_s: int
-    lost: bool = False
-    cancelled: bool = False
-    completion: Completion | None = None
-    completed_at: float = 0.0
-
-    @property
-    def running(self) -> bool:
-        return not self.lost and not self.cancelled and self.completion is None
-
-
-@dataclass(slots=True)
-class _Move:
-    """The auction for a live hand-off; the guest still runs at ``offer.source``."""
-
-    offer: Offer
-    auction: Auctioneer
-
-
-@dataclass(slots=True)
-class _Round:
-    """One attempt of one segment."""
-
-    offer: Offer
-    auction: Auctioneer | None
-    replicas: dict[NodeId, _Replica] = field(default_factory=dict)
-    awarded_at: float = 0.0
-    run_deadline: float = math.inf
-    queue: list[NodeId] = field(default_factory=list)  # completed, not yet verified
-    candidate: NodeId | None = None  # being verified
-    winner: NodeId | None = None  # verified
-    copies: dict[bytes, dict[NodeId, None]] = field(default_factory=dict)  # manifest -> nodes
-    replicate_at: float = math.inf
-    excused: bool = False  # the owner was away: losses are not the hosts' fault
-    move: _Move | None = None  # a live hand-off of the sole replica, being auctioned
-
-    def winning(self) -> Completion:
-        assert self.winner is not None
-        completion = self.replicas[self.winner].completion
-        assert completion is not None
-        return completion
-
-
-class SegmentMachine:
+class SegmentMachine(SegmentActions):
     """One job, run by its owner. See the module docstring."""
-
-    def __init__(
-        self,
-        owner: Identity,
-        spec: JobSpec,
-        config: MachineConfig,
-        reputation: Reputation,
-        rng: RandomSource,
-        snapshot: JobSnapshot | None = None,
-    ) -> None:
-        if spec.owner != owner.node_id:
-            raise LocalProtocolError("a job is run by its owner")
-        self.spec, self.config = spec, config
-        self.job_id = spec.job_id
-        self._owner = owner
-        self._reputation = reputation
-        self._rng = rng
-        self._snap = snapshot or JobSnapshot()
-        self._state = _S.DONE if self._snap.done else _S.WAITING
-        self._repay = self._snap.last_winner is not None
-        self._round: _Round | None = None
-        self._last_commit: SegmentCommit | None = None
-        self._reoffer_at = math.inf
-        self._backoff = config.reoffer_s
-        self._attempt = 0
-        self._stats: Counter[str] = Counter()
-        self._out: list[OwnerEffect] = []
 
     @property
     def state(self) -> SegmentState:
@@ -312,7 +200,7 @@ class SegmentMachine:
                 wakeup = min(wakeup, round_.move.auction.deadline)
         return wakeup
 
-    # -- offer and award ---------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------
 
     def _resume(self, now: float) -> None:
         round_, snap = self._round, self._snap
@@ -331,37 +219,6 @@ class SegmentMachine:
         if round_.winner is not None:
             self._ask_replication(round_, now)
 
-    def _open_offer(self, now: float) -> None:
-        offer = self._next_offer(now, self.spec.extent_s)
-        self._attempt = offer.ref.attempt
-        self._round = _Round(offer, Auctioneer(offer, now, self.config.auction, self._reputation))
-        self._reoffer_at = math.inf
-        self._stats["offers"] += 1
-        self._move(JobStep.OFFER)
-        self._emit(BroadcastOffer(offer))
-
-    def _next_offer(self, now: float, extent_s: int, source: NodeId | None = None) -> Offer:
-        """The current segment's next attempt, from the last commit (attempts never repeat)."""
-        spec, snap = self.spec, self._snap
-        self._snap = replace(snap, next_attempt=snap.next_attempt + 1)
-        return sign_offer(
-            self._owner,
-            job_nonce=spec.nonce,
-            segment=snap.segment,
-            attempt=snap.next_attempt,
-            image=spec.image,
-            requirements=spec.requirements,
-            extent_s=extent_s,
-            checkpoint=snap.manifest,
-            checkpoint_size=snap.size,
-            holders=snap.holders,
-            k=spec.k,
-            ceiling=spec.ceiling,
-            bid_deadline=math.ceil(now + self.config.auction.bid_window_s),
-            args=spec.args,
-            source=source,
-        )
-
     def _on_bid(self, blob: bytes, now: float) -> None:
         bid = decode_bid(blob)
         round_ = self._round
@@ -379,50 +236,6 @@ class SegmentMachine:
             raise MarketRefused(MarketRefusal.LATE, f"bid from {bid.host.short} after the award")
         self._stats[f"bids_{auction.add_bid(bid, now).value}"] += 1
         self._maybe_close(auction, now)
-
-    def _maybe_close(self, auction: Auctioneer, now: float) -> None:
-        round_ = self._round
-        if round_ is None or round_.auction is not auction or not auction.ready(now):
-            return
-        round_.auction = None
-        picks = auction.select(self._rng)
-        if not picks:
-            self._stats["auctions_empty"] += 1
-            self._reoffer_at = now + self._backoff
-            self._backoff = min(2 * self._backoff, self.config.max_reoffer_s)
-            return
-        self._backoff = self.config.reoffer_s
-        winners = tuple(self._winner(p.bid.host, p.bid.price) for p in picks)
-        award = sign_award(self._owner, round_.offer.ref, winners)
-        for pick in picks:
-            node = pick.bid.host
-            round_.replicas[node] = _Replica(node, pick.bid.price, pick.bid.finish_s)
-            self._reputation.awarded(node)
-        slowest = max(p.bid.finish_s for p in picks)
-        round_.awarded_at = now
-        round_.run_deadline = now + slowest * self.config.finish_slack + self.config.run_grace_s
-        self._stats["awards"] += 1
-        self._move(JobStep.AWARD)
-        self._emit(PersistJob(self.job_id, self._snap))
-        for bid in auction.bids:
-            self._emit(SendStatement(bid.host, MarketKind.AWARD, award.blob))
-
-    def _winner(self, node: NodeId, price: int) -> Winner:
-        if not self.spec.network:
-            return Winner(node, price)
-        epoch = self._snap.next_epoch
-        self._snap = replace(self._snap, next_epoch=epoch + 1)
-        grant = sign_grant(
-            self._owner,
-            swarm_id=self.config.swarm_id,
-            job_nonce=self.spec.nonce,
-            node_id=node,
-            epoch=epoch,
-            expires=self.spec.deadline,
-        )
-        return Winner(node, price, epoch, grant)
-
-    # -- replicas, completions, verification -------------------------------------------
 
     def _on_completion(self, completion: Completion, now: float) -> None:
         round_ = self._round
@@ -464,20 +277,6 @@ class SegmentMachine:
         else:
             round_.queue.append(replica.node)
 
-    def _verify(self, round_: _Round, node: NodeId) -> None:
-        completion = round_.replicas[node].completion
-        assert completion is not None
-        self._emit(
-            VerifyCompletion(
-                self.job_id,
-                round_.offer.ref.segment,
-                node,
-                completion.manifest,
-                completion.progress,
-                round_.offer.checkpoint,
-            )
-        )
-
     def _on_verified(self, event: CompletionVerified, now: float) -> None:
         round_ = self._round
         if round_ is None or round_.candidate != event.node:
@@ -513,7 +312,7 @@ class SegmentMachine:
         self._cancel(round_, tuple(losers), CancelReason.LOST_RACE)
         self._maybe_commit(round_, now)
 
-    def _next_candidate(self, round_: _Round, now: float) -> None:
+    def _next_candidate(self, round_: Round, now: float) -> None:
         while round_.queue:
             node = round_.queue.pop(0)
             replica = round_.replicas[node]
@@ -526,64 +325,21 @@ class SegmentMachine:
         else:
             self._abandon(round_, now)
 
-    def _on_withdraw(self, withdraw: Withdraw, now: float) -> None:
-        self._judge_ref(withdraw.ref, self._round)
-        replica = self._replica(withdraw.host)
-        if replica is None:
-            raise MarketRefused(MarketRefusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
-        if withdraw.live:
-            self._open_move(replica, withdraw, now)
-            return
-        self._stats["withdrawals"] += 1
-        self._on_lost(withdraw.host, now)
-
-    # -- live hand-off -----------------------------------------------------------------
-
-    def _open_move(self, replica: _Replica, withdraw: Withdraw, now: float) -> None:
-        """Auction the rest of the segment to a host the running guest can migrate to."""
+    def _on_replicated(self, event: CheckpointReplicated, now: float) -> None:
         round_ = self._round
-        assert round_ is not None
-        movable = (
-            self.spec.network
-            and self.spec.k == 1
-            and replica.running
-            and self._state in (_S.AWARDED, _S.RUNNING)
-            and round_.move is None
+        known = round_ is not None and any(
+            r.completion is not None and r.completion.manifest == event.manifest
+            for r in round_.replicas.values()
         )
-        if not movable:
-            self._stats["moves_refused"] += 1  # its host checkpoints where it is instead
+        if round_ is None or not known or self._state is not _S.COMPLETED:
+            self._stats["replications_ignored"] += 1
             return
-        rest = max(1, round_.offer.extent_s - withdraw.used_ms // 1000)
-        move = self._next_offer(now, rest, source=replica.node)  # the round's checkpoint too
-        round_.move = _Move(move, Auctioneer(move, now, self.config.auction, self._reputation))
-        self._stats["moves_offered"] += 1
-        self._emit(BroadcastOffer(move))
+        round_.copies.setdefault(event.manifest, {})[event.node] = None
+        self._stats["replications"] += 1
+        if round_.winner is not None:
+            self._maybe_commit(round_, now)
 
-    def _maybe_close_move(self, now: float) -> None:
-        round_ = self._round
-        move = round_.move if round_ is not None else None
-        if round_ is None or move is None or not move.auction.ready(now):
-            return
-        round_.move = None
-        source = self._replica(move.offer.source) if move.offer.source else None
-        picks = move.auction.select(self._rng)
-        if not picks or source is None or not source.running or round_.winner is not None:
-            self._stats["moves_unplaced"] += 1  # the guest stays; its host checkpoints
-            return
-        pick = picks[0]
-        node = pick.bid.host
-        award = sign_award(self._owner, move.offer.ref, (self._winner(node, pick.bid.price),))
-        moved = _Round(move.offer, None)
-        moved.replicas[node] = _Replica(node, pick.bid.price, pick.bid.finish_s)
-        moved.awarded_at = now
-        slack, grace = self.config.finish_slack, self.config.run_grace_s
-        moved.run_deadline = now + pick.bid.finish_s * slack + grace
-        self._reputation.awarded(node)
-        self._round, self._attempt = moved, move.offer.ref.attempt
-        self._stats["moves_awarded"] += 1
-        self._emit(PersistJob(self.job_id, self._snap))
-        for bid in move.auction.bids:
-            self._emit(SendStatement(bid.host, MarketKind.AWARD, award.blob))
+    # -- losses and withdrawals --------------------------------------------------------
 
     def _on_lost(self, node: NodeId, now: float) -> None:
         round_ = self._round
@@ -608,7 +364,7 @@ class SegmentMachine:
         elif self._state in (_S.AWARDED, _S.RUNNING) and not self._any_alive(round_):
             self._abandon(round_, now)
 
-    def _run_out(self, round_: _Round, now: float) -> None:
+    def _run_out(self, round_: Round, now: float) -> None:
         """The run deadline passed: replicas still running are lost."""
         round_.run_deadline = math.inf
         for replica in round_.replicas.values():
@@ -620,131 +376,63 @@ class SegmentMachine:
         if self._state is not _S.COMPLETED and not self._any_alive(round_):
             self._abandon(round_, now)
 
-    def _abandon(self, round_: _Round, now: float) -> None:
-        """Give the attempt up and offer the segment again from the last commit."""
-        self._stats["abandoned"] += 1
-        live = tuple(r.node for r in round_.replicas.values() if not r.cancelled)
-        self._cancel(round_, live, CancelReason.ABANDONED)
-        self._open_offer(now)
+    def _on_withdraw(self, withdraw: Withdraw, now: float) -> None:
+        self._judge_ref(withdraw.ref, self._round)
+        replica = self._replica(withdraw.host)
+        if replica is None:
+            raise MarketRefused(MarketRefusal.NOT_AWARDED, f"{withdraw.host.short} was not awarded")
+        if withdraw.live:
+            self._open_move(replica, withdraw, now)
+            return
+        self._stats["withdrawals"] += 1
+        self._on_lost(withdraw.host, now)
 
-    # -- commit ------------------------------------------------------------------------
+    # -- live hand-off -----------------------------------------------------------------
 
-    def _on_replicated(self, event: CheckpointReplicated, now: float) -> None:
+    def _open_move(self, replica: Replica, withdraw: Withdraw, now: float) -> None:
+        """Auction the rest of the segment to a host the running guest can migrate to."""
         round_ = self._round
-        known = round_ is not None and any(
-            r.completion is not None and r.completion.manifest == event.manifest
-            for r in round_.replicas.values()
+        assert round_ is not None
+        movable = (
+            self.spec.network
+            and self.spec.k == 1
+            and replica.running
+            and self._state in (_S.AWARDED, _S.RUNNING)
+            and round_.move is None
         )
-        if round_ is None or not known or self._state is not _S.COMPLETED:
-            self._stats["replications_ignored"] += 1
+        if not movable:
+            self._stats["moves_refused"] += 1  # its host checkpoints where it is instead
             return
-        round_.copies.setdefault(event.manifest, {})[event.node] = None
-        self._stats["replications"] += 1
-        if round_.winner is not None:
-            self._maybe_commit(round_, now)
+        rest = max(1, round_.offer.extent_s - withdraw.used_ms // 1000)
+        move = self._next_offer(now, rest, source=replica.node)  # the round's checkpoint too
+        round_.move = MoveAuction(
+            move, Auctioneer(move, now, self.config.auction, self._reputation)
+        )
+        self._stats["moves_offered"] += 1
+        self._emit(BroadcastOffer(move))
 
-    def _maybe_commit(self, round_: _Round, now: float) -> None:
-        completion = round_.winning()
-        holders = tuple(round_.copies[completion.manifest])[:MAX_HOLDERS]
-        if len(holders) < self.config.min_holders:
-            self._ask_replication(round_, now)
+    def _maybe_close_move(self, now: float) -> None:
+        round_ = self._round
+        move = round_.move if round_ is not None else None
+        if round_ is None or move is None or not move.auction.ready(now):
             return
-        winner = round_.replicas[completion.host]
-        commit = sign_commit(
-            self._owner,
-            round_.offer.ref,
-            winner=winner.node,
-            manifest=completion.manifest,
-            size=completion.size,
-            holders=holders,
-        )
-        previous, snap = self._snap.holders, self._snap
-        last = self.spec.segments is not None and snap.segment + 1 >= self.spec.segments
-        done = completion.halted or last
-        self._snap = replace(
-            snap,
-            segment=snap.segment + 1,
-            manifest=completion.manifest,
-            size=completion.size,
-            holders=holders,
-            done=done,
-            last_winner=winner.node,
-            last_price=winner.price,
-        )
-        self._last_commit, self._round = commit, None
-        self._stats["commits"] += 1
-        self._move(JobStep.COMMIT, segment=snap.segment)
+        round_.move = None
+        source = self._replica(move.offer.source) if move.offer.source else None
+        picks = move.auction.select(self._rng)
+        if not picks or source is None or not source.running or round_.winner is not None:
+            self._stats["moves_unplaced"] += 1  # the guest stays; its host checkpoints
+            return
+        pick = picks[0]
+        node = pick.bid.host
+        award = sign_award(self._owner, move.offer.ref, (self._winner(node, pick.bid.price),))
+        moved = Round(move.offer, None)
+        moved.replicas[node] = Replica(node, pick.bid.price, pick.bid.finish_s)
+        moved.awarded_at = now
+        slack, grace = self.config.finish_slack, self.config.run_grace_s
+        moved.run_deadline = now + pick.bid.finish_s * slack + grace
+        self._reputation.awarded(node)
+        self._round, self._attempt = moved, move.offer.ref.attempt
+        self._stats["moves_awarded"] += 1
         self._emit(PersistJob(self.job_id, self._snap))
-        self._emit(PayWinner(self.job_id, snap.segment, winner.node, winner.price))
-        for node in dict.fromkeys((*holders, *previous)):
-            if node != self._owner.node_id:
-                self._emit(SendStatement(node, MarketKind.COMMIT, commit.blob))
-        if done:
-            self._move(JobStep.FINISH)
-            outcome = "halted" if completion.halted else "completed"
-            self._emit(JobFinished(self.job_id, outcome, completion.manifest))
-        else:
-            self._open_offer(now)
-
-    def _ask_replication(self, round_: _Round, now: float) -> None:
-        completion = round_.winning()
-        holders = tuple(round_.copies[completion.manifest])
-        spare = [r.node for r in round_.replicas.values() if not r.lost]
-        targets = tuple(n for n in (*spare, self._owner.node_id) if n not in holders)
-        round_.replicate_at = now + self.config.replicate_retry_s
-        self._stats["replications_asked"] += 1
-        self._emit(
-            ReplicateCheckpoint(
-                self.job_id, round_.offer.ref.segment, completion.manifest, holders, targets
-            )
-        )
-
-    # -- helpers -----------------------------------------------------------------------
-
-    def _expire(self) -> None:
-        if self._round is not None:
-            live = tuple(r.node for r in self._round.replicas.values() if not r.cancelled)
-            self._cancel(self._round, live, CancelReason.JOB_ENDED)
-        self._round = None
-        self._snap = replace(self._snap, done=True)
-        self._move(JobStep.EXPIRE)
-        self._emit(PersistJob(self.job_id, self._snap))
-        self._emit(JobFinished(self.job_id, "expired", self._snap.manifest))
-
-    def _cancel(
-        self, round_: _Round, nodes: tuple[NodeId, ...], reason: CancelReason, mark: bool = True
-    ) -> None:
-        if not nodes:
-            return
-        cancel = sign_cancel(self._owner, round_.offer.ref, nodes, reason)
-        for node in nodes:
-            if mark:
-                round_.replicas[node].cancelled = True
-            self._emit(SendStatement(node, MarketKind.CANCEL, cancel.blob))
-
-    def _judge_ref(self, ref: OfferRef, round_: _Round | None) -> None:
-        if ref.job_id != self.job_id:
-            raise MarketRefused(MarketRefusal.UNKNOWN_OFFER, "names another job")
-        if round_ is None or ref != round_.offer.ref:
-            raise MarketRefused(MarketRefusal.STALE, "names an earlier segment or attempt")
-
-    def _replica(self, node: NodeId) -> _Replica | None:
-        return self._round.replicas.get(node) if self._round is not None else None
-
-    def _any_alive(self, round_: _Round) -> bool:
-        return any(not r.lost and not r.cancelled for r in round_.replicas.values())
-
-    def _move(self, step: JobStep, segment: int | None = None) -> None:
-        new = TRANSITIONS.get((self._state, step))
-        if new is None:
-            raise LocalProtocolError(f"segment machine: no {step.value} from {self._state.value}")
-        self._state = new
-        segment = self._snap.segment if segment is None else segment
-        self._emit(SegmentChanged(self.job_id, segment, self._attempt, new))
-
-    def _emit(self, effect: OwnerEffect) -> None:
-        self._out.append(effect)
-
-    def _drain(self) -> list[OwnerEffect]:
-        out, self._out = self._out, []
-        return out
+        for bid in move.auction.bids:
+            self._emit(SendStatement(bid.host, MarketKind.AWARD, award.blob))

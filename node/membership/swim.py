@@ -6,10 +6,14 @@ Theory of operation
 ``tick(now)`` return effects, ``next_wakeup()`` says when ``tick`` next has work
 (a deadline, so nothing needs fixed-rate ticking). Time and randomness come in
 as arguments, so a seeded run replays exactly. ``now`` is in Unix seconds (record
-expiry is checked against it) and must never go backwards. SWIM's dissemination half (the
-update codec, the member table and its precedence rules, suspicion deadlines,
-the news queue) is node/membership/dissemination.py; this module is the failure detector,
-joining, refutation and the message handling around them.
+expiry is checked against it) and must never go backwards.
+
+The parts live beside this module in node/membership/. SWIM's dissemination half
+is the member table with its precedence rules and suspicion deadlines (table.py),
+the transmit queue (queue.py) and the update codec (codec.py); the failure
+detector's probe rounds, PING_REQ relays and local health are detector.py; the
+events and effects are events.py, the settings config.py. This module ties them
+together: joining, refutation, gossip and the message handling around them.
 
 *Incarnation is the record's seq.* A node re-signs its record with a higher,
 persisted seq whenever it must prove it is alive, so an ALIVE update is the
@@ -88,7 +92,7 @@ Choices beyond the brief, and why
   power of that, at the cost of r - 1 probe intervals of detection time. The
   default, 2, costs the agent 0.5 s and keeps 1,000 nodes quiet up to ~10 %
   loss; the simulator's lossy studies at 10,000 nodes need 3.
-- Claims are queued behind records and broadcasts (dissemination's queue
+- Claims are queued behind records and broadcasts (the transmit queue's
   tiers), so a join, a refutation or a route claim is never starved by a flood
   of suspicions.
 
@@ -109,42 +113,45 @@ Invariants
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from node.base.identity import NodeId
 from node.base.records import PeerRecord, decode_record
 from node.base.wire import SPECS, LocalProtocolError, MessageType, RemoteProtocolError
-from node.membership.dissemination import (
+from node.membership.codec import (
     ALIVE_PREFIX,
-    LIVE,
     Alive,
     Broadcast,
     Claim,
-    MemberTable,
-    RandomSource,
     SeenSet,
     UpdateKind,
     check_broadcast,
     decode_update,
     encode_update,
 )
-from node.membership.dissemination import (
-    Member as Member,  # re-exported: part of this module's interface
+from node.membership.config import MembershipConfig
+from node.membership.detector import FailureDetector
+from node.membership.events import (
+    BroadcastReceived,
+    Effect,
+    Event,
+    JoinRequested,
+    LeaveRequested,
+    MemberChanged,
+    MessageReceived,
+    OwnRecordSigned,
+    RecordDiscovered,
+    RefreshOwnRecord,
+    SendMessage,
+    SendToEndpoint,
 )
-from node.membership.dissemination import (
-    MemberState as MemberState,
-)
-from node.membership.dissemination import (
-    Roster as Roster,
-)
+from node.membership.random_set import RandomSource
+from node.membership.table import Member, MemberState, MemberTable, Roster
 
-MAX_UPDATE_BYTES_LIMIT = 48 * 1024
 JOIN_REPLY_MAX_BYTES = 40 * 1024
 MAX_UPDATES_READ = 64
-MAX_RELAYS = 1024
 MAX_SEEN_BROADCASTS = 4096
 MAX_GREETED = 1024
 STAT_NAMES = (  # noqa: SIM905 - the counters statistics() reports
@@ -154,175 +161,6 @@ STAT_NAMES = (  # noqa: SIM905 - the counters statistics() reports
     "updates_applied updates_duplicate updates_stale updates_ignored updates_rejected "
     "broadcasts_delivered joins_sent"
 ).split()
-
-
-@dataclass(frozen=True, slots=True)
-class MembershipConfig:
-    probe_interval_s: float = 0.5
-    probe_timeout_s: float = 0.25
-    indirect_checks: int = 3
-    suspicion_mult: float = 3.0
-    suspicion_min_s: float = 1.0
-    suspicion_max_mult: float = 2.0  # Lifeguard: the unconfirmed timeout, in SWIM timeouts
-    gossip_interval_s: float = 0.2
-    gossip_fanout: int = 3
-    retransmit_mult: int = 4
-    max_updates_per_message: int = 16
-    max_update_bytes: int = 8 * 1024  # per message: few IP fragments per UDP datagram
-    dead_reclaim_s: float = 30.0
-    join_sample: int = 32
-    join_retry_s: float = 1.0
-    sync_interval_s: float = 10.0
-    local_health_max: int = 8  # Lifeguard: probe interval and timeout stretch up to 9x; 0: off
-    probe_rounds: int = 2  # failed probe rounds in a row (each direct + indirect) to suspect
-
-    def __post_init__(self) -> None:
-        if not 0 < self.probe_timeout_s < self.probe_interval_s:
-            raise ValueError("need 0 < probe_timeout_s < probe_interval_s")
-        if not 0 < self.max_update_bytes < MAX_UPDATE_BYTES_LIMIT:
-            raise ValueError(f"max_update_bytes must be below {MAX_UPDATE_BYTES_LIMIT}")
-        if self.suspicion_max_mult < 1 or self.gossip_interval_s <= 0:
-            raise ValueError("need suspicion_max_mult >= 1 and gossip_interval_s > 0")
-        counts = (self.indirect_checks, self.gossip_fanout, self.retransmit_mult)
-        if min(*counts, self.max_updates_per_message, self.join_sample, self.probe_rounds) < 1:
-            raise ValueError("counts must be at least 1")
-        if self.local_health_max < 0:
-            raise ValueError("local_health_max must be at least 0")
-
-    @property
-    def nack_timeout_s(self) -> float:
-        """How long a PING_REQ helper waits for the target's ACK before it answers NACK.
-
-        Half the indirect window (probe timeout to interval end), so the NACK is back
-        in time even without local-health stretching and with ~100 ms of round trips.
-        """
-        return (self.probe_interval_s - self.probe_timeout_s) / 2
-
-    def suspicion_timeout(self, members: int, confirmations: int) -> float:
-        """Seconds from suspicion to death in a swarm of `members` (this node included)."""
-        low = max(
-            self.suspicion_min_s,
-            self.suspicion_mult * math.log10(members + 1) * self.probe_interval_s,
-        )
-        expected = min(self.indirect_checks, members - 2)
-        if expected < 1 or confirmations >= expected:
-            return low
-        high = self.suspicion_max_mult * low
-        shrink = math.log(confirmations + 1) / math.log(expected + 1)
-        return max(low, high - (high - low) * shrink)
-
-
-# -- events (inputs) ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    """A frame from `sender`, decoded and schema-checked by node.base.wire, arrived via `via`."""
-
-    sender: NodeId
-    msg_type: MessageType
-    body: dict[str, Any]
-    via: str
-
-
-@dataclass(frozen=True, slots=True)
-class RecordDiscovered:
-    """A peer record found out of band (mDNS, persisted state)."""
-
-    record: PeerRecord
-
-
-@dataclass(frozen=True, slots=True)
-class JoinRequested:
-    endpoints: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class OwnRecordSigned:
-    """This node's record, re-signed with a higher seq (persisted before)."""
-
-    record: PeerRecord
-
-
-@dataclass(frozen=True, slots=True)
-class LeaveRequested:
-    pass
-
-
-Event = MessageReceived | RecordDiscovered | JoinRequested | OwnRecordSigned | LeaveRequested
-
-
-# -- effects (outputs) -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendMessage:
-    """Send to a member; the agent picks overlay or underlay from its record."""
-
-    target: NodeId
-    msg_type: MessageType
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class SendToEndpoint:
-    endpoint: str
-    msg_type: MessageType
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class MemberChanged:
-    """A member changed state, or its record was replaced by a newer one."""
-
-    node_id: NodeId
-    state: MemberState
-    record: PeerRecord
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshOwnRecord:
-    """Persist a seq of at least `min_seq`, re-sign, and answer with OwnRecordSigned."""
-
-    min_seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class BroadcastReceived:
-    topic: str
-    key: bytes
-    payload: bytes
-    sender: NodeId  # the node that passed it on, not necessarily its author
-
-
-Effect = SendMessage | SendToEndpoint | MemberChanged | RefreshOwnRecord | BroadcastReceived
-
-
-# -- the core ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Probe:
-    target: NodeId
-    nonce: int
-    ack_deadline: float
-    helpers: tuple[NodeId, ...] = ()
-    nacks: tuple[NodeId, ...] = ()  # helpers that answered NACK
-    indirect_sent: bool = False
-    acked: bool = False
-    round_number: int = 1  # of config.probe_rounds against this target
-    # earlier rounds against this target: a late ACK to one (a helper's relay stays open
-    # for a probe interval) proves the target alive as well as one to this round
-    earlier_nonces: tuple[int, ...] = ()
-    earlier_helpers: tuple[NodeId, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class _Relay:
-    requester: NodeId
-    via: str
-    nonce: int
-    target: NodeId
 
 
 class Membership:
@@ -354,18 +192,16 @@ class Membership:
             max_accusers=config.indirect_checks,
         )
         self._seen = SeenSet(MAX_SEEN_BROADCASTS)
-        self._probe: _Probe | None = None
-        self._relays: dict[int, _Relay] = {}
-        self._relay_expiry: deque[tuple[float, int]] = deque()
-        self._nacks_due: deque[tuple[float, int]] = deque()  # (when, relay nonce)
-        self._health = 0  # Lifeguard's local health score, 0 (healthy) to local_health_max
+        self._detector = FailureDetector(
+            self._id, config, rng, self._table, self._stats, send=self._send, reply=self._reply
+        )
         self._greeted: dict[NodeId, float] = {}
         self._join_endpoints: tuple[str, ...] = ()
         self._refresh_asked = 0
         self._refresh_retry_at = -math.inf
         self._left = False
         self._started = False
-        self._next_probe_at = self._next_gossip_at = math.inf
+        self._next_gossip_at = math.inf
         self._next_join_at = self._next_sync_at = math.inf
 
     # -- public interface ------------------------------------------------------------
@@ -401,7 +237,8 @@ class Membership:
             if not self._left:
                 self._table.spread(Alive(self._own.blob), self._id)
         elif isinstance(event, LeaveRequested):
-            self._left, self._probe = True, None
+            self._left = True
+            self._detector.cancel()
             self._table.spread(Claim(UpdateKind.DEAD, self._id, self._own.seq, self._id), self._id)
             self._gossip(now)
         return self._drain()
@@ -412,26 +249,16 @@ class Membership:
         self._probe_tick(now)
         if self._table.queue and now >= self._next_gossip_at:
             self._gossip(now)
-        while self._nacks_due and self._nacks_due[0][0] <= now:
-            relay = self._relays.get(self._nacks_due.popleft()[1])
-            if relay is not None:  # no ACK from the target yet: tell the requester so
-                self._nack(relay.requester, relay.via, relay.nonce)
-        while self._relay_expiry and self._relay_expiry[0][0] <= now:
-            self._relays.pop(self._relay_expiry.popleft()[1], None)
+        self._detector.expire_relays(now)
         return self._drain()
 
     def next_wakeup(self) -> float:
         """The earliest time `tick` has work; minus infinity before the first call."""
         if not self._started:
             return -math.inf
-        wakeup = min(self._next_probe_at, self._table.next_deadline())
-        probe = self._probe
-        if probe is not None and not probe.acked and not probe.indirect_sent:
-            wakeup = min(wakeup, probe.ack_deadline)
+        wakeup = min(self._detector.next_wakeup(), self._table.next_deadline())
         if self._table.queue:
             wakeup = min(wakeup, self._next_gossip_at)
-        if self._nacks_due:
-            wakeup = min(wakeup, self._nacks_due[0][0])
         return wakeup
 
     def seed(self, roster: Roster, now: float) -> None:
@@ -467,7 +294,7 @@ class Membership:
 
     def local_health(self) -> int:
         """Lifeguard's local health score: probe interval and timeout are (score + 1) times."""
-        return self._health
+        return self._detector.health
 
     def statistics(self) -> dict[str, int]:
         """Counters (STAT_NAMES) and gauges: members, alive, live, queued_updates, health."""
@@ -478,7 +305,7 @@ class Membership:
             alive=len(table.alive),
             live=len(table.live),
             queued_updates=len(table.queue),
-            local_health=self._health,
+            local_health=self._detector.health,
         )
         return stats
 
@@ -500,11 +327,11 @@ class Membership:
             self._reply(sender, via, MessageType.ACK, {"nonce": nonce})
             self._greet_stranger(sender, via, now)
         elif kind is MessageType.ACK:
-            self._on_ack(sender, nonce)
+            self._detector.on_ack(sender, nonce)
         elif kind is MessageType.NACK:
-            self._on_nack(sender, nonce)
+            self._detector.on_nack(sender, nonce)
         elif kind is MessageType.PING_REQ:
-            self._on_ping_req(message, nonce, NodeId(target), now)
+            self._detector.on_ping_req(sender, via, nonce, NodeId(target), now)
             self._greet_stranger(sender, via, now)
         elif kind is MessageType.JOIN:
             self._on_join(message, now)
@@ -536,52 +363,6 @@ class Membership:
             del self._greeted[next(iter(self._greeted))]
         self._stats["joins_sent"] += 1
         self._emit(SendToEndpoint(via, MessageType.JOIN, {"record": self._own.blob}))
-
-    def _on_ack(self, sender: NodeId, nonce: int) -> None:
-        probe = self._probe
-        if probe is not None and (nonce == probe.nonce or nonce in probe.earlier_nonces):
-            vouchers = (probe.target, *probe.helpers, *probe.earlier_helpers)
-            if sender in vouchers:
-                self._stats["acks"] += not probe.acked
-                probe.acked = True
-            return
-        relay = self._relays.get(nonce)
-        if relay is not None and sender == relay.target:
-            del self._relays[nonce]
-            self._stats["relays"] += 1
-            self._reply(relay.requester, relay.via, MessageType.ACK, {"nonce": relay.nonce})
-
-    def _on_nack(self, sender: NodeId, nonce: int) -> None:
-        """A helper we asked could not reach the target: it, at least, is reachable."""
-        probe = self._probe
-        if probe is None or nonce != probe.nonce or sender not in probe.helpers:
-            self._stats["nacks_unexpected"] += 1  # late, or not asked: ignored
-        elif sender in probe.nacks:
-            self._stats["nacks_unexpected"] += 1
-        else:
-            self._stats["nacks"] += 1
-            probe.nacks += (sender,)
-
-    def _on_ping_req(
-        self, message: MessageReceived, nonce: int, target_id: NodeId, now: float
-    ) -> None:
-        if target_id == self._id:
-            self._reply(message.sender, message.via, MessageType.ACK, {"nonce": nonce})
-            return
-        if self._table.state_of(target_id) not in LIVE:  # we cannot vouch for it: say so now
-            self._nack(message.sender, message.via, nonce)
-            return
-        if len(self._relays) >= MAX_RELAYS:
-            return
-        own_nonce = self._rng.getrandbits(62)
-        self._relays[own_nonce] = _Relay(message.sender, message.via, nonce, target_id)
-        self._relay_expiry.append((now + self.config.probe_interval_s, own_nonce))
-        self._nacks_due.append((now + self.config.nack_timeout_s, own_nonce))
-        self._send(target_id, MessageType.PING, {"nonce": own_nonce})
-
-    def _nack(self, requester: NodeId, via: str, nonce: int) -> None:
-        self._stats["nacks_sent"] += 1
-        self._reply(requester, via, MessageType.NACK, {"nonce": nonce})
 
     def _on_join(self, message: MessageReceived, now: float) -> None:
         record = self._decode_record(_field(message.body, "record", bytes))
@@ -683,7 +464,8 @@ class Membership:
             self._refresh_asked = incarnation + 1
             self._refresh_retry_at = now + 2 * self.config.probe_interval_s
             self._stats["refutations"] += 1
-            self._add_health(1)  # Lifeguard: being suspected hints that we are the slow one
+            # Lifeguard: being suspected hints that we are the slow one
+            self._detector.add_health(1)
             self._emit(RefreshOwnRecord(incarnation + 1))
         else:
             self._stats["updates_duplicate"] += 1  # a refresh is already on its way
@@ -693,20 +475,16 @@ class Membership:
     def _start(self, now: float) -> None:
         if not self._started:
             self._started = True
-            self._next_probe_at = now + self._rng.random() * self.config.probe_interval_s
+            self._detector.start(now)
             self._next_gossip_at = now
             self._next_sync_at = now + self._rng.random() * self.config.sync_interval_s
 
     def _probe_tick(self, now: float) -> None:
-        probe = self._probe
-        if probe and not probe.acked and not probe.indirect_sent and now >= probe.ack_deadline:
-            self._probe_indirectly(probe)
-        if now < self._next_probe_at:
+        detector = self._detector
+        detector.check_ack_deadline(now)
+        if now < detector.next_probe_at:
             return
-        retry = self._end_probe(probe, now) if probe is not None else None
-        self._probe = None
-        scale = self._health + 1  # Lifeguard: an unhealthy node probes slower and waits longer
-        self._next_probe_at = now + self.config.probe_interval_s * scale
+        retry = detector.end_round(now)
         if self._left:
             return
         if self._join_endpoints and not self._table.live and now >= self._next_join_at:
@@ -715,50 +493,7 @@ class Membership:
             self._next_sync_at = now + self.config.sync_interval_s
             for peer in self._table.alive.sample(self._rng, 1):
                 self._send_join(peer)
-        target = retry.target if retry is not None else self._table.next_probe_target()
-        if target is not None:
-            deadline = now + self.config.probe_timeout_s * scale
-            self._probe = _Probe(target, self._rng.getrandbits(62), deadline)
-            if retry is not None:
-                self._probe.round_number = retry.round_number + 1
-                self._probe.earlier_nonces = (*retry.earlier_nonces, retry.nonce)
-                self._probe.earlier_helpers = (*retry.earlier_helpers, *retry.helpers)
-                self._stats["probe_retries"] += 1
-            self._stats["probes_sent"] += 1
-            self._send(target, MessageType.PING, {"nonce": self._probe.nonce})
-
-    def _probe_indirectly(self, probe: _Probe) -> None:
-        """No ACK in time: ask helpers to probe the target, and PING it once more ourselves."""
-        probe.indirect_sent = True
-        probe.helpers = tuple(
-            self._table.alive.sample(self._rng, self.config.indirect_checks, (probe.target,))
-        )
-        body = {"nonce": probe.nonce, "target": probe.target.key}
-        for helper in probe.helpers:
-            self._stats["indirect_probes"] += 1
-            self._send(helper, MessageType.PING_REQ, dict(body))
-        # a second direct attempt (memberlist sends one over TCP): on a lossy link it is the
-        # cheapest of the extra chances, two messages against four per helper
-        self._stats["fallback_pings"] += 1
-        self._send(probe.target, MessageType.PING, {"nonce": probe.nonce})
-
-    def _end_probe(self, probe: _Probe, now: float) -> _Probe | None:
-        """Score the finished probe; the probe to repeat against the same target, if any."""
-        if probe.acked:
-            self._add_health(-1)
-            return None
-        if self._table.state_of(probe.target) not in LIVE:
-            return None  # declared dead meanwhile: nothing learned about ourselves
-        self._stats["probes_failed"] += 1
-        # Lifeguard: each helper that did not NACK suggests that our own link is the bad one
-        self._add_health(len(probe.helpers) - len(probe.nacks) if probe.helpers else 1)
-        if probe.round_number < self.config.probe_rounds:
-            return probe  # a suspect too: our confirmation would shorten its suspicion
-        self._table.suspect(probe.target, now)
-        return None
-
-    def _add_health(self, delta: int) -> None:
-        self._health = min(self.config.local_health_max, max(0, self._health + delta))
+        detector.start_round(now, retry)
 
     def _gossip(self, now: float) -> None:
         self._next_gossip_at = now + self.config.gossip_interval_s

@@ -3,32 +3,59 @@
 ``MarketSide.build`` wires them to the agent's edges (sending, membership, block
 endpoints, routes) from the config; ``deliver`` routes a MARKET or LEDGER
 frame to the service that handles it: what hosts send to an owner (bids,
-completions, withdrawals) to the owner side, the rest to the host side.
+completions, withdrawals) to the owner side, the rest to the host side;
+``register`` puts the market's control methods (node/runtime/market_rpc.py)
+into the control socket's dispatch table; ``run`` starts its services.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import trio
 
 from node.base.identity import Identity, NodeId
 from node.base.wire import Envelope, MessageType
 from node.ledger.payee import PayeeConfig
-from node.market.messages import MarketKind
+from node.market.bidder import HostPolicy
+from node.market.message_fields import MarketKind
 from node.runtime.config import Config, policy_config
+from node.runtime.control import RpcTable
+from node.runtime.host_probe import HostProbe
 from node.runtime.ledger_service import LedgerService
+from node.runtime.market_host import HostMarket
+from node.runtime.market_owner import OwnerMarket, machine_config
+from node.runtime.market_rpc import MarketRpc
+from node.runtime.policy_service import PolicyService
 from node.runtime.routing import RouteService
 from node.runtime.segment_service import SegmentService
 from node.runtime.state import State
 
-if TYPE_CHECKING:
-    from node.runtime.market_host import HostMarket
-    from node.runtime.market_owner import OwnerMarket
-    from node.runtime.policy_service import PolicyService
-
 Send = Callable[[NodeId, int, bytes], Awaitable[None]]
 OWNER_KINDS = frozenset({MarketKind.BID, MarketKind.COMPLETION, MarketKind.WITHDRAW})
+HOST_RESERVED_MIB = 512  # guest memory the default cap leaves to the host
+
+
+def host_policy(config: Config, draining: bool = False) -> HostPolicy:
+    """The caps this host lends, from ``[host]`` (0 = all it has)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError):
+        physical = 0
+    return HostPolicy(
+        vcpus=config["host.vcpus"] or os.cpu_count() or 1,
+        memory_mib=config["host.memory_mib"] or max(physical - HOST_RESERVED_MIB, 0),
+        disk_mib=config["host.disk_mib"],
+        replicas=config["host.replicas"],
+        draining=draining,
+        price_floor=config["host.price_floor"],
+        arch=platform.machine() or "x86_64",
+        kvm=os.path.exists("/dev/kvm"),
+    )
 
 
 @dataclass
@@ -46,6 +73,8 @@ class Edges:
 
 @dataclass
 class MarketSide:
+    identity: Identity
+    segments: SegmentService
     ledger: LedgerService
     host_market: HostMarket
     policy: PolicyService
@@ -61,11 +90,6 @@ class MarketSide:
         segments: SegmentService,
         edges: Edges,
     ) -> MarketSide:
-        from node.runtime.host_probe import HostProbe
-        from node.runtime.market_host import HostMarket, host_policy
-        from node.runtime.market_owner import OwnerMarket, machine_config
-        from node.runtime.policy_service import PolicyService
-
         ledger = LedgerService(
             identity,
             state,
@@ -105,7 +129,32 @@ class MarketSide:
             edges.block_endpoint,
             config["market.verify_timeout_s"],
         )
-        return cls(ledger, host_market, policy, owner_market)
+        return cls(identity, segments, ledger, host_market, policy, owner_market)
+
+    async def restore(self) -> None:
+        """What the market persisted: the ledger's journal (before anything runs)."""
+        await self.ledger.restore()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every service of the market, started in order; ready once all of them are."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.ledger.run)
+            await nursery.start(self.host_market.run)
+            await nursery.start(self.policy.run)
+            await nursery.start(self.owner_market.run)
+            task_status.started()
+
+    def register(self, table: RpcTable) -> None:
+        """The market's control methods, answered by these services."""
+        rpc = MarketRpc(
+            self.identity,
+            self.owner_market,
+            self.host_market,
+            self.ledger,
+            self.policy,
+            self.segments,
+        )
+        rpc.register(table)
 
     async def deliver(self, envelope: Envelope) -> None:
         body: Any = envelope.body

@@ -31,6 +31,7 @@ MAX_CONTROL_FRAME = 4 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+RpcMethod = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class ControlError(Exception):
@@ -39,6 +40,36 @@ class ControlError(Exception):
 
 class RpcError(Exception):
     """Raised by a handler to send a clean error message to the client."""
+
+
+class RpcTable:
+    """The control socket's dispatch table: method name -> handler of its params.
+
+    Each side of the agent registers the methods it serves (node/runtime/node_rpc.py,
+    node/runtime/market_rpc.py); the table is the ``ControlServer``'s handler.
+    """
+
+    def __init__(self) -> None:
+        self.methods: dict[str, RpcMethod] = {}
+
+    def register(self, name: str, method: RpcMethod) -> None:
+        if name in self.methods:
+            raise ValueError(f"control method {name!r} is registered twice")
+        self.methods[name] = method
+
+    async def __call__(self, method: str, params: dict[str, Any]) -> Any:
+        handler = self.methods.get(method)
+        if handler is None:
+            raise RpcError(f"unknown method {method!r}")
+        return await handler(params)
+
+
+def param(params: dict[str, Any], name: str, kind: type) -> Any:
+    """``params[name]``, which must be a ``kind``; an ``RpcError`` naming it if not."""
+    value = params.get(name)
+    if not isinstance(value, kind):
+        raise RpcError(f"parameter {name!r} must be {kind.__name__}")
+    return value
 
 
 def _encode(message: dict[str, Any]) -> bytes:

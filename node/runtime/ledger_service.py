@@ -30,7 +30,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -40,6 +40,7 @@ from node.ledger.journal import Balance, ChainView, Persist, Persisted, Refused
 from node.ledger.payee import (
     CommitmentReceived,
     PayeeConfig,
+    PayeeEffect,
     PayeeLedger,
     PaymentAccepted,
     PaymentReceived,
@@ -48,6 +49,7 @@ from node.ledger.payee import (
 from node.ledger.payer import (
     AckReceived,
     ChainNeeded,
+    PayerEffect,
     PayerLedger,
     PaymentRequested,
     SendPayment,
@@ -65,6 +67,7 @@ class LedgerKind(enum.IntEnum):
 
 
 SendLedger = Callable[[NodeId, LedgerKind, bytes], Awaitable[None]]
+LedgerEffect = PayerEffect | PayeeEffect
 
 
 class LedgerService:
@@ -121,43 +124,53 @@ class LedgerService:
             self.stats["frames_unexpected"] += 1
             log.info("ledger frame of unknown kind %r from %s dropped", kind, sender.short)
 
-    async def _execute(self, core: PayerLedger | PayeeLedger, effects: list[Any]) -> None:
+    async def _execute(
+        self, core: PayerLedger | PayeeLedger, effects: list[PayerEffect] | list[PayeeEffect]
+    ) -> None:
         async with self._lock:
-            queue = EffectQueue(effects)
+            queue: EffectQueue[LedgerEffect] = EffectQueue(effects)
             for effect in queue:
                 queue.feed(await self._carry_out(core, effect))
         self._wake.set()
 
-    async def _carry_out(self, core: PayerLedger | PayeeLedger, effect: Any) -> list[Any]:
+    async def _carry_out(
+        self, core: PayerLedger | PayeeLedger, effect: LedgerEffect
+    ) -> list[LedgerEffect]:
         """One effect; returns the effects of what it fed back into the core."""
         now = time.time()
-        if isinstance(effect, Persist):
-            side = "payer" if core is self.payer else "payee"
-            entry = effect.entry
-            await trio.to_thread.run_sync(
-                self.state.append_journal, side, entry.entry_id, entry.blob
-            )
-            return list(core.handle(Persisted(entry.entry_id), now))
-        if isinstance(effect, SendPayment):
-            await self.send(effect.target, LedgerKind.PAYMENT, effect.blob)
-        elif isinstance(effect, SendAck):
-            await self.send(effect.target, LedgerKind.ACK, effect.blob)
-        elif isinstance(effect, ChainNeeded):
-            added = open_chain(self.identity, effect, os.urandom(32), self.chain_length, now)
-            return self.payer.handle(added, now)
-        elif isinstance(effect, PaymentAccepted):
-            log.info(
-                "paid %d unit(s) by %s for segment %d of job %s",
-                effect.units,
-                effect.payer.short,
-                effect.segment,
-                effect.job_id.hex()[:12],
-            )
-        elif isinstance(effect, Refused):
-            peer = effect.peer.short if effect.peer else "-"
-            # NO_CHAIN is the payer asking itself for a chain (ChainNeeded follows), not a fault.
-            level = logging.DEBUG if effect.reason is TokenRefusal.NO_CHAIN else logging.INFO
-            log.log(level, "ledger refused (%s) %s: %s", effect.reason.value, peer, effect.detail)
+        match effect:
+            case Persist():
+                side = "payer" if core is self.payer else "payee"
+                entry = effect.entry
+                await trio.to_thread.run_sync(
+                    self.state.append_journal, side, entry.entry_id, entry.blob
+                )
+                return list(core.handle(Persisted(entry.entry_id), now))
+            case SendPayment():
+                await self.send(effect.target, LedgerKind.PAYMENT, effect.blob)
+            case SendAck():
+                await self.send(effect.target, LedgerKind.ACK, effect.blob)
+            case ChainNeeded():
+                added = open_chain(self.identity, effect, os.urandom(32), self.chain_length, now)
+                return list(self.payer.handle(added, now))
+            case PaymentAccepted():
+                log.info(
+                    "paid %d unit(s) by %s for segment %d of job %s",
+                    effect.units,
+                    effect.payer.short,
+                    effect.segment,
+                    effect.job_id.hex()[:12],
+                )
+            case Refused():
+                peer = effect.peer.short if effect.peer else "-"
+                # NO_CHAIN is the payer asking itself for a chain (ChainNeeded follows), not
+                # a fault.
+                level = logging.DEBUG if effect.reason is TokenRefusal.NO_CHAIN else logging.INFO
+                log.log(
+                    level, "ledger refused (%s) %s: %s", effect.reason.value, peer, effect.detail
+                )
+            case _:
+                assert_never(effect)
         return []
 
     # -- views -------------------------------------------------------------------------

@@ -31,12 +31,10 @@ here (data locality lowers its finish estimate).
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -45,6 +43,8 @@ from node.base.wire import RemoteProtocolError
 from node.market.bidder import (
     AwardReceived,
     Bidder,
+    BidderEffect,
+    BidderEvent,
     CancelReceived,
     CheckpointCommitted,
     CommitReceived,
@@ -64,16 +64,9 @@ from node.market.handoff import (
     sign_handed_off,
     sign_handoff,
 )
-from node.market.messages import (
-    MarketKind,
-    Offer,
-    OfferRef,
-    SendStatement,
-    decode_award,
-    decode_offer,
-    refusal_of,
-)
-from node.runtime.config import Config
+from node.market.message_fields import MarketKind, OfferRef, refusal_of
+from node.market.messages import SendStatement
+from node.market.offer_messages import Offer, decode_award, decode_offer
 from node.runtime.guest_address import (
     GuestAddressError,
     grant_address,
@@ -98,28 +91,9 @@ log = logging.getLogger("gleaner.market")
 
 SendMarket = Callable[[NodeId, MarketKind, bytes], Awaitable[None]]
 BlockEndpoint = Callable[[NodeId], "tuple[str, int] | None"]
-HOST_RESERVED_MIB = 512  # guest memory the default cap leaves to the host
 HANDOFF_WAIT_S = 30.0  # a live move nobody takes: checkpoint where it is after this
 PREFIX_TRIES, PREFIX_RETRY_S = 50, 0.1
 HAND_OFFS_KEPT = 16
-
-
-def host_policy(config: Config, draining: bool = False) -> HostPolicy:
-    """The caps this host lends, from ``[host]`` (0 = all it has)."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-    except (ValueError, OSError):
-        physical = 0
-    return HostPolicy(
-        vcpus=config["host.vcpus"] or os.cpu_count() or 1,
-        memory_mib=config["host.memory_mib"] or max(physical - HOST_RESERVED_MIB, 0),
-        disk_mib=config["host.disk_mib"],
-        replicas=config["host.replicas"],
-        draining=draining,
-        price_floor=config["host.price_floor"],
-        arch=platform.machine() or "x86_64",
-        kvm=os.path.exists("/dev/kvm"),
-    )
 
 
 class HostMarket:
@@ -173,9 +147,10 @@ class HostMarket:
     async def deliver(self, sender: NodeId, kind: int, blob: bytes) -> None:
         """A MARKET frame for the host side (offers, awards, cancels, commits)."""
         if kind == MarketKind.OFFER:
-            event: Any = await self._screen_offer(blob)
-            if event is None:
+            offered = await self._screen_offer(blob)
+            if offered is None:
                 return
+            event: BidderEvent = offered
         elif kind == MarketKind.AWARD:
             event = AwardReceived(blob)
         elif kind == MarketKind.CANCEL:
@@ -229,28 +204,37 @@ class HostMarket:
             return 0
         return manifest.total_size - sum(self.segments.store.missing(manifest).values())
 
-    async def _execute(self, effects: list[Any]) -> None:
+    async def _execute(self, effects: list[BidderEffect]) -> None:
         async with self._lock:
             for effect in effects:
-                if isinstance(effect, SendStatement):
-                    await self.send(effect.target, effect.kind, effect.blob)
-                elif isinstance(effect, StartReplica):
-                    assert self._nursery is not None
-                    cancel = trio.Event()
-                    self.running[effect.offer.ref.digest] = cancel
-                    self.offers[effect.offer.ref.digest] = effect.offer
-                    self._nursery.start_soon(
-                        guarded, self._run_replica, effect.offer, _grant_blob(effect), cancel
-                    )
-                    if effect.offer.source is not None:
-                        self._adopting[effect.offer.ref.digest] = ""
-                        self._nursery.start_soon(guarded, self._ask_for_guest, effect)
-                elif isinstance(effect, StopReplica):
-                    await self._stop(effect)
-                elif isinstance(effect, CheckpointCommitted):
-                    self.made.pop(effect.commit.ref.digest, None)
-                    self.stats["commits_held" if effect.holder else "commits_elsewhere"] += 1
+                await self._carry_out(effect)
         self._wake.set()
+
+    async def _carry_out(self, effect: BidderEffect) -> None:
+        match effect:
+            case SendStatement():
+                await self.send(effect.target, effect.kind, effect.blob)
+            case StartReplica():
+                self._start(effect)
+            case StopReplica():
+                await self._stop(effect)
+            case CheckpointCommitted():
+                self.made.pop(effect.commit.ref.digest, None)
+                self.stats["commits_held" if effect.holder else "commits_elsewhere"] += 1
+            case _:
+                assert_never(effect)
+
+    def _start(self, effect: StartReplica) -> None:
+        assert self._nursery is not None
+        cancel = trio.Event()
+        self.running[effect.offer.ref.digest] = cancel
+        self.offers[effect.offer.ref.digest] = effect.offer
+        self._nursery.start_soon(
+            guarded, self._run_replica, effect.offer, _grant_blob(effect), cancel
+        )
+        if effect.offer.source is not None:
+            self._adopting[effect.offer.ref.digest] = ""
+            self._nursery.start_soon(guarded, self._ask_for_guest, effect)
 
     async def _stop(self, effect: StopReplica) -> None:
         cancel = self.running.pop(effect.ref.digest, None)

@@ -2,26 +2,27 @@
 
 ``OwnerMarket`` keeps one ``SegmentMachine`` (node/market/segment_machine.py) per
 job this node owns, restores them from the state database at start (each
-waits at its last committed boundary, then resumes), and carries out their
-effects in order:
+waits at its last committed boundary, then resumes). What is decision and not
+I/O (routing a frame to its job, whom an offer goes to, what the job's history
+records, what a verdict feeds back) is the shared core's, ``JobOwner``
+(node/market/owner_effects.py), which the market simulator runs too; this
+adapter carries out the core's actions in order, and only their I/O:
 
 - ``PersistJob``: the snapshot is committed before the next effect (an award's
   route epochs, a commit's checkpoint) can leave the node.
-- ``BroadcastOffer``: a MARKET frame to every live member but us, then
-  ``OfferDelivered`` so the auction closes as soon as all have answered.
-- ``SendStatement``: a MARKET frame (award, cancel, commit).
+- ``SendOffer`` / ``SendStatement``: MARKET frames.
+- ``FeedLater``: fed to the job's machine once this batch is done (the
+  ``OfferDelivered`` that closes an auction as soon as all have answered).
 - ``VerifyCompletion``: a task fetches the completer's checkpoint (manifest and
   the blocks we lack) from its block server, restores it here and checks the
-  guest moved on from the previous checkpoint (segments.vm.verify); then
-  ``CompletionVerified``, and, when it verified, ``CheckpointReplicated`` for
-  us: the owner is the checkpoint's second holder.
+  guest moved on from the previous checkpoint (segments.vm.verify); the core
+  says what the verdict feeds back.
 - ``ReplicateCheckpoint``: fetch the checkpoint here if we lack it, and report.
 - ``PayWinner``: the ledger pays (journaled before the payment is sent).
-- ``SegmentChanged`` / ``JobFinished``: the job's history, for ``gleaner watch``.
-
-Every step of a job is also appended to its history in the state database
-(``job_history``): offers, awards, completions in arrival order, verdicts,
-commits, payments. ``gleaner watch`` and the tests read the same record.
+- ``JobFinished``: the job's outcome, in the state database.
+- ``RecordHistory``: a row of the job's history (``job_history``), stamped
+  with the time: offers, awards, completions in arrival order, verdicts,
+  commits, payments. ``gleaner watch`` and the tests read the same record.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
 from node.base.identity import Identity, NodeId
-from node.base.wire import LocalProtocolError, RemoteProtocolError
+from node.base.wire import LocalProtocolError
 from node.market.auction import AuctionConfig
 from node.market.job_records import (
     JobRecordError,
@@ -51,34 +52,32 @@ from node.market.job_records import (
     encode_spec,
 )
 from node.market.jobs import (
-    BidReceived,
-    CheckpointReplicated,
-    CompletionReceived,
-    CompletionVerified,
     JobFinished,
+    JobSnapshot,
     JobSpec,
     JobSpecError,
-    OfferDelivered,
+    OwnerEvent,
     OwnerResumed,
     PayWinner,
     PersistJob,
     ReplicaLost,
     ReplicateCheckpoint,
     SegmentChanged,
-    SegmentState,
     VerifyCompletion,
-    WithdrawReceived,
 )
-from node.market.messages import (
-    BroadcastOffer,
-    MarketKind,
-    SendStatement,
-    decode_award,
-    decode_completion,
-    peek_job,
+from node.market.message_fields import MarketKind
+from node.market.messages import SendStatement
+from node.market.owner_effects import (
+    FeedLater,
+    FrameRefused,
+    JobOwner,
+    OwnerAction,
+    RecordHistory,
+    SendOffer,
 )
 from node.market.reputation import Reputation
-from node.market.segment_machine import MachineConfig, SegmentMachine
+from node.market.segment_machine import SegmentMachine
+from node.market.segment_rounds import MachineConfig
 from node.runtime.segment_service import SegmentError, SegmentService, VerifierUnavailable
 from node.runtime.state import State
 from overlay.addressing import vm_address
@@ -102,7 +101,6 @@ class _Job:
     submitted: float
     outcome: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-    halted: dict[bytes, bool] = field(default_factory=dict)  # manifest -> completion said so
 
 
 class OwnerMarket:
@@ -131,6 +129,7 @@ class OwnerMarket:
         self.jobs: dict[bytes, _Job] = {}
         self.stats: Counter[str] = Counter()
         self._rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.core = JobOwner(identity.node_id, live_members, self._rng)  # offers go to all
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._locks: dict[bytes, trio.Lock] = {}
@@ -154,8 +153,8 @@ class OwnerMarket:
                 if job.outcome is None:
                     await self._feed(job_id, OwnerResumed())
             while True:
-                for job_id, job in list(self.jobs.items()):
-                    await self._execute(job_id, job.machine.tick(time.time()))
+                for job_id in list(self.jobs):
+                    await self._execute(job_id, self.core.tick(job_id, time.time()))
                 self._wake = trio.Event()  # after our own effects, which set the old one
                 wakeup = min(
                     (j.machine.next_wakeup() for j in self.jobs.values()), default=math.inf
@@ -179,13 +178,16 @@ class OwnerMarket:
             raise JobRecordError("the stored spec is not this job's")
         snapshot = decode_snapshot(snap_blob) if snap_blob is not None else None
         rows = [decode_history(blob) for blob in history]
-        job = self._add(spec, snapshot, submitted)
+        job = self._add(spec, snapshot, submitted, outcome)
         job.outcome, job.history = outcome, rows
 
-    def _add(self, spec: JobSpec, snapshot: Any, submitted: float) -> _Job:
+    def _add(
+        self, spec: JobSpec, snapshot: JobSnapshot | None, submitted: float, outcome: str | None
+    ) -> _Job:
         machine = SegmentMachine(
             self.identity, spec, self.config, self.reputation, self._rng, snapshot
         )
+        self.core.add(machine, finished=outcome is not None)
         job = self.jobs[spec.job_id] = _Job(spec, machine, submitted)
         self._locks[spec.job_id] = trio.Lock()
         return job
@@ -199,7 +201,7 @@ class OwnerMarket:
             raise JobSpecError(f"image: {exc}") from None
         submitted = time.time()
         await trio.to_thread.run_sync(self.state.add_job, spec.job_id, encode_spec(spec), submitted)
-        self._add(spec, None, submitted)
+        self._add(spec, None, submitted, None)
         await self._record(spec.job_id, "submitted")
         await self._feed(spec.job_id, OwnerResumed())
         return spec.job_id
@@ -207,42 +209,16 @@ class OwnerMarket:
     # -- inbound -------------------------------------------------------------------------
 
     async def deliver(self, sender: NodeId, kind: int, blob: bytes) -> None:
-        """A MARKET frame for the owner side: bids and completions."""
-        try:
-            job_id = peek_job(blob)
-        except RemoteProtocolError:
-            self.stats["refused_malformed"] += 1
-            return
-        job = self.jobs.get(job_id)
-        if job is None:
-            self.stats["refused_unknown_job"] += 1
-            return
-        if kind == MarketKind.BID:
-            await self._feed(job_id, BidReceived(blob))
-        elif kind == MarketKind.COMPLETION:
-            await self._on_completion(job_id, job, blob)
-        elif kind == MarketKind.WITHDRAW:
-            before = job.machine.statistics().get("withdrawals", 0)
-            await self._feed(job_id, WithdrawReceived(blob))
-            if job.machine.statistics().get("withdrawals", 0) > before:
-                await self._record(job_id, "withdrawn", job.machine.segment, None, sender)
-        else:
-            self.stats["frames_unexpected"] += 1
-
-    async def _on_completion(self, job_id: bytes, job: _Job, blob: bytes) -> None:
-        before = job.machine.statistics().get("completions", 0)
-        await self._feed(job_id, CompletionReceived(blob))
-        if job.machine.statistics().get("completions", 0) > before:
-            completion = decode_completion(blob)
-            job.halted[completion.manifest] = completion.halted
-            await self._record(
-                job_id,
-                "completion",
-                completion.ref.segment,
-                completion.ref.attempt,
-                completion.host,
-                cpu_ms=completion.cpu_ms,
-            )
+        """A MARKET frame for the owner side: bids, completions and withdrawals."""
+        match self.core.route(kind, blob):
+            case FrameRefused.MALFORMED:
+                self.stats["refused_malformed"] += 1
+            case FrameRefused.UNKNOWN_JOB:
+                self.stats["refused_unknown_job"] += 1
+            case FrameRefused.UNEXPECTED:
+                self.stats["frames_unexpected"] += 1
+            case (job_id, event):
+                await self._execute(job_id, self.core.feed(job_id, event, time.time(), sender))
 
     async def member_lost(self, node: NodeId) -> None:
         """Membership declared ``node`` dead: its replicas are lost unless it is soon back."""
@@ -256,84 +232,49 @@ class OwnerMarket:
         if node in self.live_members():
             self.stats["losses_refuted"] += 1
             return
-        for job_id, job in list(self.jobs.items()):
-            if job.outcome is None:
+        for job_id in list(self.jobs):
+            if self.core.unfinished(job_id):
                 await self._feed(job_id, ReplicaLost(node))
 
-    async def _feed(self, job_id: bytes, event: Any) -> None:
-        await self._execute(job_id, self.jobs[job_id].machine.handle(event, time.time()))
+    async def _feed(self, job_id: bytes, event: OwnerEvent) -> None:
+        await self._execute(job_id, self.core.feed(job_id, event, time.time()))
 
     # -- effects -------------------------------------------------------------------------
 
-    async def _execute(self, job_id: bytes, effects: list[Any]) -> None:
+    async def _execute(self, job_id: bytes, actions: Iterable[OwnerAction]) -> None:
         async with self._locks[job_id]:
-            for effect in effects:
-                await self._carry_out(job_id, effect)
+            for action in actions:
+                await self._carry_out(job_id, action)
         self._wake.set()
 
-    async def _carry_out(self, job_id: bytes, effect: Any) -> None:
-        job = self.jobs[job_id]
-        if isinstance(effect, PersistJob):
-            blob = encode_snapshot(effect.snapshot)
-            await trio.to_thread.run_sync(self.state.save_job_snapshot, job_id, blob)
-        elif isinstance(effect, BroadcastOffer):
-            skip = (self.identity.node_id, effect.offer.source)  # a move's source bids not
-            targets = [n for n in self.live_members() if n not in skip]
-            for target in targets:
-                await self.send(target, MarketKind.OFFER, effect.offer.blob)
-            ref = effect.offer.ref
-            checkpoint = effect.offer.checkpoint
-            await self._record(
-                job_id,
-                "offered",
-                ref.segment,
-                ref.attempt,
-                hosts=len(targets),
-                checkpoint=checkpoint.hex() if checkpoint else None,
-                live_from=str(effect.offer.source) if effect.offer.source else None,
-            )
-            # Fed back after this batch (the job's lock is held): close early when all bid.
-            self._spawn(self._feed, job_id, OfferDelivered(ref.attempt, len(targets)))
-        elif isinstance(effect, SendStatement):
-            await self.send(effect.target, effect.kind, effect.blob)
-            if effect.kind is MarketKind.AWARD:
-                award = decode_award(effect.blob)
-                if effect.target == award.winners[0].node:
-                    for winner in award.winners:
-                        await self._record(
-                            job_id,
-                            "awarded",
-                            award.ref.segment,
-                            award.ref.attempt,
-                            winner.node,
-                            units=winner.price,
-                        )
-        elif isinstance(effect, VerifyCompletion):
-            self._spawn(self._verify, job_id, effect)
-        elif isinstance(effect, ReplicateCheckpoint):
-            self._spawn(self._replicate, job_id, effect)
-        elif isinstance(effect, PayWinner):
-            await self.pay(effect.job_id, effect.segment, effect.node, effect.units)
-            await self._record(
-                job_id, "paid", effect.segment, None, effect.node, units=effect.units
-            )
-        elif isinstance(effect, SegmentChanged):
-            if effect.state is SegmentState.COMMITTED:
-                snap = job.machine.snapshot()
-                await self._record(
-                    job_id,
-                    "committed",
-                    effect.segment,
-                    effect.attempt,
-                    snap.last_winner,
-                    manifest=snap.manifest.hex() if snap.manifest else None,
-                    holders=[str(n) for n in snap.holders],
-                )
-        elif isinstance(effect, JobFinished):
-            job.outcome = effect.outcome
-            await trio.to_thread.run_sync(self.state.end_job, job_id, effect.outcome)
-            await self._record(job_id, "finished", outcome=effect.outcome)
-            log.info("job %s %s", job_id.hex()[:12], effect.outcome)
+    async def _carry_out(self, job_id: bytes, action: OwnerAction) -> None:
+        match action:
+            case PersistJob(snapshot=snapshot):
+                blob = encode_snapshot(snapshot)
+                await trio.to_thread.run_sync(self.state.save_job_snapshot, job_id, blob)
+            case SendOffer(offer=offer, targets=targets):
+                for target in targets:
+                    await self.send(target, MarketKind.OFFER, offer.blob)
+            case SendStatement(target=target, kind=kind, blob=blob):
+                await self.send(target, kind, blob)
+            case FeedLater(event=event):  # the job's lock is held: after this batch
+                self._spawn(self._feed, job_id, event)
+            case VerifyCompletion():
+                self._spawn(self._verify, job_id, action)
+            case ReplicateCheckpoint():
+                self._spawn(self._replicate, job_id, action)
+            case PayWinner(segment=segment, node=node, units=units):
+                await self.pay(action.job_id, segment, node, units)
+            case SegmentChanged():
+                pass  # what the history keeps of it comes as RecordHistory
+            case JobFinished(outcome=outcome):
+                self.jobs[job_id].outcome = outcome
+                await trio.to_thread.run_sync(self.state.end_job, job_id, outcome)
+                log.info("job %s %s", job_id.hex()[:12], outcome)
+            case RecordHistory(what=what, segment=segment, attempt=attempt, node=node):
+                await self._record(job_id, what, segment, attempt, node, **dict(action.detail))
+            case _:
+                assert_never(action)
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None
@@ -351,7 +292,7 @@ class OwnerMarket:
                     manifest,
                     effect.progress,
                     effect.base,
-                    job.halted.get(effect.manifest, False),
+                    self.core.halted[job_id].get(effect.manifest, False),
                     self.verify_timeout_s,
                 )
                 ok, reason = verdict.ok, verdict.reason
@@ -377,9 +318,8 @@ class OwnerMarket:
         )
         if not ok:
             log.warning("completion by %s failed verification: %s", effect.node.short, reason)
-        await self._feed(job_id, CompletionVerified(effect.node, effect.manifest, ok))
-        if ok:
-            await self._feed(job_id, CheckpointReplicated(self.identity.node_id, effect.manifest))
+        for event in self.core.after_verification(effect.node, effect.manifest, ok):
+            await self._feed(job_id, event)
 
     async def _replicate(self, job_id: bytes, effect: ReplicateCheckpoint) -> None:
         try:
@@ -387,7 +327,7 @@ class OwnerMarket:
         except FetchError as exc:
             log.warning("replicating checkpoint %s: %s", effect.manifest.hex()[:12], exc)
             return
-        await self._feed(job_id, CheckpointReplicated(self.identity.node_id, effect.manifest))
+        await self._feed(job_id, self.core.after_replication(effect.manifest))
 
     async def _fetch_checkpoint(self, digest: bytes, sources: tuple[NodeId, ...]) -> Any:
         """The checkpoint's manifest, with every block of it in our store."""

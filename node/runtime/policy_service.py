@@ -28,9 +28,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -41,6 +42,7 @@ from node.policy.machine import (
     GuestsEmpty,
     PauseGuests,
     PolicyConfig,
+    PolicyEffect,
     PolicyMachine,
     PolicyState,
     PolicyStateChanged,
@@ -49,6 +51,7 @@ from node.policy.machine import (
     VacateGuests,
 )
 from node.runtime.host_probe import Probe, ProbeError
+from node.runtime.market_host import HostMarket
 from node.runtime.segment_service import MARKET_VM
 from node.runtime.state import State
 
@@ -63,11 +66,11 @@ class PolicyService:
         self,
         config: PolicyConfig,
         state: State,
-        host_market: Any,  # node.runtime.market_host.HostMarket
+        host_market: HostMarket,
         probe: Probe,
         interval_s: float,
         base_policy: HostPolicy,
-        helper_pids: Any = lambda: (),  # the agent's helpers (wireguard-go): ours too
+        helper_pids: Callable[[], Iterable[int]] = lambda: (),  # wireguard-go: ours too
     ) -> None:
         self.core = PolicyMachine(config, time.time())
         self.state = state
@@ -127,23 +130,29 @@ class PolicyService:
             "probe_errors": self.probe_errors,
         }
 
-    async def _execute(self, effects: list[Any]) -> None:
+    async def _execute(self, effects: list[PolicyEffect]) -> None:
         async with self._lock:
             for effect in effects:
-                if isinstance(effect, PauseGuests):
-                    count = self.market.hold_guests(True)
-                    log.info("volunteer first: pausing %d guest(s): %s", count, effect.reason)
-                elif isinstance(effect, ResumeGuests):
-                    count = self.market.hold_guests(False)
-                    log.info("host idle again: resuming %d guest(s)", count)
-                elif isinstance(effect, VacateGuests):
-                    count = await self.market.vacate(effect.reason)
-                    log.info("vacating %d replica(s): %s", count, effect.reason)
-                elif isinstance(effect, BiddingChanged):
-                    self._apply_bidding(effect.allowed)
-                    log.info("bidding %s: %s", "on" if effect.allowed else "off", effect.reason)
-                elif isinstance(effect, PolicyStateChanged):
-                    log.info("host policy: %s (%s)", effect.state.value, effect.reason)
+                await self._carry_out(effect)
+
+    async def _carry_out(self, effect: PolicyEffect) -> None:
+        match effect:
+            case PauseGuests():
+                count = self.market.hold_guests(True)
+                log.info("volunteer first: pausing %d guest(s): %s", count, effect.reason)
+            case ResumeGuests():
+                count = self.market.hold_guests(False)
+                log.info("host idle again: resuming %d guest(s)", count)
+            case VacateGuests():
+                count = await self.market.vacate(effect.reason)
+                log.info("vacating %d replica(s): %s", count, effect.reason)
+            case BiddingChanged():
+                self._apply_bidding(effect.allowed)
+                log.info("bidding %s: %s", "on" if effect.allowed else "off", effect.reason)
+            case PolicyStateChanged():
+                log.info("host policy: %s (%s)", effect.state.value, effect.reason)
+            case _:
+                assert_never(effect)
 
     def _apply_bidding(self, allowed: bool) -> None:
         self.market.set_policy(replace(self.base_policy, draining=not allowed))

@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-``MarketInvariants`` registers four checks with the ``Simulator``; the world
-marks what each step touched (a segment paid, a payee that accepted, a job
-whose replicas or commits changed) and each check looks only at those, so
-checking after every step stays cheap:
+``MarketInvariants`` registers four checks with the ``Simulator``. They read
+the world's books, ``MarketAccounts`` (node/sim/market_parts.py), and nothing
+else of it: the world marks there what each step touched (a segment paid, a
+payee that accepted, a job whose commits changed, an attempt whose replicas
+changed) and each check drains those marks and looks only at them, so checking
+after every step stays cheap:
 
 * ``one_winner_paid_per_segment``: a segment is paid once, to the winner the
   owner committed (PayWinner), as the payees' ledgers report it;
@@ -21,32 +23,30 @@ checking after every step stays cheap:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from node.sim.market_world import MarketWorld
+from node.sim.engine import Simulator
+from node.sim.market_parts import MarketAccounts
 
 
 class MarketInvariants:
-    def __init__(self, world: MarketWorld) -> None:
-        self.world = world
-        self.segments: set[tuple[bytes, int]] = set()
-        self.payees: set[int] = set()
-        self.jobs: set[bytes] = set()
-        self.attempts: set[tuple[bytes, int]] = set()
+    def __init__(self, accounts: MarketAccounts, k: int) -> None:
+        self.accounts = accounts
+        self.k = k
+
+    def register(self, sim: Simulator) -> None:
         for name, check in (
             ("one_winner_paid_per_segment", self.check_one_winner_paid),
             ("no_double_spend", self.check_no_double_spend),
             ("no_committed_segment_lost", self.check_commits),
             ("at_most_k_replicas_per_attempt", self.check_replicas),
         ):
-            world.sim.add_invariant(name, check)
+            sim.add_invariant(name, check)
 
     def check_one_winner_paid(self, now: float) -> str | None:
-        dirty, self.segments = self.segments, set()
+        books = self.accounts
+        dirty, books.touched_segments = books.touched_segments, set()
         for key in dirty:
-            payees = self.world.payments.get(key, [])
-            commit = self.world.commits.get(key)
+            payees = books.payments.get(key, [])
+            commit = books.commits.get(key)
             if len(payees) > 1:
                 return f"segment {key[1]} of job {key[0].hex()[:8]} paid {len(payees)} times"
             if payees and (commit is None or commit[0] != payees[0]):
@@ -54,36 +54,38 @@ class MarketInvariants:
         return None
 
     def check_no_double_spend(self, now: float) -> str | None:
-        dirty, self.payees = self.payees, set()
+        books = self.accounts
+        dirty, books.touched_payees = books.touched_payees, set()
         for index in dirty:
-            payee = self.world.hosts[index].payee
+            payee = books.payees[index]
             if payee.statistics().get("segments_paid_again", 0):
                 return f"host {index} accepted a second payment for a segment"
             released: dict[bytes, int] = {}
             for view in payee.chains():
                 if view.chain_id not in released:
-                    owner = self.world.owners[self.world.by_node[view.counterparty][1]]
-                    released.update((c.chain_id, c.released) for c in owner.payer.chains())
+                    payer = books.payers[view.counterparty]
+                    released.update((c.chain_id, c.released) for c in payer.chains())
                 if view.accepted > released.get(view.chain_id, 0):
                     return f"host {index} accepted more units than were released"
         return None
 
     def check_commits(self, now: float) -> str | None:
-        dirty, self.jobs = self.jobs, set()
+        books = self.accounts
+        dirty, books.touched_jobs = books.touched_jobs, set()
         for job_id in dirty:
-            machine = self.world.job_owner[job_id].machines[job_id]
-            snap = machine.snapshot()
+            snap = books.machines[job_id].snapshot()
             for segment in range(snap.segment):
-                if (job_id, segment) not in self.world.commits:
+                if (job_id, segment) not in books.commits:
                     return f"job {job_id.hex()[:8]} past segment {segment} without its commit"
             if snap.segment and not snap.holders:
                 return f"job {job_id.hex()[:8]}'s committed checkpoint has no holder"
         return None
 
     def check_replicas(self, now: float) -> str | None:
-        dirty, self.attempts = self.attempts, set()
+        books = self.accounts
+        dirty, books.touched_attempts = books.touched_attempts, set()
         for key in dirty:
-            running = self.world.running_per_attempt[key]
-            if running > self.world.config.k:
+            running = books.running_per_attempt[key]
+            if running > self.k:
                 return f"attempt {key[1]} of job {key[0].hex()[:8]} runs {running} replicas"
         return None

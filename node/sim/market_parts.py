@@ -1,13 +1,16 @@
-"""The simulated market's parts: its configuration, hosts, owners, messages and timers.
+"""The simulated market's parts: its configuration, hosts, owners, books and messages.
 
 Theory of operation
 -------------------
-Plain data for node/sim/market_world.py: ``WorldConfig`` (every modelled
-quantity of one run), ``HostModel`` (a host's speed, bandwidth and price
-floor), ``ReplicaRun`` (one replica, for accounting), ``SimHost`` and ``SimOwner``
-(a node's cores and the world's view of it), and the two kinds of heap entry
-besides the engine's own: ``Frame`` (a message arriving) and ``Timer`` (a
-modelled delay ending). Also the few helpers both the world and the tests use.
+Plain data for node/sim/market_world.py and the collaborators it composes:
+``WorldConfig`` (every modelled quantity of one run), ``HostModel`` (a host's
+speed, bandwidth and price floor), ``ReplicaRun`` (one replica, for
+accounting), ``SimHost`` and ``SimOwner`` (a node's cores and the world's view
+of it), ``MarketAccounts`` (the world's books: what the study sums up and what
+node/sim/market_invariants.py checks, with the keys each step touched),
+``LiveView`` (the hosts in the owners' membership view) and ``Frame`` (a
+message arriving; the modelled delays are node/sim/market_timers.py). Also the
+few helpers both the world and the tests use.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from __future__ import annotations
 import hashlib
 import random
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from node.base.identity import Identity, NodeId
 from node.ledger.payee import PayeeLedger
 from node.ledger.payer import PayerLedger
+from node.ledger.tokens import HashChain
 from node.market.bidder import Bidder, HostPolicy
-from node.market.messages import Offer
+from node.market.offer_messages import Offer
+from node.market.owner_effects import JobOwner
 from node.market.segment_machine import SegmentMachine
 from node.sim.availability import IntervalIndex
 
 EPOCH = 1_800_000_000.0  # simulated Unix time of the run's start (a Monday, 00:00 UTC)
 LEDGER_PAYMENT, LEDGER_ACK = 2, 3  # node.runtime.ledger_service.LedgerKind values
+NodeKey = tuple[str, int]  # ("h", host index) or ("o", owner index): a node on the heap
+SegmentKey = tuple[bytes, int]  # job id, segment
+AttemptKey = tuple[bytes, int]  # job id, attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +105,53 @@ class SimOwner:
     index: int
     identity: Identity
     payer: PayerLedger
-    machines: dict[bytes, SegmentMachine] = field(default_factory=dict)
+    core: JobOwner  # its jobs' machines, and the owner's effect handling the agent runs
     store: set[bytes] = field(default_factory=set)  # checkpoints fetched here
+
+
+@dataclass(slots=True)
+class MarketAccounts:
+    """The world's books, kept as the steps go: the study's figures and the invariants'
+    input. ``touched_*`` name what the last steps changed (the invariants drain them)."""
+
+    payees: list[PayeeLedger]  # by host index
+    payers: dict[NodeId, PayerLedger]  # by owner
+    machines: dict[bytes, SegmentMachine]  # every job's, by job id
+    stats: Counter[str] = field(default_factory=Counter)
+    runs: list[ReplicaRun] = field(default_factory=list)
+    running_per_attempt: Counter[AttemptKey] = field(default_factory=Counter)
+    commits: dict[SegmentKey, tuple[NodeId, int, float]] = field(default_factory=dict)
+    payments: dict[SegmentKey, list[NodeId]] = field(default_factory=dict)  # payees, in order
+    chains: dict[bytes, HashChain] = field(default_factory=dict)  # payers' secret chains
+    first_offer: float | None = None
+    finished: dict[bytes, float] = field(default_factory=dict)  # job id -> when
+    touched_segments: set[SegmentKey] = field(default_factory=set)
+    touched_payees: set[int] = field(default_factory=set)
+    touched_jobs: set[bytes] = field(default_factory=set)
+    touched_attempts: set[AttemptKey] = field(default_factory=set)
+
+
+class LiveView:
+    """The hosts in the owners' membership view, in a list that is cheap to sample."""
+
+    def __init__(self) -> None:
+        self.members: list[int] = []
+        self._slot: dict[int, int] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._slot
+
+    def add(self, index: int) -> None:
+        if index not in self._slot:
+            self._slot[index] = len(self.members)
+            self.members.append(index)
+
+    def remove(self, index: int) -> None:
+        slot = self._slot.pop(index)
+        last = self.members.pop()
+        if last != index:
+            self.members[slot] = last
+            self._slot[last] = slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +163,6 @@ class Frame:
     kind: int
     blob: bytes
     offer: Offer | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    """A scheduled occurrence in the world (``what`` names it, ``args`` its data)."""
-
-    what: str
-    args: tuple[Any, ...] = ()
 
 
 def make_identity(rng: random.Random) -> Identity:

@@ -258,22 +258,22 @@ def _run_k(
 
 def summarize(world: MarketWorld, k: int) -> dict[str, Any]:
     """The figures of one run (see the module docstring)."""
-    now = world.sim.now
-    winners = {(key, attempt, node) for key, (node, attempt, _) in world.commits.items()}
+    now, books = world.sim.now, world.accounts
+    winners = {(key, attempt, node) for key, (node, attempt, _) in books.commits.items()}
     spent = dict.fromkeys(("won", "loser", "lost", "other"), 0.0)
-    for run in world.runs:
+    for run in books.runs:
         spent[_classify(world, run, winners)] += (run.ended or now) - run.started
     total = sum(spent.values())
-    start = world.first_offer or EPOCH
-    commit_times = [t for _, _, t in world.commits.values()]
-    finish_h = sorted((t - start) / HOUR for t in world.finished.values())
-    machines = [m for o in world.owners for m in o.machines.values()]
+    start = books.first_offer or EPOCH
+    commit_times = [t for _, _, t in books.commits.values()]
+    finish_h = sorted((t - start) / HOUR for t in books.finished.values())
+    machines = list(books.machines.values())
     core: dict[str, int] = {}
     for m in machines:
         for name, value in m.statistics().items():
             core[name] = core.get(name, 0) + value
-    paid_once = all(len(world.payments.get(key, [])) == 1 for key in world.commits)
-    unpaid_extra = [key for key in world.payments if key not in world.commits]
+    paid_once = all(len(books.payments.get(key, [])) == 1 for key in books.commits)
+    unpaid_extra = [key for key in books.payments if key not in books.commits]
     return {
         "k": k,
         "makespan_h": _r((max(commit_times, default=start) - start) / HOUR),
@@ -283,12 +283,12 @@ def summarize(world: MarketWorld, k: int) -> dict[str, Any]:
         "wasted_on_losers_share": _r(spent["loser"] / total if total else 0.0),
         "wasted_on_lost_share": _r(spent["lost"] / total if total else 0.0),
         "wasted_other_share": _r(spent["other"] / total if total else 0.0),
-        "segments_committed": len(world.commits),
-        "payments": world.stats["payments_accepted"],
-        "units_paid": world.stats["units_accepted"],
+        "segments_committed": len(books.commits),
+        "payments": books.stats["payments_accepted"],
+        "units_paid": books.stats["units_accepted"],
         "every_committed_segment_paid_once": paid_once and not unpaid_extra,
-        "reoffers": world.stats["attempts"] - len(world.commits),
-        "replicas": len(world.runs),
+        "reoffers": books.stats["attempts"] - len(books.commits),
+        "replicas": len(books.runs),
         "replicas_lost": core.get("replicas_lost", 0),
         "replicas_timed_out": core.get("replicas_timed_out", 0),
         "attempts_abandoned": core.get("abandoned", 0),
@@ -316,7 +316,7 @@ def _classify(world: MarketWorld, run: ReplicaRun, winners: set[Any]) -> str:
         return "won"
     if run.outcome == "lost":
         return "lost"
-    commit = world.commits.get(key)
+    commit = world.accounts.commits.get(key)
     return "loser" if commit is not None and commit[1] == run.attempt else "other"
 
 

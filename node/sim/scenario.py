@@ -7,7 +7,7 @@ A scenario names its ``kind`` and the conditions of its runs::
     kind = "convergence"            # convergence | routes | redundancy
     name = "convergence-10k"
     [swarm]      nodes, warmup_s, seconds, eager_limit, withdraw_after_s
-    [membership] any field of node.membership.swim.MembershipConfig
+    [membership] any field of node.membership.config.MembershipConfig
     [network]    base_latency_ms, spread_latency_ms, jitter_ms, loss (a rate, or a
                  list of rates: one run per rate)
     [churn]      departures_per_hour, mean_downtime_s, leave_fraction
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from node.membership.swim import MembershipConfig
+from node.membership.config import MembershipConfig
 from node.sim.churn import ChurnModel
 from node.sim.engine import Simulator
 from node.sim.network import LatencyModel, Partition

@@ -40,7 +40,9 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from node.base.identity import Identity
-from node.membership.swim import MemberChanged, MembershipConfig, MemberState
+from node.membership.config import MembershipConfig
+from node.membership.events import MemberChanged
+from node.membership.table import MemberState
 from node.sim import churn
 from node.sim.engine import Simulator
 from node.sim.network import LatencyModel, Network, Partition

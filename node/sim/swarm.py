@@ -43,23 +43,22 @@ from typing import Any
 from node.base.identity import Identity, NodeId
 from node.base.records import Capabilities, PeerRecord, decode_record, sign_record
 from node.base.wire import MessageType, RemoteProtocolError
-from node.membership.dissemination import Broadcast, encode_update
-from node.membership.swim import (
+from node.membership.codec import Broadcast, encode_update
+from node.membership.config import MembershipConfig
+from node.membership.events import (
     BroadcastReceived,
     Effect,
     JoinRequested,
     LeaveRequested,
     MemberChanged,
-    Membership,
-    MembershipConfig,
-    MemberState,
     MessageReceived,
     OwnRecordSigned,
     RefreshOwnRecord,
-    Roster,
     SendMessage,
     SendToEndpoint,
 )
+from node.membership.swim import Membership
+from node.membership.table import MemberState, Roster
 from node.runtime.routing import ROUTE_TOPIC
 from node.sim.engine import Simulator
 from node.sim.network import Network, frame_size

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -37,8 +38,7 @@ from overlay.wgstate import (
     diff,
     short_key,
 )
-from overlay.wireguard.backend import UapiBackend
-from overlay.wireguard.process import WireGuardGo, interface_name
+from overlay.wireguard.backend import WireGuardBackend
 
 log = logging.getLogger("gleaner.overlay")
 
@@ -52,26 +52,49 @@ SESSION_FRESH_S = 180.0
 IDLE_EXPIRY_S = 120.0
 
 
+class WireGuardProcess(Protocol):
+    """The process that holds the WireGuard device (``WireGuardGo``), as the service
+    uses it: started and stopped once, watched, and its link addressed."""
+
+    @property
+    def ifname(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def is_healthy(self) -> bool: ...
+
+    def configure_link(self, address: ipaddress.IPv6Interface) -> None: ...
+
+
 class OverlayService:
+    """The reconciler of one device: ``process`` holds it (wireguard-go, at
+    ``DATA_PLANE_PRIORITY``), ``backend`` reads and changes it (``UapiBackend``);
+    the agent builds both, tests may hand in twins."""
+
     def __init__(
         self,
         identity: Identity,
         swarm_id: str,
         wg_port: int,
         state_dir: Path,
+        backend: WireGuardBackend,
+        process: WireGuardProcess,
         eager_limit: int = DEFAULT_EAGER_LIMIT,
         idle_expiry_s: float = IDLE_EXPIRY_S,
     ) -> None:
         self.identity = identity
         self.swarm_id = swarm_id
         self.wg_port = wg_port
-        self.ifname = interface_name(identity.node_id.key)
+        self.ifname = process.ifname
         self.address = node_address(swarm_id, identity.node_id.key)
-        self.process = WireGuardGo(
-            self.ifname, log_path=state_dir / "wireguard-go.log", priority=DATA_PLANE_PRIORITY
-        )
+        self.process = process
         self.pid_file = state_dir / "wireguard-go.pid"
-        self.backend = UapiBackend(self.ifname)
+        self.backend = backend
         self.members: dict[NodeId, PeerRecord] = {}
         self.routes: Mapping[NodeId, frozenset[ipaddress.IPv6Network]] = {}
         self.last_used: dict[NodeId, float] = {}

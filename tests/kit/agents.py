@@ -1,9 +1,10 @@
-"""Real agent processes in the root namespace (loopback only), and the root check."""
+"""Real agent processes in the root namespace (loopback only), a PING to them, the root check."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from node.base.identity import Identity
+from node.base.wire import MessageType, decode_frame, encode_frame
 from node.runtime.control import ControlError, call
 
 ROOT_AGENT_START_S = 20.0
@@ -83,6 +86,18 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def ping(sock: socket.socket, address: tuple[str, int], nonce: int) -> int:
+    """PING the agent at `address` from `sock` and wait for its ACK: the agent handles
+    frames in order, so the ACK also means every frame sent before it was handled."""
+    identity = Identity.generate()
+    sock.settimeout(5)
+    sock.sendto(encode_frame(identity, MessageType.PING, 1, {"nonce": nonce}, sign=True), address)
+    while True:
+        reply = decode_frame(sock.recvfrom(65536)[0])
+        if reply.type is MessageType.ACK and reply.body["nonce"] == nonce:
+            return nonce
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")

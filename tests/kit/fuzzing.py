@@ -8,6 +8,7 @@ import msgpack
 from hypothesis import strategies as st
 
 from node.base.identity import Identity
+from node.base.wire import MessageType, encode_frame
 
 Edit = tuple[int, int, int]  # (kind: 0 set, 1 delete, 2 insert, 3 cut; position; byte)
 
@@ -38,6 +39,19 @@ def mutate(data: bytes, edits: list[Edit]) -> bytes:
         else:
             del mutated[position:]
     return bytes(mutated)
+
+
+def valid_frames(identity: Identity) -> list[bytes]:
+    """Well-formed frames of five message types from `identity`, to mutate."""
+    return [
+        encode_frame(identity, MessageType.PING, 1, {"nonce": 7}),
+        encode_frame(identity, MessageType.ACK, 2, {"nonce": 7, "updates": [b"u1", b"u2"]}),
+        encode_frame(
+            identity, MessageType.PING_REQ, 3, {"nonce": 1, "target": b"x" * 32}, sign=True
+        ),
+        encode_frame(identity, MessageType.JOIN_REPLY, 4, {"records": [b"r" * 100]}),
+        encode_frame(identity, MessageType.NACK, 5, {"nonce": 3, "updates": [b"u"]}),
+    ]
 
 
 def signed(identity: Identity, context: bytes, fields: dict[str, Any]) -> bytes:

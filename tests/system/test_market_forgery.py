@@ -27,30 +27,25 @@ from typing import Any
 
 import msgpack
 import pytest
-from kit.agents import AgentProcess, write_config
+from kit.agents import AgentProcess, ping, write_config
 from kit.fuzzing import signed
 from kit.paths import REPO_ROOT
-from test_agent_process import _ping
 
 from node.base.identity import Identity, NodeId
 from node.base.wire import MessageType, encode_frame
 from node.ledger.tokens import HashChain, Payment, sign_ack, sign_commitment, sign_payment
-from node.market.messages import (
+from node.market.message_fields import MarketKind, OfferRef
+from node.market.offer_messages import (
     AWARD_CONTEXT,
     OFFER_CONTEXT,
-    CancelReason,
     Capacity,
-    MarketKind,
-    OfferRef,
     Requirements,
     Winner,
     sign_award,
     sign_bid,
-    sign_cancel,
-    sign_commit,
-    sign_completion,
     sign_offer,
 )
+from node.market.outcome_messages import CancelReason, sign_cancel, sign_commit, sign_completion
 from node.runtime.control import ControlError, call
 from node.runtime.ledger_service import LedgerKind
 from overlay.claims import sign_grant
@@ -154,7 +149,7 @@ def deliver(agent: MarketAgent, frames: list[bytes], batch: int = 8) -> None:
     for start in range(0, len(frames), batch):
         for frame in frames[start : start + batch]:
             agent.sock.sendto(frame, agent.address)
-        assert _ping(agent.sock, agent.address, start + 1) == start + 1
+        assert ping(agent.sock, agent.address, start + 1) == start + 1
 
 
 def counters(agent: MarketAgent) -> dict[str, dict[str, int]]:
@@ -431,7 +426,7 @@ BAD_MARKET_REQUESTS = [
     ("job_submit", submit(vcpus="two"), "vcpus: "),
     ("job_submit", submit(extent_s=0), "extent_s: "),
     ("job_submit", submit(segments=0), "segments: "),
-    ("job_submit", submit(redundancy=0), "k: "),  # JobSpec's name for it (tests/test_jobs.py)
+    ("job_submit", submit(redundancy=0), "k: "),  # JobSpec's name for it (test_jobs.py)
     ("job_submit", submit(price_ceiling=1 << 30), "ceiling: "),
     ("job_submit", submit(deadline=1), "deadline: "),
     ("job_submit", submit(network="yes"), "network: "),

@@ -81,6 +81,12 @@ def test_peers_command_shows_the_mesh(swarm):
     assert "alive" in table.stdout and "ago" in table.stdout
 
 
+def routes_to(host: dict, address: str, holder: dict, epoch: int) -> bool:
+    """Whether `host` routes `address` to `holder` at `epoch`."""
+    route = next((r for r in rpc(host, "routes")["routes"] if r["address"] == address), None)
+    return route is not None and route["node_id"] == holder["node_id"] and route["epoch"] == epoch
+
+
 def test_vm_stand_in_moves_through_route_claims(swarm):
     root, hosts = swarm
     vm = testbed_vm.vm_add(root, "mover")
@@ -94,14 +100,8 @@ def test_vm_stand_in_moves_through_route_claims(swarm):
     assert vm["address"] in rpc(hosts[1], "routes")["local"]
 
     def everyone_routes_to_h2():
-        for host in hosts:
-            routes = {r["address"]: r for r in rpc(host, "routes")["routes"]}
-            if host is hosts[1]:
-                continue
-            route = routes.get(vm["address"])
-            if route is None or route["node_id"] != hosts[1]["node_id"] or route["epoch"] != 2:
-                return False
-        return True
+        others = [host for host in hosts if host is not hosts[1]]
+        return all(routes_to(host, vm["address"], hosts[1], 2) for host in others)
 
     wait_for(everyone_routes_to_h2, 10, "every agent routing the VM to h2")
 
@@ -179,17 +179,21 @@ def test_kill_9_marks_dead_removes_peer_and_restart_rejoins(swarm):
 
 
 def test_forged_and_replayed_route_claims_are_refused(swarm):
-    """Runs after the move test: replays its epoch-1 claim and forges others."""
+    """A VM of its own moved h1 -> h2; then its stale epoch-1 claim replayed, others forged."""
     from node.base.signed import sign_payload
-    from node.membership.dissemination import Broadcast, encode_update
+    from node.membership.codec import Broadcast, encode_update
     from node.runtime.keystore import load_or_create
     from overlay import claims
     from overlay.claims import sign_claim, sign_grant
 
     root, hosts = swarm
     target = hosts[3]
+    added = testbed_vm.vm_add(root, "claimed")
+    testbed_vm.vm_move(root, "claimed", "h1")
+    testbed_vm.vm_move(root, "claimed", "h2")
+    wait_for(lambda: routes_to(target, added["address"], hosts[1], 2), 10, "h4 routing it to h2")
     state = json.loads((Path(root) / "testbed.json").read_text())
-    vm = state["vms"]["mover"]
+    vm = state["vms"]["claimed"]
     nonce = bytes.fromhex(vm["job_nonce"])
     # Epoch 1's claim, exactly as h1 made it (its key, the owner's grant): now stale.
     h1 = load_or_create(Path(hosts[0]["socket"]).parent)
@@ -204,7 +208,7 @@ def test_forged_and_replayed_route_claims_are_refused(swarm):
     old = sign_claim(h1, old_grant, issued_at=1)
     stranger = Identity.generate()
     # The stranger got hold of a real owner's grant (for h1, epoch 99) and claims the
-    # mover's address with it, signing the claim itself, as an attacker would.
+    # VM's address with it, signing the claim itself, as an attacker would.
     stolen_grant = sign_grant(
         testbed_vm.owner_identity(Path(root)),
         swarm_id=state["swarm_id"],

@@ -6,33 +6,32 @@ a veth pair (198.51.100.221/24 and .222/24), each with its own private libvirtd
 recipe deploy/recipes/demo.toml) running its hash chain forever; its serial log
 must show one unbroken chain (``workload.check_continuity``) across pause,
 save/restore and live migration. Daemons, QEMU and namespaces are removed on every path
-(``ExitStack`` in ``two_hosts``). Timings are printed (``pytest -s``), never
-asserted, except that a paused guest's CPU clock must not move.
+(``ExitStack`` in ``two_hosts``). The hosts, the guest and their fixtures (``guest``,
+``lab``, ``hosts``) live in tests/kit/vm_lab.py, shared with the other VM tests.
+Timings are printed (``pytest -s``), never asserted, except that a paused guest's
+CPU clock must not move.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from kit.agents import needs_root
-from kit.paths import REPO_ROOT
+from kit.vm_lab import SEED, Guest, Host, Lab, figure, two_hosts
 
 from node.testbed import netns
-from segments.image import store as image
 from segments.image import workload
 from segments.vm import libvirtd as libvirtd_module
 from segments.vm.libvirtd import Libvirtd, LibvirtdError
-from segments.vm.runtime import LibvirtRuntime, VmError, VmSpec, VmState
+from segments.vm.runtime import VmError, VmSpec, VmState
 
 pytestmark = [
     needs_root,
@@ -41,56 +40,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("libvirtd") is None, reason="needs libvirtd"),
 ]
 
-UNDERLAY = ("198.51.100.221", "198.51.100.222")
-PACKAGE_CACHE = Path("/var/cache/gleaner/packages")
-SEED = "glv"
-RECIPE = REPO_ROOT / "deploy" / "recipes" / "demo.toml"
 BOOT_TIMEOUT_S = 60.0
 STEP_TIMEOUT_S = 20.0
 
 
-def figure(name: str, value: float, unit: str = "s") -> None:
-    print(f"\nFIGURE {name} = {value:.3f} {unit}")
-
-
-@dataclass(frozen=True)
-class Guest:
-    kernel: Path
-    initrd: Path
-    base_cmdline: str
-    cmdline: str  # runs the chain until stopped
-    memory_mb: int
-
-
-@dataclass
-class Host:
-    name: str
-    netns: str
-    address: str
-    daemon: Libvirtd
-    runtime: LibvirtRuntime
-
-
-@dataclass
-class Lab:
-    a: Host
-    b: Host
-    namespaces: tuple[str, str]
-
-
-# -- the guest -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    built = image.build(RECIPE, tmp_path_factory.mktemp("images"), PACKAGE_CACHE)
-    return Guest(
-        kernel=built.kernel,
-        initrd=built.initrd,
-        base_cmdline=built.cmdline,
-        cmdline=workload.kernel_cmdline(steps=0, seed=SEED, base=built.cmdline),
-        memory_mb=built.memory_mb,
-    )
+# -- the guest's chain --------------------------------------------------------------
 
 
 def steps(log: Path) -> list[int]:
@@ -131,63 +85,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def two_hosts(root: Path, seed_b_from_a: bool = True) -> Iterator[Lab]:
-    """Two namespaces, a veth between them, a private libvirtd in each; all gone on exit."""
-    tag = secrets.token_hex(3)
-    names = (f"glv-{tag}-a", f"glv-{tag}-b")
-    with contextlib.ExitStack() as stack:
-        for name in names:
-            stack.callback(netns.delete_namespace, name)
-            netns.add_namespace(name)
-        netns.add_veth_between(names[0], "va", names[1], "vb")
-        netns.ip("addr", "add", f"{UNDERLAY[0]}/24", "dev", "va", netns=names[0])
-        netns.ip("addr", "add", f"{UNDERLAY[1]}/24", "dev", "vb", netns=names[1])
-        hosts: list[Host] = []
-        for index, (label, name) in enumerate(zip("ab", names, strict=True)):
-            seed = hosts[0].daemon.capabilities_dir if hosts and seed_b_from_a else None
-            daemon = Libvirtd(
-                label,
-                root / label,
-                name,
-                str(uuid.uuid4()),
-                capabilities_seed=seed,
-                migration_address=UNDERLAY[index],
-            )
-            stack.callback(daemon.stop)
-            started = time.monotonic()
-            daemon.start()
-            figure(f"libvirtd_start_{label}", time.monotonic() - started)
-            if index == 0 or seed_b_from_a:
-                started = time.monotonic()
-                daemon.warm_up()
-                figure(f"libvirtd_warm_up_{label}", time.monotonic() - started)
-            runtime = LibvirtRuntime(daemon.uri)
-            stack.callback(runtime.close)
-            hosts.append(Host(label, name, UNDERLAY[index], daemon, runtime))
-        yield Lab(hosts[0], hosts[1], names)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with two_hosts(tmp_path_factory.mktemp("glv")) as made:
-        yield made
-
-
-@pytest.fixture
-def hosts(lab: Lab) -> Iterator[Lab]:
-    """The module's lab, with every domain on both hosts destroyed and undefined afterwards."""
-    try:
-        yield lab
-    finally:
-        for host in (lab.a, lab.b):
-            for name, state in host.runtime.list_vms().items():
-                if state is not VmState.SHUTOFF:
-                    host.runtime.destroy(name)
-                if name in host.runtime.list_vms():
-                    host.runtime.undefine(name)
 
 
 def spec_for(

@@ -2,7 +2,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kit.fuzzing import edit_lists, mutate
+from kit.fuzzing import edit_lists, mutate, valid_frames
 
 from node.base.identity import Identity
 from node.base.wire import (
@@ -17,18 +17,6 @@ from node.base.wire import (
 )
 
 IDENTITY = Identity.from_seeds(bytes(range(32)), bytes(range(1, 33)))
-
-
-def valid_frames() -> list[bytes]:
-    return [
-        encode_frame(IDENTITY, MessageType.PING, 1, {"nonce": 7}),
-        encode_frame(IDENTITY, MessageType.ACK, 2, {"nonce": 7, "updates": [b"u1", b"u2"]}),
-        encode_frame(
-            IDENTITY, MessageType.PING_REQ, 3, {"nonce": 1, "target": b"x" * 32}, sign=True
-        ),
-        encode_frame(IDENTITY, MessageType.JOIN_REPLY, 4, {"records": [b"r" * 100]}),
-        encode_frame(IDENTITY, MessageType.NACK, 5, {"nonce": 3, "updates": [b"u"]}),
-    ]
 
 
 def test_nack_round_trip():
@@ -135,7 +123,7 @@ def test_fuzz_random_bytes(data):
 
 @FUZZ
 @given(
-    st.sampled_from(valid_frames()),
+    st.sampled_from(valid_frames(IDENTITY)),
     edit_lists(max_position=10_000, max_size=8),
 )
 def test_fuzz_mutated_valid_frames(frame, edits):

@@ -19,15 +19,9 @@ from node.market.handoff import (
     sign_handed_off,
     sign_handoff,
 )
-from node.market.messages import (
-    MarketRefusal,
-    MarketRefused,
-    Requirements,
-    Winner,
-    decode_statement,
-    sign_award,
-    sign_offer,
-)
+from node.market.message_fields import MarketRefusal, MarketRefused
+from node.market.messages import decode_statement
+from node.market.offer_messages import Requirements, Winner, sign_award, sign_offer
 
 OWNER, SOURCE, DEST, STRANGER = (_identity(n) for n in (1, 2, 3, 99))
 URI, ADDRESS = "qemu+tcp://198.51.100.4/system", "198.51.100.4"

@@ -58,33 +58,35 @@ from node.market.jobs import (
     VerifyCompletion,
     WithdrawReceived,
 )
-from node.market.messages import (
+from node.market.message_fields import MarketKind
+from node.market.messages import BroadcastOffer, SendStatement
+from node.market.offer_messages import (
     Award,
-    BroadcastOffer,
-    Cancel,
-    CancelReason,
     Capacity,
-    MarketKind,
     Offer,
-    SegmentCommit,
-    SendStatement,
     Winner,
     decode_award,
     decode_bid,
+    sign_award,
+    sign_bid,
+    sign_offer,
+)
+from node.market.outcome_messages import (
+    Cancel,
+    CancelReason,
+    SegmentCommit,
     decode_cancel,
     decode_commit,
     decode_completion,
     decode_withdraw,
-    sign_award,
-    sign_bid,
     sign_cancel,
     sign_commit,
     sign_completion,
-    sign_offer,
     sign_withdraw,
 )
 from node.market.reputation import Reputation
-from node.market.segment_machine import MachineConfig, SegmentMachine
+from node.market.segment_machine import SegmentMachine
+from node.market.segment_rounds import MachineConfig
 from overlay.claims import derive_job_id, sign_claim
 from overlay.routes import RouteTable
 

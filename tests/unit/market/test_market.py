@@ -14,9 +14,9 @@ from kit.fuzzing import accepted_only_if_unchanged, edit_lists, mutate, signed
 from kit.market import MIB, NONCE, NOW, SWARM
 from kit.market import identity as _identity
 
-import node.market.messages as market
 from node.base.identity import Identity
 from node.base.wire import LocalProtocolError, RemoteProtocolError
+from node.ledger.tokens import MAX_UNITS
 from node.market.auction import AuctionConfig, Auctioneer, BidOutcome, ScoreWeights, score_bids
 from node.market.bidder import (
     AwardReceived,
@@ -36,33 +36,42 @@ from node.market.bidder import (
     disk_need_mib,
     estimate_finish_s,
 )
-from node.market.messages import (
-    AWARD_CONTEXT,
-    BID_CONTEXT,
-    OFFER_CONTEXT,
-    CancelReason,
-    Capacity,
+from node.market.message_fields import (
+    MAX_HOLDERS,
+    MAX_K,
     MarketKind,
     MarketRefusal,
     MarketRefused,
+    OfferRef,
+    refusal_of,
+)
+from node.market.messages import SendStatement, decode_statement, peek_job
+from node.market.offer_messages import (
+    AWARD_CONTEXT,
+    BID_CONTEXT,
+    OFFER_CONTEXT,
+    Bid,
+    Capacity,
+    Offer,
     Requirements,
-    SendStatement,
     Winner,
     decode_award,
     decode_bid,
+    decode_offer,
+    sign_award,
+    sign_bid,
+    sign_offer,
+)
+from node.market.outcome_messages import (
+    CANCEL_CONTEXT,
+    COMMIT_CONTEXT,
+    CancelReason,
     decode_cancel,
     decode_commit,
     decode_completion,
-    decode_offer,
-    decode_statement,
-    peek_job,
-    refusal_of,
-    sign_award,
-    sign_bid,
     sign_cancel,
     sign_commit,
     sign_completion,
-    sign_offer,
 )
 from node.market.reputation import Reputation, ReputationConfig
 from overlay.claims import derive_job_id, sign_claim, sign_grant
@@ -73,7 +82,7 @@ CHECKPOINT = bytes([7]) * 32
 ROOMY = Capacity(vcpus=4, memory_mib=4096, disk_mib=100_000, slots=2)
 
 
-def make_offer(owner: Identity = OWNER, **over: Any) -> market.Offer:
+def make_offer(owner: Identity = OWNER, **over: Any) -> Offer:
     args: dict[str, Any] = {
         "job_nonce": NONCE,
         "segment": 0,
@@ -95,7 +104,7 @@ def make_offer(owner: Identity = OWNER, **over: Any) -> market.Offer:
 OFFER = make_offer()
 
 
-def make_bid(host: Identity, offer: market.Offer = OFFER, **over: Any) -> market.Bid:
+def make_bid(host: Identity, offer: Offer = OFFER, **over: Any) -> Bid:
     args: dict[str, Any] = {"price": 5, "finish_s": 100, "held_bytes": 0, "capacity": ROOMY}
     args.update(over)
     return sign_bid(host, offer.ref, **args)
@@ -107,7 +116,7 @@ def grant_for(node: Identity, epoch: int, owner: Identity = OWNER, nonce: bytes 
     )
 
 
-def ref_fields(ref: market.OfferRef) -> dict[str, Any]:
+def ref_fields(ref: OfferRef) -> dict[str, Any]:
     return {"job": ref.job_id, "segment": ref.segment, "attempt": ref.attempt, "offer": ref.digest}
 
 
@@ -219,9 +228,9 @@ def test_an_offer_for_someone_elses_job_id_is_refused():
         {"memory": 64},  # below MIN_MEMORY_MIB
         {"vcpus": 0},
         {"k": 0},
-        {"k": market.MAX_K + 1},
+        {"k": MAX_K + 1},
         {"ceiling": 0},
-        {"ceiling": market.MAX_UNITS + 1},
+        {"ceiling": MAX_UNITS + 1},
         {"extent": 0},
         {"kvm": 1},  # an integer is not a boolean
         {"segment": True},  # nor a boolean an integer
@@ -230,7 +239,7 @@ def test_an_offer_for_someone_elses_job_id_is_refused():
         {"checkpoint": b"short"},
         {"holders": [H1.node_id.key, H1.node_id.key]},
         {"holders": [b"x" * 31]},
-        {"holders": [H1.node_id.key] * (market.MAX_HOLDERS + 1)},
+        {"holders": [H1.node_id.key] * (MAX_HOLDERS + 1)},
         {"nonce": b"short"},
         {"deadline": -1},
     ],
@@ -275,14 +284,11 @@ def test_cancel_and_commit_are_strict():
     cancel = sign_cancel(OWNER, OFFER.ref, (H1.node_id,), CancelReason.ABANDONED)
     assert decode_cancel(cancel.blob).reason is CancelReason.ABANDONED
     fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "nodes": [H1.node_id.key]}
-    bad = signed(OWNER, market.CANCEL_CONTEXT, fields | {"reason": 9})
+    bad = signed(OWNER, CANCEL_CONTEXT, fields | {"reason": 9})
     assert refused(decode_cancel, bad) is MarketRefusal.MALFORMED
     fields = {"owner": OWNER.node_id.key, **ref_fields(OFFER.ref), "winner": H1.node_id.key}
     fields |= {"manifest": b"m" * 32, "size": 1, "holders": []}
-    assert (
-        refused(decode_commit, signed(OWNER, market.COMMIT_CONTEXT, fields))
-        is MarketRefusal.MALFORMED
-    )
+    assert refused(decode_commit, signed(OWNER, COMMIT_CONTEXT, fields)) is MarketRefusal.MALFORMED
 
 
 def test_decode_statement_refuses_unknown_kinds_and_peek_refuses_garbage():
@@ -639,7 +645,7 @@ def test_bidder_never_bids_beyond_its_caps(data):
         replicas=data.draw(st.integers(0, 4)),
     )
     b = Bidder(H1, policy)
-    offers: list[market.Offer] = []
+    offers: list[Offer] = []
     now = float(NOW)
     for step in range(data.draw(st.integers(1, 25))):
         action = data.draw(st.sampled_from(["offer", "offer", "award", "finish", "tick", "shrink"]))

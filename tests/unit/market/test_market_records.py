@@ -243,7 +243,7 @@ def test_a_verifier_failure_of_our_own_is_retried_not_blamed_on_the_replica(tmp_
             OWNER, state, Segments(failures), machine_config("s", 1.0, 60.0), nowhere, nowhere,
             lambda: [], lambda node: None, 10.0,
         )  # fmt: skip
-        owner._add(job, None, 1.0)
+        owner._add(job, None, 1.0, None)
 
         async def fetched(*_args):
             return object()

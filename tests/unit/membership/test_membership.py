@@ -29,28 +29,23 @@ from node.base.wire import (
     decode_frame,
     encode_frame,
 )
-from node.membership.dissemination import (
+from node.membership.codec import (
     ALIVE_PREFIX,
     Alive,
     Broadcast,
     Claim,
-    RandomSet,
-    TransmitLimitedQueue,
     UpdateKind,
     decode_update,
     encode_update,
-    retransmit_limit,
 )
-from node.membership.swim import (
+from node.membership.config import MembershipConfig
+from node.membership.events import (
     BroadcastReceived,
     Effect,
     Event,
     JoinRequested,
     LeaveRequested,
     MemberChanged,
-    Membership,
-    MembershipConfig,
-    MemberState,
     MessageReceived,
     OwnRecordSigned,
     RecordDiscovered,
@@ -58,6 +53,10 @@ from node.membership.swim import (
     SendMessage,
     SendToEndpoint,
 )
+from node.membership.queue import TransmitLimitedQueue, retransmit_limit
+from node.membership.random_set import RandomSet
+from node.membership.swim import Membership
+from node.membership.table import MemberState
 
 T0 = 1_800_000_000.0
 LIFETIME = 3600

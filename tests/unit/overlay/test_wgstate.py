@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import base64
 import ipaddress
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.import_graph import imported_roots
 from kit.paths import REPO_ROOT
 
 from overlay.wgstate import (
@@ -480,18 +480,7 @@ def test_interface_names_are_short_valid_and_distinct():
 
 
 def test_wgstate_imports_no_io():
-    tree = ast.parse((REPO_ROOT / "overlay" / "wgstate.py").read_text())
-    imported = {
-        name.split(".")[0]
-        for node in ast.walk(tree)
-        for name in (
-            [a.name for a in node.names]
-            if isinstance(node, ast.Import)
-            else [node.module or ""]
-            if isinstance(node, ast.ImportFrom)
-            else []
-        )
-    }
+    imported = imported_roots(REPO_ROOT / "overlay" / "wgstate.py")
     assert not imported & {"socket", "time", "random", "subprocess", "os", "trio", "asyncio"}
 
 

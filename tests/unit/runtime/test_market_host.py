@@ -14,19 +14,13 @@ import pytest
 import trio
 from kit.market import NONCE
 from kit.market import identity as _identity
-from test_replica_handoff import FakeHostService
+from kit.replica import FakeHostService
 
 import node.runtime.market_host as market_host
 from node.market.bidder import HostPolicy
-from node.market.messages import (
-    MarketKind,
-    Requirements,
-    Winner,
-    decode_bid,
-    decode_withdraw,
-    sign_award,
-    sign_offer,
-)
+from node.market.message_fields import MarketKind
+from node.market.offer_messages import Requirements, Winner, decode_bid, sign_award, sign_offer
+from node.market.outcome_messages import decode_withdraw
 from node.runtime import segment_service as service_module
 from node.runtime.market_host import HostMarket
 from segments.vm.fake import FakeVmRuntime

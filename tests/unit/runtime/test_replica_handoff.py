@@ -3,21 +3,16 @@
 The source's ``Replica.run`` migrates its guest at ``migrate_to`` and ends with
 ``ReplicaMigrated``; the destination's ``Replica.adopt`` waits for it, runs the
 rest of the extent and checkpoints the whole segment's console (the source's,
-then its own). The logic runs on ``ChainFake``s (fakes whose guest prints the
-demo chain, one step per vCPU-time reading, into whatever serial log its
-domain has now); the service plumbing on the same fakes; the last tests on two
-real libvirtd "hosts" (the ``hosts`` lab of test_vm_libvirt.py, QEMU TCG, the
-demo image), where the destination's checkpoint is verified by restoring it.
+then its own). The logic runs on ``ChainFake``s (tests/kit/replica.py: fakes whose
+guest prints the demo chain, one step per vCPU-time reading, into whatever serial
+log its domain has now); the service plumbing on the same fakes. The hand-off on
+two real libvirtd hosts is tests/testbed/test_replica_handoff_vm.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,10 +20,19 @@ from typing import Any
 
 import pytest
 import trio
-from kit.agents import needs_root
-from test_vm_libvirt import Guest, Lab, guest, hosts, lab  # noqa: F401 (fixtures)
+from kit.replica import (
+    IDENTITY,
+    SEED,
+    VM,
+    WAIT_S,
+    ChainFake,
+    FakeHostService,
+    log_steps,
+    moved_of,
+    threads,
+    wait_until,
+)
 
-from node.base.identity import Identity
 from node.runtime import segment_service as service_module
 from node.runtime.segment_service import (
     ReplicaOrder,
@@ -40,79 +44,23 @@ from node.runtime.segment_service import (
 from segments.image import workload
 from segments.store.blocks import BlockStore
 from segments.vm import replica as replica_module
-from segments.vm.fake import FakeMigration, FakeVmRuntime
+from segments.vm.fake import FakeMigration
 from segments.vm.progress import console_text, decode_progress, encode_progress
 from segments.vm.replica import (
     CONSOLE_FILE,
     Replica,
     ReplicaCancelled,
     ReplicaError,
-    ReplicaMigrated,
     ReplicaResult,
     SegmentRun,
     replica_spec,
 )
 from segments.vm.runtime import VmSpec, VmState
-from segments.vm.verify import VerifySpec, verify_checkpoint
 
-IDENTITY = Identity.from_seeds(b"\x09" * 32, b"\x0a" * 32)
-SEED = "glv"
-VM = "gl-handoff"
 ADDRESS_B = "198.51.100.222"
-WAIT_S = 10.0
 
 
-# -- a fake guest that prints the chain --------------------------------------------------
-
-
-class ChainFake(FakeVmRuntime):
-    """A fake whose running guest prints the next chain step at every vCPU-time reading.
-
-    `chain` (shared by the fakes of one test) is the guests' RAM: step counters
-    by domain name, so a migrated or restored guest goes on where it was. Each
-    line goes to the serial log the domain has *now*.
-    """
-
-    def __init__(self, uri: str, registry: dict, chain: dict[str, int], tick: float = 0.1):
-        super().__init__(uri, registry)
-        self.chain, self.tick = chain, tick
-        self.lock = threading.Lock()
-
-    def start(self, name: str) -> None:
-        with self.lock:  # (the service test reads the clock from another thread)
-            super().start(name)
-            self.chain[name] = 0
-            _append(self.domains[name].spec.serial_log, f"gleaner-start 0 {SEED}\r\n")
-
-    def cpu_time_s(self, name: str) -> float:
-        with self.lock:
-            domain = self.domains.get(name)
-            if domain is not None and domain.state is VmState.RUNNING:
-                self.advance(self.tick, name)
-                step = self.chain[name] = self.chain[name] + 1
-                line = f"gleaner-progress {step} {workload.reference_result(SEED, step)}\r\n"
-                _append(domain.spec.serial_log, line)
-            return super().cpu_time_s(name)
-
-
-def _append(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as log:
-        log.write(text)
-
-
-def log_steps(path: Path) -> list[int]:
-    try:
-        return [step for step, _ in workload.parse_progress(path.read_text(errors="replace"))]
-    except FileNotFoundError:
-        return []
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+# -- two hosts on fakes ---------------------------------------------------------------------
 
 
 def run_of(tmp_path: Path, extent: float, tap: str | None = None) -> SegmentRun:
@@ -135,17 +83,6 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replica_module, "POLL_S", 0.005)
 
 
-@contextlib.contextmanager
-def threads(*replicas: Replica) -> Iterator[ThreadPoolExecutor]:
-    """Worker threads for the replicas; each is cancelled on the way out, so none hangs."""
-    with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
-        try:
-            yield pool
-        finally:
-            for replica in replicas:
-                replica.cancel()
-
-
 @pytest.fixture
 def pair(tmp_path: Path, fast_polls: None) -> Iterator[SimpleNamespace]:
     """Hosts A and B as fakes sharing a registry and the guests' chain, with block stores."""
@@ -162,12 +99,6 @@ def pair(tmp_path: Path, fast_polls: None) -> Iterator[SimpleNamespace]:
     finally:
         made.store_a.close()
         made.store_b.close()
-
-
-def moved_of(future: Future) -> ReplicaMigrated:
-    error = future.exception(timeout=WAIT_S)
-    assert isinstance(error, ReplicaMigrated), f"expected ReplicaMigrated, got {error!r}"
-    return error
 
 
 # -- the hand-off, on fakes -------------------------------------------------------------------
@@ -334,17 +265,6 @@ def test_adopt_can_be_cancelled_held_and_finished_early(
 # -- the service's plumbing, on fakes -----------------------------------------------------------
 
 
-class FakeHostService(SegmentService):
-    """A SegmentService whose replicas run on a fake (no libvirt) and whose image is stubbed."""
-
-    def __init__(self, tmp_path: Path, label: str, runtime: ChainFake) -> None:
-        super().__init__(IDENTITY, tmp_path / label, "fake:///unused", tmp_path / "images")
-        self.runtime = runtime
-
-    def _open_runtime(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext(self.runtime)
-
-
 def order_of(adopt: bool, extent: float) -> ReplicaOrder:
     return ReplicaOrder(
         name="handoff",
@@ -451,105 +371,3 @@ def test_a_destination_spec_round_trips() -> None:
 def test_a_bad_destination_spec_is_a_value_error(fields: object, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         parse_destination_spec(VM, fields)
-
-
-# -- the hand-off on two real libvirtd hosts (QEMU TCG, the demo image) -------------------------
-
-real = pytest.mark.skipif(shutil.which("libvirtd") is None, reason="needs libvirtd")
-STEP_TIMEOUT_S = 60.0
-VERIFY_TIMEOUT_S = 60.0
-
-
-def real_run(guest: Guest, extent: float, tap: str | None) -> SegmentRun:  # noqa: F811
-    return SegmentRun(
-        VM, guest.kernel, guest.initrd, guest.cmdline, guest.memory_mb, 1, extent, tap
-    )
-
-
-@needs_root
-@pytest.mark.netns
-@pytest.mark.vm
-@real
-def test_real_hand_off_continues_the_console_and_restores(
-    hosts: Lab,  # noqa: F811
-    guest: Guest,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    store_a, store_b = BlockStore(tmp_path / "blocks-a"), BlockStore(tmp_path / "blocks-b")
-    source = Replica(hosts.a.runtime, store_a, IDENTITY, tmp_path / "a")
-    dest = Replica(hosts.b.runtime, store_b, IDENTITY, tmp_path / "b")
-    rest = real_run(guest, 2.0, "glhtb")
-    try:
-        with threads(source, dest) as pool:
-            adopting = pool.submit(dest.adopt, rest, STEP_TIMEOUT_S)
-            running = pool.submit(source.run, real_run(guest, 600.0, "glhta"), None)
-            wait_until(lambda: len(log_steps(tmp_path / "a" / "serial.log")) >= 3, STEP_TIMEOUT_S)
-            started = time.monotonic()
-            source.migrate_to(
-                hosts.b.daemon.uri, hosts.b.address, replica_spec(rest, dest.work_dir)
-            )
-            assert source.migration_done.wait(STEP_TIMEOUT_S)
-            print(f"\nFIGURE hand_off_migration = {time.monotonic() - started:.3f} s")
-            assert source.migration_error is None
-            moved = moved_of(running)
-            assert dest.arrived.wait(STEP_TIMEOUT_S)
-            dest.set_console_prefix(moved.console)
-            result: ReplicaResult = adopting.result(timeout=STEP_TIMEOUT_S)
-        assert hosts.a.runtime.list_vms() == {} and hosts.b.runtime.list_vms() == {}
-        source_log, dest_log = tmp_path / "a" / "serial.log", tmp_path / "b" / "serial.log"
-        assert moved.console == source_log.read_bytes()
-        console = store_b.read_file(result.checkpoint, CONSOLE_FILE)
-        assert console == moved.console + dest_log.read_bytes()
-        assert log_steps(dest_log), "the guest printed on B after the switch-over"
-        chain = workload.check_continuity(workload.parse_progress(console_text(console)), SEED)
-        print(f"FIGURE steps_on_a = {log_steps(source_log)[-1]}, last = {chain.last_step}")
-        assert result.progress == encode_progress(console_text(console))
-
-        spec = VerifySpec(
-            guest.kernel, guest.initrd, guest.cmdline, guest.memory_mb, 1, tmp_path / "v", VM
-        )
-        verdict = verify_checkpoint(
-            hosts.a.runtime,
-            store_b,
-            replace(spec, tap="glhtv"),
-            result.checkpoint,
-            result.progress,
-            None,  # segment 0: the joined console starts at gleaner-start
-            False,
-            VERIFY_TIMEOUT_S,
-        )
-        assert verdict.ok, verdict.reason
-        assert verdict.new_step == chain.last_step + 1
-    finally:
-        store_a.close()
-        store_b.close()
-
-
-@needs_root
-@pytest.mark.netns
-@pytest.mark.vm
-@real
-def test_real_failed_hand_off_completes_the_segment_here(
-    hosts: Lab,  # noqa: F811
-    guest: Guest,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    store = BlockStore(tmp_path / "blocks")
-    source = Replica(hosts.a.runtime, store, IDENTITY, tmp_path / "a")
-    run = real_run(guest, 5.0, None)
-    try:
-        with threads(source) as pool:
-            running = pool.submit(source.run, run, None)
-            wait_until(lambda: len(log_steps(tmp_path / "a" / "serial.log")) >= 2, STEP_TIMEOUT_S)
-            # B's QEMU cannot listen on A's address: the migration fails mid-way
-            source.migrate_to(hosts.b.daemon.uri, hosts.a.address, replica_spec(run, tmp_path))
-            assert source.migration_done.wait(STEP_TIMEOUT_S)
-            print(f"\nfailed hand-off: {source.migration_error}")
-            assert source.migration_error and "migrating gl-handoff" in source.migration_error
-            result = running.result(timeout=STEP_TIMEOUT_S)
-        assert not result.powered_off and result.cpu_s >= 5.0
-        console = store.read_file(result.checkpoint, CONSOLE_FILE)
-        workload.check_continuity(workload.parse_progress(console_text(console)), SEED)
-        assert hosts.a.runtime.list_vms() == {} and hosts.b.runtime.list_vms() == {}
-    finally:
-        store.close()

@@ -11,7 +11,9 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.import_graph import imported_roots
 from kit.paths import REPO_ROOT
+from kit.transfer import start_server
 
 from node.base.identity import Identity
 from node.base.wire import RemoteProtocolError
@@ -21,7 +23,6 @@ from segments.store.transfer import (
     BlockArrived,
     BlockLacked,
     BlockMessage,
-    BlockSource,
     DropHolder,
     Event,
     FetchCore,
@@ -39,7 +40,6 @@ from segments.store.transfer import (
     decode_message,
     encode_message,
     fetch,
-    serve_blocks,
 )
 
 BS = 4096
@@ -417,20 +417,6 @@ def source_file(path: Path, blocks: int = 96) -> bytes:
     return path.read_bytes()
 
 
-async def start_server(nursery: trio.Nursery, source: BlockSource) -> tuple[trio.CancelScope, int]:
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listener.socket.getsockname()[1]
-    scope = trio.CancelScope()
-
-    async def run() -> None:
-        with scope:
-            async with listener:
-                await serve_blocks(source, listener, timeout_s=10)
-
-    nursery.start_soon(run)
-    return scope, port
-
-
 async def test_fetch_from_a_corrupting_and_a_dying_holder(tmp_path: Path) -> None:
     original = source_file(tmp_path / "memory.save")
     producer = BlockStore(tmp_path / "producer", block_size=BS)
@@ -564,15 +550,7 @@ async def test_a_silent_holder_times_out_and_the_other_finishes(tmp_path: Path) 
     "module", ["segments/store/transfer_core.py", "segments/store/manifest.py"]
 )
 def test_cores_import_no_io(module: str) -> None:
-    import ast
-
-    tree = ast.parse((REPO_ROOT / module).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
+    imported = imported_roots(REPO_ROOT / module)
     forbidden = {"trio", "socket", "time", "random", "os", "subprocess", "asyncio", "sqlite3"}
     assert not imported & forbidden
 
@@ -585,8 +563,11 @@ def test_a_block_queued_at_a_holder_that_dies_goes_back_to_the_faulty_one() -> N
         core.handle(HolderJoined(holder))
     assert core.handle(HaveAnnounced("a", (d0, d1, d2))) == [RequestBlocks("a", (d0,))]
     assert core.handle(HaveAnnounced("b", (d0, d1, d2))) == [RequestBlocks("b", (d1,))]
-    # a sends d0 corrupted: d0 is queued for b, a moves on to d2.
-    assert core.handle(BlockArrived("a", d0, b"bad")) == [RequestBlocks("a", (d2,))]
+    # a sends d0 corrupted (a fault, reported): d0 is queued for b, a moves on to d2.
+    assert core.handle(BlockArrived("a", d0, b"bad")) == [
+        ReportFault("a", "a block that does not match its digest", 1),
+        RequestBlocks("a", (d2,)),
+    ]
     # b dies before getting to d0: d1 and d0 must go back to a.
     assert core.handle(HolderLost("b", "reset")) == []
     effects = core.handle(BlockArrived("a", d2, blocks[d2]))

@@ -13,7 +13,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kit.fuzzing import Edit, edit_lists, mutate
-from test_transfer import start_server
+from kit.transfer import start_server
 
 from node.base.identity import Identity
 from node.base.wire import RemoteProtocolError

@@ -3,38 +3,27 @@
 The unit tests build consoles the way the demo guest prints them, store them
 as checkpoints (a ``BlockStore`` in tmp_path) and verify them; where a VM is
 needed, ``ConsoleFake`` (a ``FakeVmRuntime`` whose guest writes a scripted
-console and whose vCPU clock moves on every look) stands in. The last test
-runs a real segment under a private libvirtd (QEMU TCG, the demo image) and
-verifies its checkpoint; its timings are printed (``pytest -s``), never
-asserted.
+console and whose vCPU clock moves on every look) stands in. A real segment
+under a private libvirtd is verified in tests/testbed/test_verify_vm.py.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import hashlib
 import secrets
-import shutil
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kit.agents import needs_root
-from kit.paths import REPO_ROOT
+from kit.consoles import boot_console, chain_lines
+from kit.import_graph import imported_roots
 
 from node.base.identity import Identity
-from node.testbed import netns
-from segments.image import store as image
 from segments.image import workload
 from segments.store.blocks import BlockStore
 from segments.store.manifest import Manifest
 from segments.vm import progress
 from segments.vm.fake import FakeVmRuntime
-from segments.vm.libvirtd import Libvirtd
 from segments.vm.progress import Progress, decode_progress, encode_progress
 from segments.vm.replica import (
     CONSOLE_FILE,
@@ -43,7 +32,7 @@ from segments.vm.replica import (
     ReplicaError,
     SegmentRun,
 )
-from segments.vm.runtime import LibvirtRuntime, VmSpec, VmState
+from segments.vm.runtime import VmSpec, VmState
 from segments.vm.verify import VerifyError, VerifySpec, verify_checkpoint
 
 IDENTITY = Identity.from_seeds(b"\x05" * 32, b"\x06" * 32)
@@ -52,18 +41,6 @@ VM = "gl-verify-test"
 
 
 # -- consoles as the demo guest prints them ---------------------------------------------
-
-
-def chain_lines(seed: str, first: int, last: int) -> str:
-    """``gleaner-progress`` lines first..last of the chain from `seed`, as the tty writes them."""
-    states = workload.reference_states(seed, last)
-    return "".join(f"gleaner-progress {i} {states[i - 1]}\r\n" for i in range(first, last + 1))
-
-
-def boot_console(seed: str, last: int, steps: int = 0) -> str:
-    return f"[    0.000000] Linux version 6.1\r\ngleaner-start {steps} {seed}\r\n" + chain_lines(
-        seed, 1, last
-    )
 
 
 def state(seed: str, step: int) -> str:
@@ -130,17 +107,7 @@ def test_encode_progress_refuses_a_step_beyond_64_bits() -> None:
 
 
 def test_progress_module_is_pure() -> None:
-    tree = ast.parse(Path(progress.__file__).read_text())
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        node.module.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
+    imported = imported_roots(Path(progress.__file__))
     assert not imported & {"os", "time", "socket", "trio", "libvirt", "random", "subprocess"}
 
 
@@ -641,103 +608,3 @@ def test_local_conflicts_raise_and_definitions_stay(tmp_path: Path, store: Block
         verify(tmp_path, store, manifest, claim, base, runtime=runtime)
     assert runtime.list_vms() == {VM: VmState.RUNNING}
     assert leftovers(tmp_path) == []
-
-
-# -- a real segment, verified (libvirtd, QEMU TCG, the demo image) ---------------------------
-
-PACKAGE_CACHE = Path("/var/cache/gleaner/packages")
-RECIPE = REPO_ROOT / "deploy" / "recipes" / "demo.toml"
-VERIFY_TIMEOUT_S = 60.0
-
-
-def figure(name: str, value: float, unit: str = "s") -> None:
-    print(f"\nFIGURE {name} = {value:.3f} {unit}")
-
-
-@contextlib.contextmanager
-def one_host(root: Path) -> Iterator[LibvirtRuntime]:
-    """A namespace and a private libvirtd in it (as test_vm_libvirt makes them); gone on exit."""
-    name = f"glv-{secrets.token_hex(3)}-v"
-    with contextlib.ExitStack() as stack:
-        stack.callback(netns.delete_namespace, name)
-        netns.add_namespace(name)
-        daemon = Libvirtd("v", root / "v", name, str(uuid.uuid4()))
-        stack.callback(daemon.stop)
-        daemon.start()
-        daemon.warm_up()
-        runtime = LibvirtRuntime(daemon.uri)
-        stack.callback(runtime.close)
-        yield runtime
-
-
-@needs_root
-@pytest.mark.netns
-@pytest.mark.vm
-@pytest.mark.skipif(shutil.which("libvirtd") is None, reason="needs libvirtd")
-def test_real_segment_verifies(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Segment 0, verified; then forged claims; segment 1 from it, verified; a finished job."""
-    root = tmp_path_factory.mktemp("glv-verify")
-    built = image.build(RECIPE, root / "images", PACKAGE_CACHE)
-    cmdline = workload.kernel_cmdline(steps=0, seed=SEED, base=built.cmdline)
-    verify_dir = root / "verify"
-    spec = VerifySpec(built.kernel, built.initrd, cmdline, built.memory_mb, 1, verify_dir, VM)
-    done_cmdline = workload.kernel_cmdline(steps=8, seed=SEED, base=built.cmdline)
-
-    def segment(work: str, extent: float, checkpoint: Manifest | None, line: str = cmdline):
-        run = SegmentRun(VM, built.kernel, built.initrd, line, built.memory_mb, 1, extent)
-        return Replica(runtime, store, IDENTITY, root / work).run(run, checkpoint)
-
-    def check(result, base: bytes | None, claimed: bytes | None = None, halted: bool = False):
-        job = spec if not halted else replace(spec, cmdline=done_cmdline)
-        return verify_checkpoint(
-            runtime,
-            store,
-            job,
-            result.checkpoint,
-            claimed or result.progress,
-            base,
-            halted,
-            VERIFY_TIMEOUT_S,
-        )
-
-    with one_host(root) as runtime, contextlib.closing(BlockStore(root / "blocks")) as store:
-        first = segment("r0", 5.0, None)
-        assert not first.powered_off
-        claimed = decode_progress(first.progress)
-        assert claimed.step > 0 and claimed.state is not None
-        console_before = first.serial_log.read_bytes()
-
-        started = time.monotonic()
-        verdict = check(first, None)
-        figure("verify_segment_0", time.monotonic() - started)
-        print(f"verdict: {verdict}")
-        assert verdict.ok, verdict.reason
-        assert verdict.new_step == claimed.step + 1
-        assert runtime.list_vms() == {}
-        assert list(verify_dir.iterdir()) == []
-        assert first.serial_log.read_bytes() == console_before  # the replica's log untouched
-
-        one_more = encode_progress(boot_console(SEED, claimed.step + 1))
-        verdict = check(first, None, claimed=one_more)
-        assert not verdict.ok and "the console shows step" in verdict.reason, verdict.reason
-        verdict = check(first, encode_progress(boot_console(SEED, 2)))
-        assert not verdict.ok and "started over" in verdict.reason, verdict.reason
-
-        second = segment("r1", 3.0, first.checkpoint)
-        assert not second.powered_off
-        started = time.monotonic()
-        verdict = check(second, first.progress)
-        figure("verify_segment_1", time.monotonic() - started)
-        print(f"verdict: {verdict}")
-        assert verdict.ok, verdict.reason
-        assert verdict.new_step == decode_progress(second.progress).step + 1
-        verdict = check(second, None)  # segment 1 passed off as segment 0
-        assert not verdict.ok and "no gleaner-start" in verdict.reason, verdict.reason
-        assert runtime.list_vms() == {}
-
-        done = segment("r2", 600.0, None, done_cmdline)
-        assert done.powered_off
-        assert [f.name for f in done.checkpoint.files] == [CONSOLE_FILE]
-        verdict = check(done, None, halted=True)
-        assert verdict.ok, verdict.reason
-        assert verdict.new_step == 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from kit.import_graph import imported_roots
 from kit.paths import REPO_ROOT
-from test_purity import imported_roots
 
 from node.base.identity import Identity
 from node.base.wire import MessageType, encode_frame

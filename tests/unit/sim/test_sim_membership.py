@@ -16,8 +16,10 @@ import pytest
 from kit.paths import REPO_ROOT
 
 from node.base.wire import MessageType
-from node.membership.dissemination import Roster
-from node.membership.swim import Membership, MembershipConfig, MemberState, MessageReceived
+from node.membership.config import MembershipConfig
+from node.membership.events import MessageReceived
+from node.membership.swim import Membership
+from node.membership.table import MemberState, Roster
 from node.sim import cli, scenario
 from node.sim.churn import ChurnModel
 from node.sim.engine import InvariantViolated
@@ -248,7 +250,7 @@ def test_gleaner_sim_prints_the_same_bytes_in_fresh_processes(tmp_path):
 
 
 def test_gleaner_sim_human_output_and_plots(tmp_path, capsys):
-    from node.cli import main
+    from node.cli.main import main
 
     scenario_file = tmp_path / "tiny.toml"
     scenario_file.write_text(SMALL.read_text().replace("nodes = 200", "nodes = 40"))
@@ -260,7 +262,7 @@ def test_gleaner_sim_human_output_and_plots(tmp_path, capsys):
 
 
 def test_gleaner_sim_reports_a_bad_scenario_in_one_line(tmp_path, capsys):
-    from node.cli import main
+    from node.cli.main import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text('kind = "convergence"\n[swarm]\nnodes = "many"\n')

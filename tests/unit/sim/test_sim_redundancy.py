@@ -88,7 +88,7 @@ def test_an_injected_double_payment_is_caught_by_the_invariants():
     world.sim.run(EPOCH + 3 * 3600, world.deliver)
     paid = [
         (key, node)
-        for key, [node] in world.payments.items()
+        for key, [node] in world.accounts.payments.items()
         if world.hosts[world.by_node[node][1]].down_since is None
     ]
     assert paid, "no payment to a host that is up after three hours"
@@ -98,7 +98,7 @@ def test_an_injected_double_payment_is_caught_by_the_invariants():
     owner = world.owners[world.by_node[view.counterparty][1]]
     forged = sign_payment(
         owner.identity,
-        world.chains[view.chain_id],
+        world.accounts.chains[view.chain_id],
         payee=node,
         job_id=job_id,
         segment=segment,
