@@ -73,7 +73,7 @@ from overlay.claims import (
 
 
 @dataclass(frozen=True, slots=True)
-class RouteChanged:
+class ApplyRoute:
     """Effect: ``vm_address`` is now held by ``node_id`` at ``epoch`` (None: unrouted)."""
 
     vm_address: IPv6Address
@@ -81,7 +81,7 @@ class RouteChanged:
     epoch: int
 
 
-Effect = RouteChanged
+Effect = ApplyRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class RouteTable:
             if entry.holder is not None and entry.grant.is_expired(now):
                 self._entries[address] = replace(entry, expired=True)
                 self._counts["expired"] += 1
-                effects.append(RouteChanged(address, None, entry.claim.epoch))
+                effects.append(ApplyRoute(address, None, entry.claim.epoch))
         return effects
 
     def claim_local(
@@ -218,7 +218,7 @@ class RouteTable:
         self.tick(now)
         after = self._view()
         return [
-            RouteChanged(address, holder, epoch)
+            ApplyRoute(address, holder, epoch)
             for address, (holder, epoch) in sorted(after.items())
             if before.get(address, (None, epoch)) != (holder, epoch)
         ]
@@ -303,7 +303,7 @@ class RouteTable:
         if claim.node_id == self.local_node:
             self._local_epochs[address] = claim.epoch
         self._counts["accepted"] += 1
-        return [RouteChanged(address, claim.node_id, claim.epoch)]
+        return [ApplyRoute(address, claim.node_id, claim.epoch)]
 
     def _withdraw(self, claim: RouteClaim) -> list[Effect]:
         address = claim.vm_address
@@ -328,7 +328,7 @@ class RouteTable:
             self._local_epochs.pop(address, None)
         if held.holder is None:  # already expired: keep the withdrawal, nothing to unroute
             return []
-        return [RouteChanged(address, None, claim.epoch)]
+        return [ApplyRoute(address, None, claim.epoch)]
 
     def _view(self) -> dict[IPv6Address, tuple[NodeId | None, int]]:
         return {a: (entry.holder, entry.claim.epoch) for a, entry in self._entries.items()}

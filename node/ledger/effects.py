@@ -4,14 +4,14 @@ Theory of operation
 -------------------
 A ledger core's effects are carried out in the order it emitted them, and an
 effect that feeds something back into the core (``Persist`` answered with
-``Persisted``, ``ChainNeeded`` answered with ``ChainAdded``) has the core's
+``Persisted``, ``CreateChain`` answered with ``ChainAdded``) has the core's
 answer carried out *next*, before the rest of the batch: depth first, as if
 the core had emitted them in its place. ``EffectQueue`` is that rule, once;
 the agent (node/runtime/ledger_service.py, which awaits between effects) and the
 market simulator (node/sim/market_owners.py, which does not) both iterate one
 and ``feed`` it what each effect brought back.
 
-``open_chain`` is the answer to ``ChainNeeded`` both give: a chain of at least
+``open_chain`` is the answer to ``CreateChain`` both give: a chain of at least
 ``chain_length`` tokens from ``seed`` (drawn by the caller: ``os.urandom`` in
 the agent, the seeded stream in the simulator), its commitment signed by the
 payer as issuer (a volunteer credit swarm: the payer vouches for itself), as
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 from node.base.identity import Identity
-from node.ledger.payer import ChainAdded, ChainNeeded
+from node.ledger.payer import ChainAdded, CreateChain
 from node.ledger.tokens import HashChain, sign_commitment
 
 CHAIN_LIFETIME_S = 30 * 86400
@@ -51,7 +51,7 @@ class EffectQueue(Generic[E]):
 
 
 def open_chain(
-    identity: Identity, effect: ChainNeeded, seed: bytes, chain_length: int, now: float
+    identity: Identity, effect: CreateChain, seed: bytes, chain_length: int, now: float
 ) -> ChainAdded:
     """A new chain to ``effect.payee`` and its self-issued commitment, for the payer."""
     chain = HashChain(seed, max(chain_length, effect.units))

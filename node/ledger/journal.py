@@ -12,7 +12,7 @@ of a token chain (chains, tokens and the signed statements are node/ledger/token
   to its chain's head, and acknowledges it once it is journaled.
 
 This module holds what both share: journal entries and their codec, the
-``Persist`` effect and the ``Persisted`` event, the ``Refused`` effect and which
+``Persist`` effect and the ``Persisted`` event, the ``ReportRefusal`` effect and which
 refusals each side counts, the views for ``gleaner ledger``, and
 ``LedgerCore``, the base that numbers entries, counts and collects output.
 
@@ -32,7 +32,7 @@ Invariants (both sides)
 -----------------------
 - Nothing that depends on a journal entry leaves a core before its
   ``Persisted``.
-- ``handle`` never raises on a peer's bytes: refusals are ``Refused`` effects,
+- ``handle`` never raises on a peer's bytes: refusals are ``ReportRefusal`` effects,
   counted as ``refused_<reason>`` in ``statistics()``. ``LocalProtocolError``
   means the agent's own mistake (unknown entry id, bad chain, corrupt journal).
 """
@@ -87,7 +87,7 @@ class Persist:
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
+class ReportRefusal:
     """Effect: something was refused; ``peer`` is the sender, or the payee asked for."""
 
     reason: TokenRefusal
@@ -257,7 +257,7 @@ class LedgerCore:
 
     def _refuse(self, reason: TokenRefusal, peer: NodeId | None, detail: str, **about: Any) -> None:
         self._stats[f"refused_{reason.value}"] += 1
-        self._out.append(Refused(reason, peer, detail, **about))
+        self._out.append(ReportRefusal(reason, peer, detail, **about))
 
     def _refuse_error(self, exc: RemoteProtocolError, peer: NodeId | None) -> None:
         reason = exc.reason if isinstance(exc, LedgerRefused) else TokenRefusal.MALFORMED

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``PayeeLedger`` is the host's sans-IO core; the payer's side is node/ledger/payer.py,
-and what both share (the journal, ``Persist``/``Persisted``, ``Refused``, the
+and what both share (the journal, ``Persist``/``Persisted``, ``ReportRefusal``, the
 views) is node/ledger/journal.py. It accepts a commitment only if it is addressed to
 this node, signed by a trusted issuer (one of ``trusted_issuers``, or the payer
 itself when ``accept_self_issued``) and not expired; a known chain id with
@@ -59,7 +59,7 @@ from node.ledger.journal import (
     PaymentView,
     Persist,
     Persisted,
-    Refused,
+    ReportRefusal,
     SegmentKey,
     balances,
     chain_view,
@@ -109,7 +109,7 @@ class SendAck:
 
 
 @dataclass(frozen=True, slots=True)
-class PaymentAccepted:
+class CreditPayment:
     """Effect (payee): a journaled payment of ``units`` units worth ``value``."""
 
     payer: NodeId
@@ -121,7 +121,7 @@ class PaymentAccepted:
     index: int
 
 
-PayeeEffect = Persist | SendAck | PaymentAccepted | Refused
+PayeeEffect = Persist | SendAck | CreditPayment | ReportRefusal
 
 
 # -- the core ---------------------------------------------------------------------------
@@ -354,4 +354,4 @@ class PayeeLedger(LedgerCore):
         accepted.ack = sign_ack(self._identity, p).blob
         value = p.units * chain.commitment.unit_value
         self._out.append(SendAck(p.payer, accepted.ack))
-        self._out.append(PaymentAccepted(p.payer, p.job_id, p.segment, p.units, value, *key))
+        self._out.append(CreditPayment(p.payer, p.job_id, p.segment, p.units, value, *key))

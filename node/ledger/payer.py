@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``PayerLedger`` is the job owner's sans-IO core; the payee's side is
 node/ledger/payee.py, and what both share (the journal, ``Persist``/``Persisted``,
-``Refused``, the views) is node/ledger/journal.py. It holds the secret chains it pays
+``ReportRefusal``, the views) is node/ledger/journal.py. It holds the secret chains it pays
 from, one or more per payee. The market tells it who completed a segment first
 (``WinnerRecorded``), then asks it to pay (``PaymentRequested``; ``pay_winner``
 does both). It releases the next token of an unexpired chain to that payee with
@@ -30,7 +30,7 @@ Choices beyond the brief, and why
 - Payments carry the chain's commitment until one is acked, so a lost
   commitment message cannot strand a chain, and no extra round trip is needed.
 - A payment never spans two chains: when no chain has enough units left the
-  payer asks for a new one (``ChainNeeded``) and the remainder goes unused.
+  payer asks for a new one (``CreateChain``) and the remainder goes unused.
 
 Invariants
 ----------
@@ -57,7 +57,7 @@ from node.ledger.journal import (
     PaymentView,
     Persist,
     Persisted,
-    Refused,
+    ReportRefusal,
     SegmentKey,
     balances,
     chain_view,
@@ -127,14 +127,14 @@ class SendPayment:
 
 
 @dataclass(frozen=True, slots=True)
-class ChainNeeded:
+class CreateChain:
     """Effect (payer): make a chain to ``payee`` of at least ``units`` and add it."""
 
     payee: NodeId
     units: int
 
 
-PayerEffect = Persist | SendPayment | ChainNeeded | Refused
+PayerEffect = Persist | SendPayment | CreateChain | ReportRefusal
 
 
 # -- the core ---------------------------------------------------------------------------
@@ -331,7 +331,7 @@ class PayerLedger(LedgerCore):
         state = self._chain_for(payee, units, now)
         if state is None:
             self._refuse(TokenRefusal.NO_CHAIN, payee, f"no chain with {units} units left", **about)
-            self._out.append(ChainNeeded(payee, units))
+            self._out.append(CreateChain(payee, units))
             return
         payment = sign_payment(
             self._identity,

@@ -223,14 +223,14 @@ class StopReplica:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckpointCommitted:
+class RetainCheckpoint:
     """The owner committed a segment: keep its checkpoint if ``holder``; older ones may go."""
 
     commit: SegmentCommit
     holder: bool
 
 
-BidderEffect = SendStatement | StartReplica | StopReplica | CheckpointCommitted
+BidderEffect = SendStatement | StartReplica | StopReplica | RetainCheckpoint
 
 
 # -- the core --------------------------------------------------------------------------
@@ -457,7 +457,7 @@ class Bidder:
             if hold.phase is not Phase.BID and not holder:
                 self._out.append(StopReplica(commit.ref, "committed elsewhere"))
         self._stats["commits"] += 1
-        self._out.append(CheckpointCommitted(commit, holder))
+        self._out.append(RetainCheckpoint(commit, holder))
 
     def _on_failed(self, event: ReplicaFailed) -> None:
         """Our replica failed or was given up: tell the owner at once, so it need not wait."""

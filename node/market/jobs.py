@@ -346,7 +346,7 @@ class PersistJob:
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentChanged:
+class ReportSegment:
     job_id: bytes
     segment: int
     attempt: int
@@ -354,7 +354,7 @@ class SegmentChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class JobFinished:
+class FinishJob:
     job_id: bytes
     outcome: str  # "completed", "halted" (the guest powered off) or "expired"
     manifest: bytes | None  # the last committed checkpoint
@@ -367,8 +367,8 @@ OwnerEffect = (
     | ReplicateCheckpoint
     | PayWinner
     | PersistJob
-    | SegmentChanged
-    | JobFinished
+    | ReportSegment
+    | FinishJob
 )
 
 

@@ -21,8 +21,8 @@ take them here, once, instead of each deciding them again:
     ``FeedLater(OfferDelivered)``: fed after this batch, so the auction closes
     as soon as every recipient has bid;
   - ``PersistJob``, ``SendStatement``, ``VerifyCompletion``,
-    ``ReplicateCheckpoint``, ``PayWinner``, ``SegmentChanged`` and
-    ``JobFinished`` pass through; a ``JobFinished`` job is no longer fed
+    ``ReplicateCheckpoint``, ``PayWinner``, ``ReportSegment`` and
+    ``FinishJob`` pass through; a ``FinishJob`` job is no longer fed
     ``ReplicaLost`` (``unfinished``);
   - with ``keep_history``, ``RecordHistory`` rows follow what the job's
     history holds (``gleaner watch`` reads it): offered, awarded (once per
@@ -55,14 +55,14 @@ from node.market.jobs import (
     CheckpointReplicated,
     CompletionReceived,
     CompletionVerified,
-    JobFinished,
+    FinishJob,
     OfferDelivered,
     OwnerEffect,
     OwnerEvent,
     PayWinner,
     PersistJob,
     ReplicateCheckpoint,
-    SegmentChanged,
+    ReportSegment,
     SegmentState,
     VerifyCompletion,
     WithdrawReceived,
@@ -136,8 +136,8 @@ OwnerAction = (
     | VerifyCompletion
     | ReplicateCheckpoint
     | PayWinner
-    | SegmentChanged
-    | JobFinished
+    | ReportSegment
+    | FinishJob
     | FeedLater
     | RecordHistory
 )
@@ -291,7 +291,7 @@ class JobOwner:
                 yield effect
                 if history:
                     yield _row(job_id, "paid", segment, None, node, units=units)
-            case SegmentChanged(state=state, segment=segment, attempt=attempt):
+            case ReportSegment(state=state, segment=segment, attempt=attempt):
                 yield effect
                 if history and state is SegmentState.COMMITTED:
                     snap = self.machines[job_id].snapshot()
@@ -304,7 +304,7 @@ class JobOwner:
                         manifest=snap.manifest.hex() if snap.manifest else None,
                         holders=[str(n) for n in snap.holders],
                     )
-            case JobFinished(outcome=outcome):
+            case FinishJob(outcome=outcome):
                 self.finished.add(job_id)
                 yield effect
                 if history:

@@ -22,7 +22,7 @@ from node.base.wire import LocalProtocolError
 from node.market.auction import Auctioneer
 from node.market.jobs import (
     TRANSITIONS,
-    JobFinished,
+    FinishJob,
     JobSnapshot,
     JobSpec,
     JobStep,
@@ -30,7 +30,7 @@ from node.market.jobs import (
     PayWinner,
     PersistJob,
     ReplicateCheckpoint,
-    SegmentChanged,
+    ReportSegment,
     SegmentState,
     VerifyCompletion,
 )
@@ -212,7 +212,7 @@ class SegmentActions:
         if done:
             self._move(JobStep.FINISH)
             outcome = "halted" if completion.halted else "completed"
-            self._emit(JobFinished(self.job_id, outcome, completion.manifest))
+            self._emit(FinishJob(self.job_id, outcome, completion.manifest))
         else:
             self._open_offer(now)
 
@@ -257,7 +257,7 @@ class SegmentActions:
         self._snap = replace(self._snap, done=True)
         self._move(JobStep.EXPIRE)
         self._emit(PersistJob(self.job_id, self._snap))
-        self._emit(JobFinished(self.job_id, "expired", self._snap.manifest))
+        self._emit(FinishJob(self.job_id, "expired", self._snap.manifest))
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -279,7 +279,7 @@ class SegmentActions:
             raise LocalProtocolError(f"segment machine: no {step.value} from {self._state.value}")
         self._state = new
         segment = self._snap.segment if segment is None else segment
-        self._emit(SegmentChanged(self.job_id, segment, self._attempt, new))
+        self._emit(ReportSegment(self.job_id, segment, self._attempt, new))
 
     def _emit(self, effect: OwnerEffect) -> None:
         self._out.append(effect)

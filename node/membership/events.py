@@ -77,7 +77,7 @@ class SendToEndpoint:
 
 
 @dataclass(frozen=True, slots=True)
-class MemberChanged:
+class ApplyMemberChange:
     """A member changed state, or its record was replaced by a newer one."""
 
     node_id: NodeId
@@ -93,11 +93,11 @@ class RefreshOwnRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class BroadcastReceived:
+class DeliverBroadcast:
     topic: str
     key: bytes
     payload: bytes
     sender: NodeId  # the node that passed it on, not necessarily its author
 
 
-Effect = SendMessage | SendToEndpoint | MemberChanged | RefreshOwnRecord | BroadcastReceived
+Effect = SendMessage | SendToEndpoint | ApplyMemberChange | RefreshOwnRecord | DeliverBroadcast

@@ -134,12 +134,12 @@ from node.membership.codec import (
 from node.membership.config import MembershipConfig
 from node.membership.detector import FailureDetector
 from node.membership.events import (
-    BroadcastReceived,
+    ApplyMemberChange,
+    DeliverBroadcast,
     Effect,
     Event,
     JoinRequested,
     LeaveRequested,
-    MemberChanged,
     MessageReceived,
     OwnRecordSigned,
     RecordDiscovered,
@@ -185,7 +185,7 @@ class Membership:
             self._id,
             rng,
             self._stats,
-            lambda node, state, record: self._out.append(MemberChanged(node, state, record)),
+            lambda node, state, record: self._out.append(ApplyMemberChange(node, state, record)),
             retransmit_mult=config.retransmit_mult,
             dead_reclaim_s=config.dead_reclaim_s,
             suspicion_timeout=config.suspicion_timeout,
@@ -266,7 +266,7 @@ class Membership:
 
         For simulators and tests that start from an agreed membership instead of
         n squared JOIN exchanges: the records are trusted as verified, no news is
-        queued, no ``MemberChanged`` reported. Only before the table holds anyone.
+        queued, no ``ApplyMemberChange`` reported. Only before the table holds anyone.
         """
         self._table.seed(roster, now)
 
@@ -417,7 +417,7 @@ class Membership:
                 self._table.accuse(update, now)
             elif self._seen.add(update):
                 self._stats["broadcasts_delivered"] += 1
-                self._emit(BroadcastReceived(update.topic, update.key, update.payload, sender))
+                self._emit(DeliverBroadcast(update.topic, update.key, update.payload, sender))
                 self._table.spread(update)
             else:
                 self._stats["updates_duplicate"] += 1

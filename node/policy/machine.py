@@ -54,11 +54,11 @@ Drawn, with the drain on top::
 
 A fresh machine is BUSY ("no host sample yet") and does not bid: it needs
 ``resume_quiet_s`` of idle samples first, like any paused host. The agent starts
-its bidder with bidding off and follows ``BiddingChanged``.
+its bidder with bidding off and follows ``SetBidding``.
 
 Every state carries a one-line reason for people ("other CPU load 73% > 50%");
-``status()`` shows it for ``gleaner status``. ``PolicyStateChanged`` and
-``BiddingChanged`` are emitted only on a change of state or of bidding; the
+``status()`` shows it for ``gleaner status``. ``ReportPolicyState`` and
+``SetBidding`` are emitted only on a change of state or of bidding; the
 reason within a state is updated on every sample but not announced.
 
 *Persistence.* A drain outlives restarts: the agent persists ``draining`` and
@@ -66,7 +66,7 @@ reason within a state is updated on every sample but not announced.
 ``restore(draining, deadline)`` on the fresh machine at start.
 
 *Effects in order.* Bidding off comes before the guest effects, bidding on
-after them, ``PolicyStateChanged`` last. ``VacateGuests`` may come more than
+after them, ``ReportPolicyState`` last. ``VacateGuests`` may come more than
 once (a drain, then a grace); the agent keeps the earliest deadline it has
 been given (None is the latest). Pausing, resuming or vacating when nothing
 runs is a no-op for the agent.
@@ -222,7 +222,7 @@ class VacateGuests:
 
 
 @dataclass(frozen=True, slots=True)
-class BiddingChanged:
+class SetBidding:
     allowed: bool
     reason: str
 
@@ -236,13 +236,13 @@ class PolicyState(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyStateChanged:
+class ReportPolicyState:
     state: PolicyState
     reason: str
     since: float
 
 
-PolicyEffect = PauseGuests | ResumeGuests | VacateGuests | BiddingChanged | PolicyStateChanged
+PolicyEffect = PauseGuests | ResumeGuests | VacateGuests | SetBidding | ReportPolicyState
 
 
 # -- the host's table ------------------------------------------------------------------
@@ -414,13 +414,13 @@ class PolicyMachine:
         state, bidding = before
         effects: list[PolicyEffect] = []
         if bidding and not self.bidding:
-            effects.append(BiddingChanged(False, self.reason))
+            effects.append(SetBidding(False, self.reason))
         effects += guests
         if self.bidding and not bidding:
-            effects.append(BiddingChanged(True, self.reason))
+            effects.append(SetBidding(True, self.reason))
         if self.state is not state:
             self._since = now
-            effects.append(PolicyStateChanged(self.state, self.reason, now))
+            effects.append(ReportPolicyState(self.state, self.reason, now))
         return effects
 
     def _move(self, step: PolicyStep) -> None:

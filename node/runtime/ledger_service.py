@@ -9,11 +9,11 @@ journal at start, and carries out their effects in order:
   the core release what waited for it (a payment to send, an ack). Persist
   before promise, on both sides.
 - ``SendPayment`` / ``SendAck``: a LEDGER frame to the other node.
-- ``ChainNeeded``: draw a seed, open a chain of ``market.chain_length`` tokens
+- ``CreateChain``: draw a seed, open a chain of ``market.chain_length`` tokens
   to that payee, sign its commitment as issuer (a volunteer credit swarm: the
   payer vouches for itself; a paid swarm would fetch the commitment from a
   token vendor instead), and add it.
-- ``Refused``: logged and counted by the cores; the sender is not trusted more.
+- ``ReportRefusal``: logged and counted by the cores; the sender is not trusted more.
 
 A LEDGER frame of a kind neither core takes is dropped and counted here
 (``frames_unexpected`` in the view's ``statistics``), as the market adapters do.
@@ -36,19 +36,19 @@ import trio
 
 from node.base.identity import Identity, NodeId
 from node.ledger.effects import EffectQueue, open_chain
-from node.ledger.journal import Balance, ChainView, Persist, Persisted, Refused
+from node.ledger.journal import Balance, ChainView, Persist, Persisted, ReportRefusal
 from node.ledger.payee import (
     CommitmentReceived,
+    CreditPayment,
     PayeeConfig,
     PayeeEffect,
     PayeeLedger,
-    PaymentAccepted,
     PaymentReceived,
     SendAck,
 )
 from node.ledger.payer import (
     AckReceived,
-    ChainNeeded,
+    CreateChain,
     PayerEffect,
     PayerLedger,
     PaymentRequested,
@@ -108,7 +108,7 @@ class LedgerService:
         """Pay the segment's first completer (the ledger refuses a second payee)."""
         effects = self.payer.pay_winner(job_id, segment, winner, units, time.time())
         await self._execute(self.payer, effects)
-        if any(isinstance(e, ChainNeeded) for e in effects):  # a chain was opened: pay from it
+        if any(isinstance(e, CreateChain) for e in effects):  # a chain was opened: pay from it
             request = PaymentRequested(job_id, segment, winner, units)
             await self._execute(self.payer, self.payer.handle(request, time.time()))
 
@@ -150,10 +150,10 @@ class LedgerService:
                 await self.send(effect.target, LedgerKind.PAYMENT, effect.blob)
             case SendAck():
                 await self.send(effect.target, LedgerKind.ACK, effect.blob)
-            case ChainNeeded():
+            case CreateChain():
                 added = open_chain(self.identity, effect, os.urandom(32), self.chain_length, now)
                 return list(self.payer.handle(added, now))
-            case PaymentAccepted():
+            case CreditPayment():
                 log.info(
                     "paid %d unit(s) by %s for segment %d of job %s",
                     effect.units,
@@ -161,9 +161,9 @@ class LedgerService:
                     effect.segment,
                     effect.job_id.hex()[:12],
                 )
-            case Refused():
+            case ReportRefusal():
                 peer = effect.peer.short if effect.peer else "-"
-                # NO_CHAIN is the payer asking itself for a chain (ChainNeeded follows), not
+                # NO_CHAIN is the payer asking itself for a chain (CreateChain follows), not
                 # a fault.
                 level = logging.DEBUG if effect.reason is TokenRefusal.NO_CHAIN else logging.INFO
                 log.log(

@@ -10,7 +10,7 @@ its effects:
   new checkpoint's digest, size and guest progress) or ``ReplicaFailed``.
 - ``StopReplica``: cancels a running replica (it stops at its next poll) and
   drops the checkpoint it made, unless the owner committed it here.
-- ``CheckpointCommitted``: a checkpoint this node holds for the owner is kept.
+- ``RetainCheckpoint``: a checkpoint this node holds for the owner is kept.
 
 A live hand-off (node/market/handoff.py) has a side here on both hosts. Leaving
 (``vacate`` of a network job's sole replica, where this host can migrate):
@@ -46,7 +46,6 @@ from node.market.bidder import (
     BidderEffect,
     BidderEvent,
     CancelReceived,
-    CheckpointCommitted,
     CommitReceived,
     HandOffRequested,
     HostPolicy,
@@ -54,6 +53,7 @@ from node.market.bidder import (
     ReplicaFailed,
     ReplicaFinished,
     ReplicaHandedOff,
+    RetainCheckpoint,
     StartReplica,
     StopReplica,
 )
@@ -218,7 +218,7 @@ class HostMarket:
                 self._start(effect)
             case StopReplica():
                 await self._stop(effect)
-            case CheckpointCommitted():
+            case RetainCheckpoint():
                 self.made.pop(effect.commit.ref.digest, None)
                 self.stats["commits_held" if effect.holder else "commits_elsewhere"] += 1
             case _:

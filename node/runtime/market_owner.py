@@ -19,7 +19,7 @@ adapter carries out the core's actions in order, and only their I/O:
   says what the verdict feeds back.
 - ``ReplicateCheckpoint``: fetch the checkpoint here if we lack it, and report.
 - ``PayWinner``: the ledger pays (journaled before the payment is sent).
-- ``JobFinished``: the job's outcome, in the state database.
+- ``FinishJob``: the job's outcome, in the state database.
 - ``RecordHistory``: a row of the job's history (``job_history``), stamped
   with the time: offers, awards, completions in arrival order, verdicts,
   commits, payments. ``gleaner watch`` and the tests read the same record.
@@ -52,7 +52,7 @@ from node.market.job_records import (
     encode_spec,
 )
 from node.market.jobs import (
-    JobFinished,
+    FinishJob,
     JobSnapshot,
     JobSpec,
     JobSpecError,
@@ -62,7 +62,7 @@ from node.market.jobs import (
     PersistJob,
     ReplicaLost,
     ReplicateCheckpoint,
-    SegmentChanged,
+    ReportSegment,
     VerifyCompletion,
 )
 from node.market.message_fields import MarketKind
@@ -265,9 +265,9 @@ class OwnerMarket:
                 self._spawn(self._replicate, job_id, action)
             case PayWinner(segment=segment, node=node, units=units):
                 await self.pay(action.job_id, segment, node, units)
-            case SegmentChanged():
+            case ReportSegment():
                 pass  # what the history keeps of it comes as RecordHistory
-            case JobFinished(outcome=outcome):
+            case FinishJob(outcome=outcome):
                 self.jobs[job_id].outcome = outcome
                 await trio.to_thread.run_sync(self.state.end_job, job_id, outcome)
                 log.info("job %s %s", job_id.hex()[:12], outcome)

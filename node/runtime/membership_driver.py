@@ -15,12 +15,12 @@ Effects, each carried out in order (``_execute`` matches them exhaustively):
   member, else over the underlay to its first advertised endpoint;
 - ``SendToEndpoint``: an answer to where a frame came from (an IPv6 source is
   an overlay address: answer over the overlay socket);
-- ``MemberChanged``: a live member's record goes to the overlay and is
+- ``ApplyMemberChange``: a live member's record goes to the overlay and is
   persisted; one that is gone leaves the overlay, and whoever subscribed with
   ``on_member_lost`` (the owner's market) hears of a DEAD or LEFT one;
 - ``RefreshOwnRecord``: our record is re-signed (node/runtime/own_record.py),
   which comes back as ``OwnRecordSigned``;
-- ``BroadcastReceived``: the payload goes to the handler of its topic
+- ``DeliverBroadcast``: the payload goes to the handler of its topic
   (``on_broadcast``: the route service's ``route`` topic); other topics are ignored.
 """
 
@@ -40,11 +40,11 @@ from node.base.wire import Envelope, MessageType, RemoteProtocolError
 from node.membership.codec import Broadcast, encode_update
 from node.membership.config import MembershipConfig
 from node.membership.events import (
-    BroadcastReceived,
+    ApplyMemberChange,
+    DeliverBroadcast,
     Effect,
     Event,
     JoinRequested,
-    MemberChanged,
     MessageReceived,
     OwnRecordSigned,
     RecordDiscovered,
@@ -237,11 +237,11 @@ class MembershipDriver:
                     await self.send_to_member(effect)
                 case SendToEndpoint():
                     await self._send_to_endpoint(effect)
-                case MemberChanged():
+                case ApplyMemberChange():
                     await self._member_changed(effect)
                 case RefreshOwnRecord():
                     await self.own.resign(effect.min_seq)
-                case BroadcastReceived():
+                case DeliverBroadcast():
                     handler = self._on_broadcast.get(effect.topic)
                     if handler is not None:
                         await handler(effect.payload)
@@ -268,7 +268,7 @@ class MembershipDriver:
         else:
             await self.transport.send_underlay(effect.endpoint, effect.msg_type, effect.body)
 
-    async def _member_changed(self, effect: MemberChanged) -> None:
+    async def _member_changed(self, effect: ApplyMemberChange) -> None:
         log.info(
             "member %s is %s (seq %d)", effect.node_id.short, effect.state.value, effect.record.seq
         )

@@ -10,7 +10,7 @@ carried out on the host side of the market (node/runtime/market_host.py):
 - ``VacateGuests``: replicas with siblings elsewhere are given up (WITHDRAW to
   the owner, who lets the siblings finish), a sole replica checkpoints where it
   is and completes early, so its segment goes on from there elsewhere;
-- ``BiddingChanged``: the bidder stops (or starts again) bidding;
+- ``SetBidding``: the bidder stops (or starts again) bidding;
 - once a draining host runs no replica, ``GuestsEmpty`` makes it DRAINED.
 
 *Ours* (not the volunteer's load): the agent, its wireguard-go and the QEMU
@@ -37,7 +37,6 @@ import trio
 
 from node.market.bidder import HostPolicy
 from node.policy.machine import (
-    BiddingChanged,
     DrainRequested,
     GuestsEmpty,
     PauseGuests,
@@ -45,8 +44,9 @@ from node.policy.machine import (
     PolicyEffect,
     PolicyMachine,
     PolicyState,
-    PolicyStateChanged,
+    ReportPolicyState,
     ResumeGuests,
+    SetBidding,
     UndrainRequested,
     VacateGuests,
 )
@@ -146,10 +146,10 @@ class PolicyService:
             case VacateGuests():
                 count = await self.market.vacate(effect.reason)
                 log.info("vacating %d replica(s): %s", count, effect.reason)
-            case BiddingChanged():
+            case SetBidding():
                 self._apply_bidding(effect.allowed)
                 log.info("bidding %s: %s", "on" if effect.allowed else "off", effect.reason)
-            case PolicyStateChanged():
+            case ReportPolicyState():
                 log.info("host policy: %s (%s)", effect.state.value, effect.reason)
             case _:
                 assert_never(effect)

@@ -28,7 +28,7 @@ from node.base.identity import Identity
 from node.base.wire import LocalProtocolError, RemoteProtocolError
 from node.runtime.state import State
 from overlay.claims import decode_grant
-from overlay.routes import RouteChanged, RouteTable
+from overlay.routes import ApplyRoute, RouteTable
 
 if TYPE_CHECKING:
     from overlay.wireguard.service import OverlayService
@@ -138,7 +138,7 @@ class RouteService:
         if effects:
             await self._persist()
 
-    async def _changed(self, effects: list[RouteChanged]) -> None:
+    async def _changed(self, effects: list[ApplyRoute]) -> None:
         if not effects:
             return
         for effect in effects:

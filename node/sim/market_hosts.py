@@ -29,19 +29,19 @@ import random
 from typing import assert_never
 
 from node.ledger.effects import EffectQueue
-from node.ledger.journal import Persist, Persisted, Refused
-from node.ledger.payee import PayeeEffect, PaymentAccepted, PaymentReceived, SendAck
+from node.ledger.journal import Persist, Persisted, ReportRefusal
+from node.ledger.payee import CreditPayment, PayeeEffect, PaymentReceived, SendAck
 from node.market.bidder import (
     AwardReceived,
     Bidder,
     BidderEffect,
     BidderEvent,
     CancelReceived,
-    CheckpointCommitted,
     CommitReceived,
     OfferReceived,
     ReplicaFailed,
     ReplicaFinished,
+    RetainCheckpoint,
     StartReplica,
     StopReplica,
 )
@@ -166,7 +166,7 @@ class HostSide:
                     running = host.running.pop(ref.digest, None)
                     if running is not None:
                         self._end_run(running[0], now, f"stopped:{reason}")
-                case CheckpointCommitted(holder=holder, commit=commit):
+                case RetainCheckpoint(holder=holder, commit=commit):
                     if holder:
                         host.store.add(commit.manifest)
                 case _:
@@ -182,14 +182,14 @@ class HostSide:
                     queue.feed(host.payee.handle(Persisted(entry.entry_id), now))
                 case SendAck(target=target, blob=blob):
                     self.network.send(host.identity.node_id, target, "ledger", LEDGER_ACK, blob)
-                case PaymentAccepted():
+                case CreditPayment():
                     key = (effect.job_id, effect.segment)
                     books.payments.setdefault(key, []).append(host.identity.node_id)
                     self.stats["payments_accepted"] += 1
                     self.stats["units_accepted"] += effect.units
                     books.touched_segments.add(key)
                     books.touched_payees.add(host.index)
-                case Refused(reason=reason):
+                case ReportRefusal(reason=reason):
                     self.stats[f"payee_refused_{reason.value}"] += 1
                 case _:
                     assert_never(effect)

@@ -13,7 +13,7 @@ to a sample of the membership view, ``FeedLater`` as a ``FeedDue`` after the
 batch), a completion's checkpoint is fetched (size over the slower bandwidth;
 it fails if the completer goes down meanwhile, as a FetchError does in the
 agent) and checked (``verify_s``), a checkpoint is replicated to the owner,
-and the winner is paid at commit (a chain opened on ``ChainNeeded``, as
+and the winner is paid at commit (a chain opened on ``CreateChain``, as
 ``LedgerService.pay`` does). A membership death becomes ``ReplicaLost`` for
 every unfinished job unless the host is back. What it does is written in the
 world's books (``MarketAccounts``).
@@ -29,23 +29,23 @@ from collections.abc import Iterable
 from typing import assert_never
 
 from node.ledger.effects import EffectQueue, open_chain
-from node.ledger.journal import Persist, Persisted, Refused
+from node.ledger.journal import Persist, Persisted, ReportRefusal
 from node.ledger.payer import (
     AckReceived,
-    ChainNeeded,
+    CreateChain,
     PayerEffect,
     PaymentRequested,
     SendPayment,
 )
 from node.market.jobs import (
-    JobFinished,
+    FinishJob,
     OwnerEvent,
     OwnerResumed,
     PayWinner,
     PersistJob,
     ReplicaLost,
     ReplicateCheckpoint,
-    SegmentChanged,
+    ReportSegment,
     SegmentState,
     VerifyCompletion,
 )
@@ -194,12 +194,12 @@ class OwnerSide:
                     self._replicate(owner, action, now)
                 case PayWinner():
                     self._pay(owner, action, now)
-                case SegmentChanged(state=state):
+                case ReportSegment(state=state):
                     if state is SegmentState.COMMITTED:  # PayWinner follows in this batch
                         self._committing[(job_id, action.segment)] = (action.attempt, now)
                     elif state is SegmentState.OFFERED:
                         self.stats["attempts"] += 1
-                case JobFinished(outcome=outcome):
+                case FinishJob(outcome=outcome):
                     self.accounts.finished[job_id] = now
                     self.stats[f"jobs_{outcome}"] += 1
                 case PersistJob() | RecordHistory():
@@ -252,7 +252,7 @@ class OwnerSide:
             effect.job_id, effect.segment, effect.node, effect.units, now
         )
         self._payer_effects(owner, effects, now)
-        if any(isinstance(e, ChainNeeded) for e in effects):  # as LedgerService.pay does
+        if any(isinstance(e, CreateChain) for e in effects):  # as LedgerService.pay does
             request = PaymentRequested(effect.job_id, effect.segment, effect.node, effect.units)
             self._payer_effects(owner, owner.payer.handle(request, now), now)
 
@@ -266,12 +266,12 @@ class OwnerSide:
                 case SendPayment(target=target, blob=blob):
                     me = owner.identity.node_id
                     self.network.send(me, target, "ledger", LEDGER_PAYMENT, blob)
-                case ChainNeeded():
+                case CreateChain():
                     seed = self.rng.randbytes(32)
                     added = open_chain(owner.identity, effect, seed, self.config.chain_length, now)
                     self.accounts.chains[added.chain.chain_id] = added.chain
                     queue.feed(owner.payer.handle(added, now))
-                case Refused(reason=reason):
+                case ReportRefusal(reason=reason):
                     self.stats[f"payer_refused_{reason.value}"] += 1
                 case _:
                     assert_never(effect)

@@ -11,7 +11,7 @@ not.
 
 *Join convergence* (``run_join``). At ``t0`` a new node sends one bootstrap JOIN
 to a random member. For every other node up at the end we record when its core
-first reported the joiner ALIVE (``MemberChanged``). ``p50``/``p99``/``p9999`` are
+first reported the joiner ALIVE (``ApplyMemberChange``). ``p50``/``p99``/``p9999`` are
 the times by which that fraction of them knew; ``None`` if it never got there
 within ``seconds``. Load is what each node sent during [t0, t0 + seconds],
 per second: its probes, acks, gossip and syncs, not only the join's news.
@@ -41,7 +41,7 @@ from typing import Any
 
 from node.base.identity import Identity
 from node.membership.config import MembershipConfig
-from node.membership.events import MemberChanged
+from node.membership.events import ApplyMemberChange
 from node.membership.table import MemberState
 from node.sim import churn
 from node.sim.engine import Simulator
@@ -49,7 +49,7 @@ from node.sim.network import LatencyModel, Network, Partition
 from node.sim.swarm import EPOCH, KeyRing, Swarm
 from overlay.addressing import vm_address
 from overlay.claims import derive_job_id, sign_grant
-from overlay.routes import RouteChanged
+from overlay.routes import ApplyRoute
 
 FRACTIONS = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p9999": 0.9999}
 CURVE_POINTS = 100
@@ -125,7 +125,7 @@ class StudyRun:
         traffic = self.network.traffic
         self.traffic_at_t0 = (list(traffic.messages_sent), list(traffic.bytes_sent))
 
-    def _watch_deaths(self, now: float, index: int, change: MemberChanged) -> None:
+    def _watch_deaths(self, now: float, index: int, change: ApplyMemberChange) -> None:
         subject = self.swarm.by_id.get(change.node_id)
         if subject is None or not self.network.up[subject]:
             return
@@ -212,7 +212,7 @@ def run_join(spec: RunSpec, seed: int, label: str, keys: KeyRing) -> dict[str, A
     joiner_id = run.swarm.nodes[joiner].node_id
     informed: dict[int, float] = {}
 
-    def watch(now: float, index: int, change: MemberChanged) -> None:
+    def watch(now: float, index: int, change: ApplyMemberChange) -> None:
         if change.node_id == joiner_id and change.state is MemberState.ALIVE:
             informed.setdefault(index, now - run.t0)
 
@@ -261,7 +261,7 @@ def run_route_move(spec: RunSpec, seed: int, label: str, keys: KeyRing) -> dict[
     unrouted: set[int] = set()
     new_id = swarm.nodes[new_host].node_id
 
-    def watch(now: float, index: int, change: RouteChanged) -> None:
+    def watch(now: float, index: int, change: ApplyRoute) -> None:
         if change.vm_address != address:
             return
         if change.node_id == new_id:

@@ -5,7 +5,7 @@ Theory of operation
 Each ``SimNode`` holds what an agent holds for these protocols: an identity,
 its signed ``PeerRecord``, a ``node.membership.swim.Membership`` core and an
 ``overlay.routes.RouteTable``. The ``Swarm`` plays the agent's effect
-interpreter (node/runtime/agent.py), against models instead of sockets:
+interpreter (node/runtime/membership_driver.py), against models instead of sockets:
 
 - ``SendMessage`` / ``SendToEndpoint`` go through ``Network.transit``; a message
   that survives is scheduled as a ``MessageReceived`` at the target after its
@@ -13,11 +13,11 @@ interpreter (node/runtime/agent.py), against models instead of sockets:
   (the codec itself is not run; its size is, see node/sim/network.py).
 - ``RefreshOwnRecord``: the node re-signs its record with the asked seq at
   once (persisting takes no simulated time) and feeds ``OwnRecordSigned`` back.
-- ``BroadcastReceived`` on the route topic is offered to the node's route
+- ``DeliverBroadcast`` on the route topic is offered to the node's route
   table, as the agent does; ``spread_route`` is the agent's ``_spread``:
   enqueue the broadcast and push it at once to the first ``eager_limit`` ALIVE
   members.
-- ``MemberChanged`` and route changes are passed to observers (the studies).
+- ``ApplyMemberChange`` and route changes are passed to observers (the studies).
 
 Timers: after every event a node handles, its ``next_wakeup()`` is compared
 with the one wakeup it has pending; if they differ, the new one is scheduled
@@ -46,11 +46,11 @@ from node.base.wire import MessageType, RemoteProtocolError
 from node.membership.codec import Broadcast, encode_update
 from node.membership.config import MembershipConfig
 from node.membership.events import (
-    BroadcastReceived,
+    ApplyMemberChange,
+    DeliverBroadcast,
     Effect,
     JoinRequested,
     LeaveRequested,
-    MemberChanged,
     MessageReceived,
     OwnRecordSigned,
     RefreshOwnRecord,
@@ -62,15 +62,15 @@ from node.membership.table import MemberState, Roster
 from node.runtime.routing import ROUTE_TOPIC
 from node.sim.engine import Simulator
 from node.sim.network import Network, frame_size
-from overlay.routes import RouteChanged, RouteTable
+from overlay.routes import ApplyRoute, RouteTable
 
 EPOCH = 1_800_000_000.0
 RECORD_LIFETIME_S = 10_000_000
 WAKE = "wake"
 DEFAULT_EAGER_LIMIT = 64
 
-MemberObserver = Callable[[float, int, MemberChanged], None]
-RouteObserver = Callable[[float, int, RouteChanged], None]
+MemberObserver = Callable[[float, int, ApplyMemberChange], None]
+RouteObserver = Callable[[float, int, ApplyRoute], None]
 
 
 class KeyRing:
@@ -239,7 +239,7 @@ class Swarm:
         self.carry_out(node, pushes, now)
         self._schedule_wake(node, now)
 
-    def apply_route_changes(self, node: SimNode, changes: list[RouteChanged], now: float) -> None:
+    def apply_route_changes(self, node: SimNode, changes: list[ApplyRoute], now: float) -> None:
         for change in changes:
             for observer in self.route_observers:
                 observer(now, node.index, change)
@@ -280,14 +280,14 @@ class Swarm:
             elif isinstance(effect, SendToEndpoint):
                 target = self.by_endpoint.get(effect.endpoint)
                 self._send(node, target, effect.msg_type, effect.body, now)
-            elif isinstance(effect, MemberChanged):
+            elif isinstance(effect, ApplyMemberChange):
                 for observer in self.member_observers:
                     observer(now, node.index, effect)
             elif isinstance(effect, RefreshOwnRecord):
                 seq = max(effect.min_seq, node.record.seq + 1)
                 node.record = self.keys.sign(node.identity, node.index, seq)
                 self.carry_out(node, node.core.handle(OwnRecordSigned(node.record), now), now)
-            elif isinstance(effect, BroadcastReceived) and effect.topic == ROUTE_TOPIC:
+            elif isinstance(effect, DeliverBroadcast) and effect.topic == ROUTE_TOPIC:
                 try:
                     changes = node.routes.offer(effect.payload, now)
                 except RemoteProtocolError:

@@ -1,14 +1,30 @@
-"""Helpers the fuzz tests share: byte-level mutations and raw signing of any fields."""
+"""Helpers the fuzz tests share: their example budget, byte-level mutations, raw signing.
+
+``fuzz_settings(n)`` runs a fuzz test on ``n`` examples, times GLEANER_FUZZ_SCALE when
+that is set: ``make check`` (the fast lane) sets it to 0.1, the full suite leaves it at 1.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from node.base.identity import Identity
 from node.base.wire import MessageType, encode_frame
+
+FUZZ_SCALE = float(os.environ.get("GLEANER_FUZZ_SCALE", "1"))
+MIN_EXAMPLES = 50
+
+
+def fuzz_settings(max_examples: int, **options: Any) -> settings:
+    """Hypothesis settings with `max_examples` scaled by GLEANER_FUZZ_SCALE (at least 50)."""
+    scaled = max(min(max_examples, MIN_EXAMPLES), round(max_examples * FUZZ_SCALE))
+    return settings(max_examples=scaled, **options)
+
 
 Edit = tuple[int, int, int]  # (kind: 0 set, 1 delete, 2 insert, 3 cut; position; byte)
 

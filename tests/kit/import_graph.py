@@ -264,9 +264,15 @@ def private_imports(imports: Imports) -> list[str]:
 
 
 @cache
+def tree_modules(root: Path = ROOT) -> dict[str, Module]:
+    """The whole tree under `root`, read once per run (do not change what it returns)."""
+    return read_tree(root)
+
+
+@cache
 def tree_imports(root: Path = ROOT) -> Imports:
     """The imports of the whole tree under `root`, read once per run."""
-    return collect_imports(read_tree(root))
+    return collect_imports(tree_modules(root))
 
 
 def imported_roots(path: Path, root: Path = ROOT) -> set[str]:

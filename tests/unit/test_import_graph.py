@@ -32,14 +32,15 @@ from kit.import_graph import (
     layering_violations,
     parse_sources,
     private_imports,
-    read_tree,
     room_cycles,
+    tree_imports,
+    tree_modules,
 )
 
 # --- the tree as it is -------------------------------------------------------------
 
-MODULES = read_tree()
-IMPORTS = collect_imports(MODULES)
+MODULES = tree_modules()
+IMPORTS = tree_imports()
 CORES = find_cores(MODULES)
 
 

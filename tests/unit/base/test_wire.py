@@ -1,8 +1,8 @@
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
-from kit.fuzzing import edit_lists, mutate, valid_frames
+from kit.fuzzing import edit_lists, fuzz_settings, mutate, valid_frames
 
 from node.base.identity import Identity
 from node.base.wire import (
@@ -112,7 +112,7 @@ def _decode_only_raises_protocol_error(data: bytes) -> None:
         pass
 
 
-FUZZ = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(5000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ
@@ -144,7 +144,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     st.integers(-2, 3),
     st.integers(-1, 10),

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -16,24 +16,24 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from kit.fuzzing import accepted_only_if_unchanged, signed
+from kit.fuzzing import accepted_only_if_unchanged, fuzz_settings, signed
 
 import node.ledger.tokens as tokens
 from node.base.identity import Identity
 from node.base.wire import LocalProtocolError, RemoteProtocolError
-from node.ledger.journal import JournalEntry, PaymentState, Persist, Persisted, Refused
+from node.ledger.journal import JournalEntry, PaymentState, Persist, Persisted, ReportRefusal
 from node.ledger.payee import (
     CommitmentReceived,
+    CreditPayment,
     PayeeConfig,
     PayeeLedger,
-    PaymentAccepted,
     PaymentReceived,
     SendAck,
 )
 from node.ledger.payer import (
     AckReceived,
     ChainAdded,
-    ChainNeeded,
+    CreateChain,
     PayerConfig,
     PayerLedger,
     PaymentRequested,
@@ -130,7 +130,7 @@ def of(kind: type, effects: list[Any]) -> list[Any]:
 
 
 def reasons(effects: list[Any]) -> list[TokenRefusal]:
-    return [e.reason for e in of(Refused, effects)]
+    return [e.reason for e in of(ReportRefusal, effects)]
 
 
 def journal(effects: list[Any]) -> list[JournalEntry]:
@@ -210,7 +210,7 @@ def test_happy_path_pays_the_winner_once_and_acknowledges():
     blob = pay(payer, segment=0)
     effects = receive(payee, blob)
     [ack] = of(SendAck, effects)
-    [accepted] = of(PaymentAccepted, effects)
+    [accepted] = of(CreditPayment, effects)
     assert ack.target == OWNER.node_id
     assert (accepted.payer, accepted.segment, accepted.units, accepted.value) == (
         OWNER.node_id,
@@ -255,7 +255,7 @@ def test_later_payments_omit_the_commitment_once_acknowledged():
     persist_all(payer, payer.handle(AckReceived(ack.blob), NOW))
     second = pay(payer, 1)
     assert decode_payment(second).commitment is None
-    assert of(PaymentAccepted, receive(payee, second))
+    assert of(CreditPayment, receive(payee, second))
 
 
 def test_standalone_commitment_then_payment():
@@ -264,7 +264,7 @@ def test_standalone_commitment_then_payment():
     assert [type(e) for e in payee.handle(CommitmentReceived(commitment.blob), NOW)] == [Persist]
     assert payee.handle(CommitmentReceived(commitment.blob), NOW) == []  # duplicate: no-op
     blob = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1))
-    assert of(PaymentAccepted, receive(payee, blob))
+    assert of(CreditPayment, receive(payee, blob))
 
 
 def test_vendor_issued_chain_is_accepted_when_the_vendor_is_trusted():
@@ -408,7 +408,7 @@ def test_replayed_token_is_refused_and_a_resend_is_only_reacknowledged(committed
     [ack] = of(SendAck, receive(payee, first))
     # the same payment again (the ack was lost): the same ack, nothing accepted twice
     again = receive(payee, first)
-    assert of(SendAck, again) == [ack] and not of(Persist, again) and not of(PaymentAccepted, again)
+    assert of(SendAck, again) == [ack] and not of(Persist, again) and not of(CreditPayment, again)
     # the same token offered for another segment: a replay
     replay = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, segment=1))
     assert reasons(receive(payee, replay)) == [TokenRefusal.REPLAYED_TOKEN]
@@ -435,10 +435,10 @@ def test_token_beyond_the_chain_is_refused(committed):
 def test_multi_unit_step_and_the_step_limit(committed):
     chain, payee = committed
     three = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 3, units=3))
-    [accepted] = of(PaymentAccepted, receive(payee, three))
+    [accepted] = of(CreditPayment, receive(payee, three))
     assert (accepted.units, accepted.value, accepted.index) == (3, 15, 3)
     four = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 5, units=2, segment=1))
-    assert of(PaymentAccepted, receive(payee, four))
+    assert of(CreditPayment, receive(payee, four))
     assert payee.balances()[0].accepted == 5
 
     fresh_chain, commitment = chain_and_commitment(3, length=8)
@@ -453,8 +453,8 @@ def test_payments_out_of_order_wait_for_the_resend(committed):
     first = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 1, segment=0))
     second = signed(OWNER, PAYMENT_CONTEXT, payment_fields(chain, 2, segment=1))
     assert reasons(receive(payee, second)) == [TokenRefusal.OUT_OF_ORDER]
-    assert of(PaymentAccepted, receive(payee, first))
-    assert of(PaymentAccepted, receive(payee, second))
+    assert of(CreditPayment, receive(payee, first))
+    assert of(CreditPayment, receive(payee, second))
 
 
 def test_expired_chain_takes_no_more_tokens(committed):
@@ -489,7 +489,7 @@ def test_only_the_recorded_first_completer_is_paid():
     assert payer.handle(WinnerRecorded(JOB, 0, OTHER_HOST.node_id), NOW) == []
     assert reasons(payer.handle(request, NOW)) == [TokenRefusal.NOT_WINNER]
     assert reasons(payer.pay_winner(JOB, 0, HOST.node_id, 1, NOW)) == [TokenRefusal.WINNER_CONFLICT]
-    refused = of(Refused, payer.handle(request, NOW))[0]
+    refused = of(ReportRefusal, payer.handle(request, NOW))[0]
     assert (refused.job_id, refused.segment, refused.peer) == (JOB, 0, HOST.node_id)
     assert of(Persist, payer.pay_winner(JOB, 0, OTHER_HOST.node_id, 1, NOW))
     assert payer.statistics()["refused_not_winner"] == 3
@@ -500,7 +500,7 @@ def test_no_chain_left_asks_for_one():
     pay(payer, 0, units=2)
     effects = payer.pay_winner(JOB, 1, HOST.node_id, 1, NOW)
     assert reasons(effects) == [TokenRefusal.NO_CHAIN]
-    assert of(ChainNeeded, effects) == [ChainNeeded(HOST.node_id, 1)]
+    assert of(CreateChain, effects) == [CreateChain(HOST.node_id, 1)]
     chain, commitment = chain_and_commitment(1, length=4)
     persist_all(payer, payer.handle(ChainAdded(chain, commitment), NOW))
     assert decode_payment(pay(payer, 1)).chain_id == chain.chain_id
@@ -592,7 +592,7 @@ def test_payee_sends_no_ack_before_the_journal_write():
     assert [p.state for p in payee.payments()] == [PaymentState.JOURNALING]
     assert payee.chains()[0].accepted == 0  # not durable yet
     done = payee.handle(Persisted(accept_entry.entry_id), NOW)
-    assert [type(e) for e in done] == [SendAck, PaymentAccepted]
+    assert [type(e) for e in done] == [SendAck, CreditPayment]
     assert payee.chains()[0].accepted == 1
 
 
@@ -630,7 +630,7 @@ def test_payee_crash_before_the_journal_write_accepts_the_resend_once():
     restarted = payee_ledger()
     restarted.restore(durable)
     assert restarted.chains()[0].accepted == 0
-    assert of(PaymentAccepted, receive(restarted, blob))
+    assert of(CreditPayment, receive(restarted, blob))
     assert of(SendAck, receive(restarted, blob))  # and again: only re-acknowledged
     assert restarted.statistics()["payments_accepted"] == 1
 
@@ -649,7 +649,7 @@ def test_payee_crash_after_the_journal_write_keeps_the_acceptance():
     assert restarted.chains()[0].accepted == 1
     # the entry counter continues after the journal
     nxt = receive(restarted, pay(payer, 1))
-    assert of(PaymentAccepted, nxt)
+    assert of(CreditPayment, nxt)
 
 
 def test_payer_restore_resends_unacknowledged_payments_and_keeps_segments_paid():
@@ -722,7 +722,7 @@ def test_restore_refuses_a_used_ledger_and_a_corrupt_journal():
 DECODERS = [decode_commitment, decode_payment, decode_ack]
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300, deadline=None)
 @given(st.binary(max_size=3000))
 def test_decoders_raise_only_remote_protocol_error_on_bytes(blob):
     for decode in DECODERS:
@@ -751,7 +751,7 @@ _FIELDS = st.dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(fields=_FIELDS, signer=st.sampled_from([OWNER, HOST, STRANGER]), data=st.data())
 def test_decoders_and_cores_survive_structured_garbage(fields, signer, data):
     chain, _ = chain_and_commitment()
@@ -768,12 +768,12 @@ def test_decoders_and_cores_survive_structured_garbage(fields, signer, data):
     payee, payer = payee_ledger(), funded_payer()
     for event in (CommitmentReceived(blob), PaymentReceived(blob)):
         for effect in payee.handle(event, NOW):
-            assert isinstance(effect, Persist | Refused)
+            assert isinstance(effect, Persist | ReportRefusal)
     for effect in payer.handle(AckReceived(blob), NOW):
-        assert isinstance(effect, Refused)
+        assert isinstance(effect, ReportRefusal)
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200, deadline=None)
 @given(st.data())
 def test_mutated_statements_raise_only_remote_protocol_error(data):
     chain, commitment = chain_and_commitment()
@@ -844,7 +844,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 ack = decode_ack(effect.blob)
                 assert (ack.chain_id, ack.index) in self._durable_accepts(source), "early ack"
                 self.network.append(("ack", effect.target, effect.blob))
-            elif isinstance(effect, ChainNeeded):
+            elif isinstance(effect, CreateChain):
                 self._add_chain(HOSTS[[h.node_id for h in HOSTS].index(effect.payee)])
 
     def _entries(self, name: str, kind: str, field: str) -> list[Any]:
@@ -1000,8 +1000,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 TestLedgerMachine = LedgerMachine.TestCase
-TestLedgerMachine.settings = settings(
-    max_examples=150,
+TestLedgerMachine.settings = fuzz_settings(
+    150,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=list(HealthCheck),

@@ -17,7 +17,7 @@ from kit.market import MIB, NONCE, NOW, SWARM
 from kit.market import identity as _identity
 
 from node.base.identity import Identity, NodeId
-from node.ledger.journal import Refused
+from node.ledger.journal import ReportRefusal
 from node.ledger.payer import ChainAdded, PayerLedger
 from node.ledger.tokens import HashChain, TokenRefusal, sign_commitment
 from node.market.auction import AuctionConfig
@@ -25,13 +25,13 @@ from node.market.bidder import (
     AwardReceived,
     Bidder,
     CancelReceived,
-    CheckpointCommitted,
     CommitReceived,
     HostPolicy,
     OfferReceived,
     Phase,
     ReplicaFailed,
     ReplicaFinished,
+    RetainCheckpoint,
     StartReplica,
     StopReplica,
 )
@@ -41,7 +41,7 @@ from node.market.jobs import (
     CheckpointReplicated,
     CompletionReceived,
     CompletionVerified,
-    JobFinished,
+    FinishJob,
     JobSnapshot,
     JobSpec,
     JobSpecError,
@@ -53,7 +53,7 @@ from node.market.jobs import (
     ReplicaLost,
     ReplicaStarted,
     ReplicateCheckpoint,
-    SegmentChanged,
+    ReportSegment,
     SegmentState,
     VerifyCompletion,
     WithdrawReceived,
@@ -256,7 +256,7 @@ class Swarm:
         self.commits: dict[int, SegmentCommit] = {}
         self.cancels: list[tuple[NodeId, Cancel]] = []
         self.stopped: list[tuple[NodeId, StopReplica]] = []
-        self.finished: list[JobFinished] = []
+        self.finished: list[FinishJob] = []
         self.snapshots: list[JobSnapshot] = []
 
     # -- routing ---------------------------------------------------------------------
@@ -312,7 +312,7 @@ class Swarm:
                 self.paid.append(e)
             elif isinstance(e, PersistJob):
                 self.snapshots.append(e.snapshot)
-            elif isinstance(e, JobFinished):
+            elif isinstance(e, FinishJob):
                 self.finished.append(e)
 
     def to_host(self, node: NodeId, event: Any) -> None:
@@ -334,7 +334,7 @@ class Swarm:
         elif isinstance(e, StopReplica):
             host.running.pop(e.ref.digest, None)
             self.stopped.append((host.node, e))
-        elif isinstance(e, CheckpointCommitted) and e.holder:
+        elif isinstance(e, RetainCheckpoint) and e.holder:
             host.store.add(e.commit.manifest)
 
     def post(self, target: Any, event: Any, local: bool = False) -> None:
@@ -400,7 +400,7 @@ class Swarm:
         [attempt] = [
             e.attempt
             for e in self.effects
-            if isinstance(e, SegmentChanged)
+            if isinstance(e, ReportSegment)
             and e.state is SegmentState.COMMITTED
             and e.segment == segment
         ]
@@ -439,7 +439,7 @@ def test_five_segments_k2_over_four_hosts():
     swarm.run(until=lambda: swarm.finished)
     spec = swarm.spec
     last = swarm.commits[4]
-    assert swarm.finished == [JobFinished(spec.job_id, "completed", last.manifest)]
+    assert swarm.finished == [FinishJob(spec.job_id, "completed", last.manifest)]
     assert [p.segment for p in swarm.paid] == [0, 1, 2, 3, 4]
     assert_paid_first_completers(swarm)
     for segment in range(5):
@@ -499,10 +499,10 @@ def test_pay_winner_feeds_the_payers_ledger():
         ledger.handle(ChainAdded(chain, commitment), swarm.now)
     for p in swarm.paid:
         effects = ledger.pay_winner(p.job_id, p.segment, p.node, p.units, swarm.now)
-        assert not any(isinstance(e, Refused) for e in effects)
+        assert not any(isinstance(e, ReportRefusal) for e in effects)
     again = swarm.paid[-1]
     [refusal] = ledger.pay_winner(again.job_id, again.segment, again.node, again.units, swarm.now)
-    assert isinstance(refusal, Refused) and refusal.reason is TokenRefusal.DUPLICATE_PAYMENT
+    assert isinstance(refusal, ReportRefusal) and refusal.reason is TokenRefusal.DUPLICATE_PAYMENT
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -819,7 +819,7 @@ def test_the_deadline_ends_the_job_and_cancels_its_replicas():
     cancels = [decode_cancel(e.blob) for e in of(SendStatement, effects)]
     assert {c.reason for c in cancels} == {CancelReason.JOB_ENDED}
     assert set(cancels[0].nodes) == {a.node_id, b.node_id} and cancels[0].ref == offer.ref
-    assert of(JobFinished, effects) == [JobFinished(m.job_id, "expired", None)]
+    assert of(FinishJob, effects) == [FinishJob(m.job_id, "expired", None)]
     assert m.state is SegmentState.DONE and m.snapshot().done
     assert m.tick(NOW + 600) == [] and m.next_wakeup() == math.inf
 
@@ -873,7 +873,7 @@ def test_random_orders_drops_and_duplicates_never_pay_wrongly(data):
         committed = [
             e.segment
             for e in swarm.effects
-            if isinstance(e, SegmentChanged) and e.state is SegmentState.COMMITTED
+            if isinstance(e, ReportSegment) and e.state is SegmentState.COMMITTED
         ]
         assert len(committed) == len(set(committed)) and sorted(committed) == segments
         assert_paid_first_completers(swarm)

@@ -23,7 +23,6 @@ from node.market.bidder import (
     Bidder,
     BidderConfig,
     CancelReceived,
-    CheckpointCommitted,
     CommitReceived,
     HostPolicy,
     OfferReceived,
@@ -31,6 +30,7 @@ from node.market.bidder import (
     PolicyChanged,
     ReplicaFailed,
     ReplicaFinished,
+    RetainCheckpoint,
     StartReplica,
     StopReplica,
     disk_need_mib,
@@ -546,7 +546,7 @@ def test_bidder_runs_an_award_and_reports_completion_until_committed():
         OWNER, OFFER.ref, winner=H1.node_id, manifest=b"m" * 32, size=1, holders=(H1.node_id,)
     )
     [kept] = b.handle(CommitReceived(commit.blob), NOW + 110)
-    assert isinstance(kept, CheckpointCommitted) and kept.holder
+    assert isinstance(kept, RetainCheckpoint) and kept.holder
     assert b.commitments() == [] and b.next_wakeup() == math.inf
 
 

@@ -40,12 +40,12 @@ from node.membership.codec import (
 )
 from node.membership.config import MembershipConfig
 from node.membership.events import (
-    BroadcastReceived,
+    ApplyMemberChange,
+    DeliverBroadcast,
     Effect,
     Event,
     JoinRequested,
     LeaveRequested,
-    MemberChanged,
     MessageReceived,
     OwnRecordSigned,
     RecordDiscovered,
@@ -230,7 +230,7 @@ class Net:
         return [
             (at, effect.state)
             for at, effect in viewer.log
-            if isinstance(effect, MemberChanged) and effect.node_id == subject.node_id
+            if isinstance(effect, ApplyMemberChange) and effect.node_id == subject.node_id
         ]
 
 
@@ -448,8 +448,8 @@ def test_alive_update_adds_a_member_and_announces_it_once():
     core, _ = lone_core()
     peer = Peer(1)
     effects = core.handle(gossip(peer, alive(peer.record)), T0)
-    assert [e for e in effects if isinstance(e, MemberChanged)] == [
-        MemberChanged(peer.node_id, MemberState.ALIVE, peer.record)
+    assert [e for e in effects if isinstance(e, ApplyMemberChange)] == [
+        ApplyMemberChange(peer.node_id, MemberState.ALIVE, peer.record)
     ]
     assert core.handle(gossip(peer, alive(peer.record)), T0) == []
     assert core.statistics()["updates_duplicate"] == 1
@@ -650,7 +650,7 @@ def test_join_adds_the_joiner_and_answers_with_a_sample():
         MessageReceived(joiner.node_id, MessageType.JOIN, {"record": joiner.record.blob}, "x"),
         T0,
     )
-    assert MemberChanged(joiner.node_id, MemberState.ALIVE, joiner.record) in effects
+    assert ApplyMemberChange(joiner.node_id, MemberState.ALIVE, joiner.record) in effects
     (reply,) = sends(effects, MessageType.JOIN_REPLY)
     assert reply.target == joiner.node_id
     records = reply.body["records"]
@@ -741,7 +741,7 @@ def test_unanswered_probe_goes_indirect_then_suspects():
     ack = {"nonce": ping.body["nonce"]}
     core.handle(MessageReceived(forger.node_id, MessageType.ACK, ack, ""), at + 0.3)  # not asked
     effects = core.tick(at + config.probe_interval_s)
-    assert MemberChanged(target.node_id, MemberState.SUSPECT, target.record) in effects
+    assert ApplyMemberChange(target.node_id, MemberState.SUSPECT, target.record) in effects
     assert core.statistics()["suspicions"] == 1
 
 
@@ -757,7 +757,7 @@ def test_ack_forwarded_by_a_helper_counts():
         MessageReceived(helper, MessageType.ACK, {"nonce": ping.body["nonce"]}, ""), at + 0.3
     )
     effects = core.tick(at + CONFIG.probe_interval_s)
-    assert not any(isinstance(e, MemberChanged) for e in effects)
+    assert not any(isinstance(e, ApplyMemberChange) for e in effects)
 
 
 def test_helper_probes_the_target_and_forwards_the_original_nonce():
@@ -918,13 +918,13 @@ def test_more_probe_rounds_retry_the_same_target_before_suspecting():
     effects = core.tick(at + config.probe_interval_s)
     (retry,) = sends(effects, MessageType.PING)
     assert retry.target == ping.target and retry.body["nonce"] != ping.body["nonce"]
-    assert not any(isinstance(e, MemberChanged) for e in effects)
+    assert not any(isinstance(e, ApplyMemberChange) for e in effects)
     assert core.statistics()["probe_retries"] == 1
     at += config.probe_interval_s
     core.tick(at + config.probe_timeout_s)
     effects = core.tick(at + config.probe_interval_s)
     target = next(p for p in peers if p.node_id == ping.target)
-    assert MemberChanged(target.node_id, MemberState.SUSPECT, target.record) in effects
+    assert ApplyMemberChange(target.node_id, MemberState.SUSPECT, target.record) in effects
     (fresh,) = sends(effects, MessageType.PING)
     assert fresh.target != ping.target  # the round-robin goes on
 
@@ -957,7 +957,9 @@ def test_a_late_ack_to_an_earlier_round_proves_the_target_alive():
     at += config.probe_interval_s
     core.tick(at + config.probe_timeout_s)
     effects = core.tick(at + config.probe_interval_s)
-    assert not any(isinstance(e, MemberChanged) and e.state is MemberState.SUSPECT for e in effects)
+    assert not any(
+        isinstance(e, ApplyMemberChange) and e.state is MemberState.SUSPECT for e in effects
+    )
     assert core.statistics()["acks"] == 1 and retry.target == ping.target
 
 
@@ -1112,7 +1114,7 @@ def test_broadcast_reaches_every_node_exactly_once():
     net.schedule(origin, 0.0, None)
     net.run(net.now - T0 + 5)
     for node in net.nodes:
-        got = [e.payload for _, e in node.log if isinstance(e, BroadcastReceived)]
+        got = [e.payload for _, e in node.log if isinstance(e, DeliverBroadcast)]
         assert got == ([] if node is origin else [b"claim-1", b"claim-2"])
 
 

@@ -6,9 +6,9 @@ from ipaddress import IPv6Address, IPv6Network
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
-from kit.fuzzing import accepted_only_if_unchanged, edit_lists, mutate, signed
+from kit.fuzzing import accepted_only_if_unchanged, edit_lists, fuzz_settings, mutate, signed
 
 import overlay.claims as claims
 import overlay.routes as routes
@@ -28,7 +28,7 @@ from overlay.claims import (
     sign_grant,
     sign_withdraw,
 )
-from overlay.routes import COUNTERS, RouteChanged, RouteTable
+from overlay.routes import COUNTERS, ApplyRoute, RouteTable
 
 SWARM = "alpha"
 NOW = 1_800_000_000
@@ -136,7 +136,7 @@ def test_claim_round_trip():
 
 def test_valid_claim_is_accepted_and_routed():
     t = table()
-    assert t.offer(claim(A, 1), NOW) == [RouteChanged(ADDRESS, A.node_id, 1)]
+    assert t.offer(claim(A, 1), NOW) == [ApplyRoute(ADDRESS, A.node_id, 1)]
     assert t.allowed_ips() == {A.node_id: frozenset({net(ADDRESS)})}
     assert t.local_addresses() == set()
     route = t.route(ADDRESS)
@@ -163,7 +163,7 @@ def test_make_before_break_move_is_never_unrouted():
     effects = t.offer(claim(A, 1), NOW)
     effects += t.offer(claim(B, 2), NOW + 10)  # the destination claims first
     effects += t.offer(withdraw(A, 1), NOW + 11)  # then the old host lets go
-    assert effects == [RouteChanged(ADDRESS, A.node_id, 1), RouteChanged(ADDRESS, B.node_id, 2)]
+    assert effects == [ApplyRoute(ADDRESS, A.node_id, 1), ApplyRoute(ADDRESS, B.node_id, 2)]
     assert all(effect.node_id is not None for effect in effects)
     assert t.allowed_ips() == {B.node_id: frozenset({net(ADDRESS)})}
     assert t.statistics()["ignored_withdraw_stale"] == 1
@@ -173,15 +173,15 @@ def test_make_before_break_move_is_never_unrouted():
 def test_move_seen_from_the_old_and_new_hosts():
     old, new = table(A), table(B)
     blob_a, effects = old.claim_local(grant(A, 1), A, NOW)
-    assert effects == [RouteChanged(ADDRESS, A.node_id, 1)]
+    assert effects == [ApplyRoute(ADDRESS, A.node_id, 1)]
     assert old.local_addresses() == {ADDRESS} and old.allowed_ips() == {}
     new.offer(blob_a, NOW)
     assert new.allowed_ips() == {A.node_id: frozenset({net(ADDRESS)})}
 
     blob_b, effects = new.claim_local(grant(B, 2), B, NOW + 10)
-    assert effects == [RouteChanged(ADDRESS, B.node_id, 2)]
+    assert effects == [ApplyRoute(ADDRESS, B.node_id, 2)]
     assert new.local_addresses() == {ADDRESS} and new.allowed_ips() == {}
-    assert old.offer(blob_b, NOW + 10) == [RouteChanged(ADDRESS, B.node_id, 2)]
+    assert old.offer(blob_b, NOW + 10) == [ApplyRoute(ADDRESS, B.node_id, 2)]
     assert old.local_addresses() == set()
 
     blob_w, effects = old.withdraw_local(ADDRESS, A, NOW + 11)
@@ -194,9 +194,9 @@ def test_move_seen_from_the_old_and_new_hosts():
 def test_withdrawal_seen_before_the_new_claim_unroutes_then_routes():
     t = table()
     t.offer(claim(A, 1), NOW)
-    assert t.offer(withdraw(A, 1), NOW + 1) == [RouteChanged(ADDRESS, None, 1)]
+    assert t.offer(withdraw(A, 1), NOW + 1) == [ApplyRoute(ADDRESS, None, 1)]
     assert t.allowed_ips() == {} and t.route(ADDRESS).node_id is None
-    assert t.offer(claim(B, 2), NOW + 2) == [RouteChanged(ADDRESS, B.node_id, 2)]
+    assert t.offer(claim(B, 2), NOW + 2) == [ApplyRoute(ADDRESS, B.node_id, 2)]
 
 
 def test_withdrawal_leaves_a_tombstone_against_replays():
@@ -232,7 +232,7 @@ def test_withdrawal_by_a_node_that_does_not_hold_the_epoch_is_refused():
 def test_higher_epoch_by_the_same_node_is_accepted():
     t = table()
     t.offer(claim(A, 1), NOW)
-    assert t.offer(claim(A, 2), NOW) == [RouteChanged(ADDRESS, A.node_id, 2)]
+    assert t.offer(claim(A, 2), NOW) == [ApplyRoute(ADDRESS, A.node_id, 2)]
 
 
 # -- refusals ------------------------------------------------------------------------------
@@ -400,15 +400,13 @@ def test_tick_unroutes_expired_grants_and_keeps_the_floor():
     t.offer(claim(A, 1, expires=NOW + 60), NOW)
     assert t.next_expiry() == NOW + 60
     assert t.tick(NOW + 59) == []
-    assert t.tick(NOW + 60) == [RouteChanged(ADDRESS, None, 1)]
+    assert t.tick(NOW + 60) == [ApplyRoute(ADDRESS, None, 1)]
     assert t.tick(NOW + 61) == []
     assert t.allowed_ips() == {} and t.next_expiry() is None
     assert t.statistics()["expired"] == 1
     refused(t, claim(B, 1, expires=NOW + 600), ClaimRefusal.CONFLICT, now=NOW + 61)
     assert t.offer(withdraw(A, 1), NOW + 62) == []  # recorded, nothing to unroute
-    assert t.offer(claim(B, 2, expires=NOW + 600), NOW + 62) == [
-        RouteChanged(ADDRESS, B.node_id, 2)
-    ]
+    assert t.offer(claim(B, 2, expires=NOW + 600), NOW + 62) == [ApplyRoute(ADDRESS, B.node_id, 2)]
 
 
 # -- local claims ----------------------------------------------------------------------------
@@ -418,14 +416,14 @@ def test_claim_local_and_withdraw_local():
     t = table(A)
     blob, effects = t.claim_local(grant(A, 1), A, NOW)
     assert decode_claim(blob).node_id == A.node_id
-    assert effects == [RouteChanged(ADDRESS, A.node_id, 1)]
+    assert effects == [ApplyRoute(ADDRESS, A.node_id, 1)]
     assert t.local_addresses() == {ADDRESS} and t.allowed_ips() == {}
     peer = table(B)
     peer.offer(blob, NOW)
     w_blob, effects = t.withdraw_local(ADDRESS, A, NOW + 5)
-    assert effects == [RouteChanged(ADDRESS, None, 1)]
+    assert effects == [ApplyRoute(ADDRESS, None, 1)]
     assert t.local_addresses() == set()
-    assert peer.offer(w_blob, NOW + 5) == [RouteChanged(ADDRESS, None, 1)]
+    assert peer.offer(w_blob, NOW + 5) == [ApplyRoute(ADDRESS, None, 1)]
     with pytest.raises(LocalProtocolError):
         t.withdraw_local(ADDRESS, A, NOW + 6)
 
@@ -478,9 +476,9 @@ def test_snapshot_restore_round_trip():
     assert again.local_addresses() == t.local_addresses() == {addresses["local"]}
     assert sorted(effects, key=lambda e: e.vm_address) == sorted(
         [
-            RouteChanged(addresses["remote"], A.node_id, 4),
-            RouteChanged(addresses["local"], C.node_id, 4),
-            RouteChanged(addresses["short"], B.node_id, 4),
+            ApplyRoute(addresses["remote"], A.node_id, 4),
+            ApplyRoute(addresses["local"], C.node_id, 4),
+            ApplyRoute(addresses["short"], B.node_id, 4),
         ],
         key=lambda e: e.vm_address,
     )
@@ -489,7 +487,7 @@ def test_snapshot_restore_round_trip():
     refused(again, gone, ClaimRefusal.STALE, now=NOW + 2)
     # our own claim survives the restart, so we can still withdraw it, once
     _, effects = again.withdraw_local(addresses["local"], C, NOW + 3)
-    assert effects == [RouteChanged(addresses["local"], None, 4)]
+    assert effects == [ApplyRoute(addresses["local"], None, 4)]
     with pytest.raises(LocalProtocolError):
         again.withdraw_local(addresses["local"], C, NOW + 4)
 
@@ -517,7 +515,7 @@ def test_restore_after_expiry_keeps_the_epoch_floor():
 def test_restore_skips_and_counts_damaged_blobs():
     again = table(C)
     effects = again.restore([b"garbage", claim(A, 1)], NOW)
-    assert effects == [RouteChanged(ADDRESS, A.node_id, 1)]
+    assert effects == [ApplyRoute(ADDRESS, A.node_id, 1)]
     assert again.statistics()["refused_malformed"] == 1
 
 
@@ -533,7 +531,7 @@ def test_statistics_keys_are_stable():
 NODES = (A, B, C)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     st.lists(st.sampled_from(range(3)), min_size=1, max_size=6),
     st.randoms(use_true_random=False),
@@ -576,7 +574,7 @@ def _only_remote_errors(blob: bytes) -> None:
         pass
 
 
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(1500, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ

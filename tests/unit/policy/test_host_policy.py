@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from node.base.wire import LocalProtocolError
 from node.policy.machine import (
-    BiddingChanged,
     DrainRequested,
     GuestsEmpty,
     HostSampled,
@@ -23,8 +22,9 @@ from node.policy.machine import (
     PolicyEvent,
     PolicyMachine,
     PolicyState,
-    PolicyStateChanged,
+    ReportPolicyState,
     ResumeGuests,
+    SetBidding,
     UndrainRequested,
     VacateGuests,
     assess,
@@ -77,15 +77,15 @@ def test_a_fresh_machine_does_not_bid_until_quiet_for_the_quiet_time():
     assert "quiet for 4 s of 5 s" in machine.reason
     effects = machine.handle(QUIET, 105.0)
     assert effects == [  # nothing was paused: nothing to resume
-        BiddingChanged(True, "idle: other CPU load 10% <= 50%"),
-        PolicyStateChanged(PolicyState.IDLE, "idle: other CPU load 10% <= 50%", 105.0),
+        SetBidding(True, "idle: other CPU load 10% <= 50%"),
+        ReportPolicyState(PolicyState.IDLE, "idle: other CPU load 10% <= 50%", 105.0),
     ]
     assert machine.bidding and machine.since == 105.0
 
 
 def test_quiet_time_zero_resumes_on_the_first_idle_sample():
     machine = PolicyMachine(PolicyConfig(resume_quiet_s=0), 0.0)
-    assert BiddingChanged(True, "idle: other CPU load 10% <= 50%") in machine.handle(QUIET, 0.0)
+    assert SetBidding(True, "idle: other CPU load 10% <= 50%") in machine.handle(QUIET, 0.0)
 
 
 # -- busy, quiet, grace -------------------------------------------------------------------
@@ -96,9 +96,9 @@ def test_one_busy_sample_pauses_at_once_and_stops_bidding():
     effects = machine.handle(LOADED, 10.5)
     reason = "other CPU load 90% > 50%"
     assert effects == [
-        BiddingChanged(False, reason),
+        SetBidding(False, reason),
         PauseGuests(reason),
-        PolicyStateChanged(PolicyState.BUSY, reason, 10.5),
+        ReportPolicyState(PolicyState.BUSY, reason, 10.5),
     ]
     assert machine.status()["state"] == "busy" and not machine.bidding
     assert machine.handle(LOADED, 11.0) == []  # announced once
@@ -114,7 +114,7 @@ def test_resume_needs_the_quiet_time_and_a_busy_sample_restarts_it():
         assert machine.handle(QUIET, t) == []
     assert machine.state is PolicyState.BUSY
     effects = machine.handle(QUIET, 12.0)
-    assert kinds(effects) == [ResumeGuests, BiddingChanged, PolicyStateChanged]
+    assert kinds(effects) == [ResumeGuests, SetBidding, ReportPolicyState]
     assert machine.state is PolicyState.IDLE
 
 
@@ -127,13 +127,13 @@ def test_vacate_after_grace_of_busy_then_come_back_without_resuming():
     reason = "busy for 60 s (grace 60 s): other CPU load 90% > 50%"
     assert effects == [
         VacateGuests(reason, 61.0),
-        PolicyStateChanged(PolicyState.VACATING, reason, 61.0),
+        ReportPolicyState(PolicyState.VACATING, reason, 61.0),
     ]
     assert not machine.bidding
     assert machine.handle(LOADED, 62.0) == []  # vacated once
     assert machine.handle(QUIET, 63.0) == []
     effects = machine.handle(QUIET, 68.0)
-    assert kinds(effects) == [BiddingChanged, PolicyStateChanged]  # nothing paused to resume
+    assert kinds(effects) == [SetBidding, ReportPolicyState]  # nothing paused to resume
     assert machine.state is PolicyState.IDLE
 
 
@@ -144,7 +144,7 @@ def test_grace_counts_from_the_pause_through_short_quiet_dips():
         machine.handle(QUIET if t % 3 else LOADED, float(t))
     assert machine.state is PolicyState.BUSY  # 11 was quiet: no vacating on a quiet sample
     effects = machine.handle(LOADED, 12.0)
-    assert kinds(effects) == [VacateGuests, PolicyStateChanged]
+    assert kinds(effects) == [VacateGuests, ReportPolicyState]
     assert effects[0].deadline == 12.0
 
 
@@ -155,13 +155,13 @@ def test_grace_restarts_after_a_resume():
     assert ResumeGuests() in machine.handle(QUIET, 4.0)
     machine.handle(LOADED, 5.0)
     assert machine.handle(LOADED, 14.0) == []  # 9 s since this pause
-    assert kinds(machine.handle(LOADED, 15.0)) == [VacateGuests, PolicyStateChanged]
+    assert kinds(machine.handle(LOADED, 15.0)) == [VacateGuests, ReportPolicyState]
 
 
 def test_grace_zero_pauses_and_vacates_on_one_sample():
     machine = idle_machine(PolicyConfig(grace_s=0), now=0.0)
     effects = machine.handle(LOADED, 1.0)
-    assert kinds(effects) == [BiddingChanged, PauseGuests, VacateGuests, PolicyStateChanged]
+    assert kinds(effects) == [SetBidding, PauseGuests, VacateGuests, ReportPolicyState]
     assert machine.state is PolicyState.VACATING
 
 
@@ -169,7 +169,7 @@ def test_a_fresh_machine_busy_from_the_start_vacates_after_grace():
     machine = PolicyMachine(PolicyConfig(grace_s=10), 0.0)
     assert machine.handle(LOADED, 0.0) == []  # nothing was paused: nothing to announce
     assert machine.handle(LOADED, 9.0) == []
-    assert kinds(machine.handle(LOADED, 10.0)) == [VacateGuests, PolicyStateChanged]
+    assert kinds(machine.handle(LOADED, 10.0)) == [VacateGuests, ReportPolicyState]
 
 
 # -- the rules ----------------------------------------------------------------------------
@@ -282,19 +282,19 @@ def test_drain_overrides_everything_until_undrain():
     effects = machine.handle(DrainRequested(1_700_000_000.0), 1.0)
     reason = "drain requested, deadline 2023-11-14 22:13:20 UTC"
     assert effects == [
-        BiddingChanged(False, reason),
+        SetBidding(False, reason),
         VacateGuests(reason, 1_700_000_000.0),
-        PolicyStateChanged(PolicyState.DRAINING, reason, 1.0),
+        ReportPolicyState(PolicyState.DRAINING, reason, 1.0),
     ]
     for t in range(2, 30):
         assert machine.handle(QUIET, float(t)) == []
     assert not machine.bidding
     effects = machine.handle(GuestsEmpty(), 30.0)
-    assert kinds(effects) == [PolicyStateChanged]
+    assert kinds(effects) == [ReportPolicyState]
     assert machine.state is PolicyState.DRAINED and machine.since == 30.0
     assert machine.status()["reason"].startswith("drained: nothing runs here")
     effects = machine.handle(UndrainRequested(), 31.0)
-    assert kinds(effects) == [BiddingChanged, PolicyStateChanged]
+    assert kinds(effects) == [SetBidding, ReportPolicyState]
     assert machine.bidding and machine.state is PolicyState.IDLE
     assert (machine.draining, machine.deadline) == (False, None)
 
@@ -306,10 +306,10 @@ def test_undrain_returns_to_where_the_samples_left_the_host():
     assert effects == [PauseGuests("other CPU load 90% > 50%")]
     assert machine.state is PolicyState.DRAINING
     effects = machine.handle(UndrainRequested(), 3.0)
-    assert effects == [PolicyStateChanged(PolicyState.BUSY, "other CPU load 90% > 50%", 3.0)]
+    assert effects == [ReportPolicyState(PolicyState.BUSY, "other CPU load 90% > 50%", 3.0)]
     assert not machine.bidding
     machine.handle(QUIET, 4.0)
-    assert kinds(machine.handle(QUIET, 9.0)) == [ResumeGuests, BiddingChanged, PolicyStateChanged]
+    assert kinds(machine.handle(QUIET, 9.0)) == [ResumeGuests, SetBidding, ReportPolicyState]
 
 
 def test_a_busy_host_vacates_at_once_even_under_a_drain_with_no_deadline():
@@ -350,7 +350,7 @@ def test_drain_survives_restore():
     fresh = PolicyMachine(PolicyConfig(), 50.0)
     effects = fresh.restore(*persisted)
     reason = "drain requested, deadline 1970-01-01 00:15:00 UTC"
-    assert effects == [PolicyStateChanged(PolicyState.DRAINING, reason, 50.0)]
+    assert effects == [ReportPolicyState(PolicyState.DRAINING, reason, 50.0)]
     for t in range(50, 80):
         assert fresh.handle(QUIET, float(t)) == []
     assert fresh.status() == {
@@ -361,8 +361,8 @@ def test_drain_survives_restore():
         "draining": True,
         "deadline": 900.0,
     }
-    assert kinds(fresh.handle(GuestsEmpty(), 80.0)) == [PolicyStateChanged]
-    assert kinds(fresh.handle(UndrainRequested(), 81.0)) == [BiddingChanged, PolicyStateChanged]
+    assert kinds(fresh.handle(GuestsEmpty(), 80.0)) == [ReportPolicyState]
+    assert kinds(fresh.handle(UndrainRequested(), 81.0)) == [SetBidding, ReportPolicyState]
     with pytest.raises(LocalProtocolError):
         fresh.restore(True, None)
 
@@ -549,7 +549,7 @@ def check_effects(machine, history, event: PolicyEvent, effects, now: float, bus
     elif run is not None and run[1] - run[0] >= quiet and not machine.draining:
         assert machine.state is PolicyState.IDLE  # quiet long enough: back
     for effect in effects:
-        if isinstance(effect, BiddingChanged):
+        if isinstance(effect, SetBidding):
             assert effect.allowed == machine.bidding
         if isinstance(effect, ResumeGuests):
             assert isinstance(event, HostSampled) and not busy
@@ -557,8 +557,8 @@ def check_effects(machine, history, event: PolicyEvent, effects, now: float, bus
         if isinstance(effect, VacateGuests) and isinstance(event, HostSampled):
             assert busy and effect.deadline == now
             assert history.busy_for_grace(now)
-        if isinstance(effect, PolicyStateChanged):
+        if isinstance(effect, ReportPolicyState):
             assert effect.state is machine.state and effect.since == now
-    changes = [e for e in effects if isinstance(e, PolicyStateChanged | BiddingChanged)]
+    changes = [e for e in effects if isinstance(e, ReportPolicyState | SetBidding)]
     assert len(changes) == len({type(e) for e in changes})  # at most one of each per event
     assert machine.status()["state"] == machine.state.value

@@ -13,8 +13,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from kit.fuzzing import fuzz_settings
 
 from segments.vm.savestream import PAGE, SaveStreamError, join, split
 
@@ -261,7 +262,7 @@ def split_or_refuse(data: bytes, work: Path) -> None:
     assert (work / "joined.save").read_bytes() == data
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
