@@ -15,7 +15,7 @@ from node.testbed.vm import NetworkVm
 from segments.image.store import Image, build
 from segments.image.workload import reference_result
 
-RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
+RECIPE = Path(__file__).resolve().parents[2] / "deploy" / "recipes" / "demo.toml"
 STEPS, SEED = 1200, "demo"
 JOB_TIMEOUT_S = 900.0
 

@@ -154,7 +154,7 @@ class Load:
         self.process.wait()
 
 
-RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "demo.toml"
+RECIPE = Path(__file__).resolve().parents[2] / "deploy" / "recipes" / "demo.toml"
 
 
 @contextmanager

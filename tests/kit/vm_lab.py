@@ -134,6 +134,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Two hosts, made once per module (use ``hosts``, which cleans up after each test)."""
     with two_hosts(tmp_path_factory.mktemp("glv")) as made:
         yield made
 

@@ -1,4 +1,8 @@
-"""The market end to end on a testbed: a job with k = 2 over four hosts, and host crashes."""
+"""The market end to end on a testbed: a job with k = 2 over four hosts, network jobs, a drain.
+
+Host crashes (which leave hosts down) have a testbed of their own:
+test_market_crash_testbed.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import time
 import pytest
 from kit.agents import needs_root
 
-from node.testbed import testbed
 from node.testbed.checks import ping, rpc, wait_for
 from node.testbed.market import (
     audit,
@@ -152,71 +155,3 @@ def _claims(owner, address):
         for h in rpc(owner, "routes")["history"]
         if h["address"] == address and h["event"] == "routed" and h["node_id"]
     ]
-
-
-def _running_segment(owner, job_id):
-    """The segment whose replicas are running now (awarded, nothing completed), or None."""
-    rows = job(owner, job_id)["rows"]
-    row = rows[-1] if rows else None
-    if row and len(row["replicas"]) == 2 and not row["completions"] and row["winner"] is None:
-        return row
-    return None
-
-
-def test_crashed_replica_hosts_lose_no_committed_segment(swarm):
-    root, hosts, image_id = swarm
-    owner = hosts[0]
-    by_id = {h["node_id"]: h for h in hosts}
-    job_id = submit(owner, image_id, segments=4, redundancy=2, extent_s=3, args=ARGS)
-    # Segment 1 running: one replica's host crashes; the other finishes it.
-    wait_for(
-        lambda: (r := _running_segment(owner, job_id)) is not None and r["segment"] == 1,
-        JOB_TIMEOUT_S / 3,
-        "segment 1 running",
-        step_s=0.1,
-    )
-    row = _running_segment(owner, job_id)
-    assert row is not None
-    testbed.crash_host(root, by_id[row["replicas"][0]]["name"])
-    # A later segment running: both replicas' hosts crash; it is offered again.
-    wait_for(
-        lambda: (
-            (r := _running_segment(owner, job_id)) is not None
-            and r["segment"] >= 2
-            and by_id[r["replicas"][0]]["name"] != row["replicas"][0]
-            and all(testbed.is_up(root, by_id[n]["name"]) for n in r["replicas"])
-        ),
-        JOB_TIMEOUT_S / 3,
-        "a later segment running on two live hosts",
-        step_s=0.1,
-    )
-    both = _running_segment(owner, job_id)
-    assert both is not None
-    for node in both["replicas"]:
-        testbed.crash_host(root, by_id[node]["name"])
-    detail = wait_job(owner, job_id, JOB_TIMEOUT_S)
-    assert detail["outcome"] == "completed"
-    again = next(r for r in detail["rows"] if r["segment"] == both["segment"])
-    assert again["attempts"] >= 2, "the segment was offered again after both replicas died"
-    offers = [
-        r for r in detail["history"] if r["what"] == "offered" and r["segment"] == both["segment"]
-    ]
-    committed = [r for r in detail["history"] if r["what"] == "committed"]
-    assert [r["segment"] for r in committed] == [0, 1, 2, 3]  # none lost, none twice
-    assert len(offers) >= 2
-    crashed_attempt = max(
-        r["attempt"]
-        for r in detail["history"]
-        if r["what"] == "awarded"
-        and r["segment"] == both["segment"]
-        and r["node"] in both["replicas"]
-    )
-    [done] = [r for r in committed if r["segment"] == both["segment"]]
-    assert done["attempt"] > crashed_attempt, "committed from a new attempt"
-    assert done["node"] not in both["replicas"], "won by a host that was still up"
-    later = [o for o in offers if o["attempt"] > crashed_attempt]
-    assert later, "offered again after both replicas' hosts crashed"
-    [previous] = [r for r in committed if r["segment"] == both["segment"] - 1]
-    assert later[0]["checkpoint"] == previous["manifest"], "from the last committed checkpoint"
-    report = audit(owner, [h for h in hosts if testbed.is_up(root, h["name"])], job_id, SEED)
-    assert not [p for p in report.problems if "ledgers" not in p], report.problems
