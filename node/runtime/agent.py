@@ -39,6 +39,7 @@ from node.market.handoff import check_migration_uri
 from node.runtime.agent_market import Edges, MarketSide
 from node.runtime.config import Config
 from node.runtime.control import ControlServer, RpcTable
+from node.runtime.discovery import MdnsDiscovery
 from node.runtime.keystore import load_or_create
 from node.runtime.membership_driver import MembershipDriver
 from node.runtime.node_rpc import NodeRpc
@@ -51,6 +52,8 @@ from overlay.addressing import node_address
 from overlay.wireguard.backend import UapiBackend
 from overlay.wireguard.process import WireGuardGo, interface_name
 from overlay.wireguard.service import DATA_PLANE_PRIORITY, OverlayService
+from segments.image.store import load as load_image
+from segments.vm.runtime import LibvirtRuntime
 
 log = logging.getLogger("gleaner.agent")
 
@@ -109,7 +112,14 @@ class Agent:
         await own.sign(0)
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
         membership = MembershipDriver(
-            self.identity, self.config, self.state, self.transport, self.overlay, own, rng
+            self.identity,
+            self.config,
+            self.state,
+            self.transport,
+            self.overlay,
+            own,
+            rng,
+            MdnsDiscovery,
         )
         self.membership = membership
         routes = RouteService(
@@ -122,7 +132,11 @@ class Agent:
         )
         membership.on_broadcast(ROUTE_TOPIC, routes.offer)
         segments = SegmentService(
-            self.identity, self.config.state_dir, self.config["vm.libvirt_uri"], self.image_store
+            self.identity,
+            self.config.state_dir,
+            self.image_store,
+            functools.partial(LibvirtRuntime, self.config["vm.libvirt_uri"]),
+            load_image,
         )
         self.segments = segments
         market = self._build_market(membership, routes, segments)

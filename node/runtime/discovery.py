@@ -1,4 +1,4 @@
-"""LAN discovery over mDNS (python-zeroconf), with an in-memory twin for tests.
+"""LAN discovery over mDNS (python-zeroconf).
 
 Each agent registers one service ``<short node id>._gleaner._udp.local.`` whose
 TXT record carries the agent's signed peer record, cut into chunks that fit
@@ -60,6 +60,10 @@ class Discovery(Protocol):
     def start(self, instance: str, blob: bytes, port: int) -> None: ...
     def update(self, blob: bytes) -> None: ...
     def stop(self) -> None: ...
+
+
+# Builds a discovery bound to one underlay IPv4 address, calling back with each blob.
+DiscoveryFactory = Callable[[str, RecordCallback], Discovery]
 
 
 class MdnsDiscovery:
@@ -149,38 +153,3 @@ def _packed_ipv4(address: str) -> bytes:
     import ipaddress
 
     return ipaddress.IPv4Address(address).packed
-
-
-class FakeLan:
-    """A shared in-memory 'LAN' for FakeDiscovery twins."""
-
-    def __init__(self) -> None:
-        self.services: dict[str, tuple[bytes, FakeDiscovery]] = {}
-
-    def publish(self, instance: str, blob: bytes, owner: FakeDiscovery) -> None:
-        self.services[instance] = (blob, owner)
-        for other_instance, (_, other) in list(self.services.items()):
-            if other is not owner and other_instance != instance:
-                other.on_record(blob)
-
-
-class FakeDiscovery:
-    """The twin: services announced on a FakeLan are seen by every other member."""
-
-    def __init__(self, lan: FakeLan, on_record: RecordCallback) -> None:
-        self.lan = lan
-        self.on_record = on_record
-        self.instance = ""
-
-    def start(self, instance: str, blob: bytes, port: int) -> None:
-        self.instance = instance
-        for other_blob, other in list(self.lan.services.values()):
-            if other is not self:
-                self.on_record(other_blob)
-        self.lan.publish(instance, blob, self)
-
-    def update(self, blob: bytes) -> None:
-        self.lan.publish(self.instance, blob, self)
-
-    def stop(self) -> None:
-        self.lan.services.pop(self.instance, None)

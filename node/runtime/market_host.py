@@ -83,7 +83,7 @@ from node.runtime.segment_service import (
     SegmentService,
     market_vm_name,
 )
-from segments.image.store import ImageError, load
+from segments.image.store import ImageError
 from segments.store.manifest import Manifest
 from segments.store.transfer import FetchError, fetch_manifest
 
@@ -190,7 +190,9 @@ class HostMarket:
     async def _have_image(self, image_id: str) -> bool:
         if image_id not in self._images:
             try:
-                await trio.to_thread.run_sync(load, self.segments.image_store, image_id)
+                await trio.to_thread.run_sync(
+                    self.segments.load_image, self.segments.image_store, image_id
+                )
                 self._images[image_id] = True
             except ImageError:
                 return False

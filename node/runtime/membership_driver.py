@@ -55,7 +55,7 @@ from node.membership.events import (
 from node.membership.swim import Membership
 from node.membership.table import MemberState
 from node.runtime.config import Config
-from node.runtime.discovery import Discovery, MdnsDiscovery
+from node.runtime.discovery import Discovery, DiscoveryFactory
 from node.runtime.own_record import OwnRecord
 from node.runtime.state import State
 from node.runtime.transport import Transport
@@ -99,7 +99,9 @@ class MembershipDriver:
         overlay: OverlayService | None,
         own: OwnRecord,
         rng: random.Random,
+        make_discovery: DiscoveryFactory,
     ) -> None:
+        """`make_discovery(host, on_record)` builds the LAN discovery (mDNS, or its twin)."""
         assert own.record is not None, "sign our record before starting membership"
         self.identity = identity
         self.config = config
@@ -107,6 +109,7 @@ class MembershipDriver:
         self.transport = transport
         self.overlay = overlay
         self.own = own
+        self.make_discovery = make_discovery
         self.core = Membership(own.record, membership_config(config), rng)
         self.discovery: Discovery | None = None
         self.record_errors = 0
@@ -180,7 +183,7 @@ class MembershipDriver:
             log.warning("mDNS needs a specific IPv4 listen address; discovery on the LAN is off")
             return
         assert self.own.record is not None
-        discovery = MdnsDiscovery(host, self._record_from_thread)
+        discovery = self.make_discovery(host, self._record_from_thread)
         await trio.to_thread.run_sync(
             discovery.start, self.identity.node_id.short, self.own.record.blob, self.transport.port
         )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,7 +39,7 @@ from node.base.records import parse_endpoint
 from node.base.wire import RemoteProtocolError
 from node.market.jobs import JobSpec
 from node.runtime.guest_address import guest_cmdline
-from segments.image.store import ImageError, load
+from segments.image.store import Image, ImageError
 from segments.store.blocks import BlockStore, BlockStoreError
 from segments.store.manifest import Manifest, decode_manifest
 from segments.store.transfer import FetchError, fetch, serve_blocks
@@ -52,9 +53,11 @@ from segments.vm.replica import (
     SegmentRun,
     replica_spec,
 )
-from segments.vm.runtime import LibvirtRuntime, VmError, VmRuntime, VmSpec, VmState
+from segments.vm.runtime import VmError, VmRuntime, VmSpec, VmState
 from segments.vm.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
 
+OpenRuntime = Callable[[], contextlib.AbstractContextManager[VmRuntime]]
+LoadImage = Callable[[Path, str], Image]
 log = logging.getLogger("gleaner.segments")
 
 BLOCK_PORT = 7947
@@ -95,12 +98,20 @@ class SegmentMigrated(SegmentError):
 
 class SegmentService:
     def __init__(
-        self, identity: Identity, state_dir: Path, libvirt_uri: str, image_store: Path
+        self,
+        identity: Identity,
+        state_dir: Path,
+        image_store: Path,
+        open_runtime: OpenRuntime,
+        load_image: LoadImage,
     ) -> None:
+        """`open_runtime` opens this host's VM runtime for one worker thread (libvirt, or
+        its fake twin in tests); `load_image` reads an image from a store."""
         self.identity = identity
         self.state_dir = state_dir
-        self.libvirt_uri = libvirt_uri
         self.image_store = image_store
+        self.open_runtime = open_runtime
+        self.load_image = load_image
         self.store = BlockStore(state_dir / "blocks")
         self.listen: tuple[str, int] | None = None
         self.runs = 0
@@ -262,7 +273,7 @@ class SegmentService:
             raise SegmentError(f"no replica of {vm_name} runs here")
 
         def read() -> float:
-            with self._open_runtime() as runtime:
+            with self.open_runtime() as runtime:
                 return runtime.cpu_time_s(vm_name)
 
         try:
@@ -301,7 +312,7 @@ class SegmentService:
         owner verified it), whose console gives the progress to continue from.
         """
         try:
-            image = await trio.to_thread.run_sync(load, self.image_store, job.image)
+            image = await trio.to_thread.run_sync(self.load_image, self.image_store, job.image)
         except ImageError as exc:
             raise VerifierUnavailable(str(exc)) from None
         base = None
@@ -321,7 +332,7 @@ class SegmentService:
         )
 
         def verify() -> Verdict:
-            with LibvirtRuntime(self.libvirt_uri) as runtime:
+            with self.open_runtime() as runtime:
                 return verify_checkpoint(
                     runtime, self.store, spec, manifest, claimed, base, halted, timeout_s
                 )
@@ -336,7 +347,7 @@ class SegmentService:
 
         def reap() -> list[str]:
             reaped = []
-            with self._open_runtime() as runtime:
+            with self.open_runtime() as runtime:
                 for name, state in runtime.list_vms().items():
                     if not MARKET_VM.fullmatch(name):
                         continue
@@ -378,7 +389,7 @@ class SegmentService:
 
     async def _segment_run(self, order: ReplicaOrder) -> SegmentRun:
         try:
-            image = await trio.to_thread.run_sync(load, self.image_store, order.image_id)
+            image = await trio.to_thread.run_sync(self.load_image, self.image_store, order.image_id)
         except ImageError as exc:
             raise SegmentError(str(exc)) from None
         network = guest_cmdline(order.address) if order.address else ""
@@ -396,15 +407,11 @@ class SegmentService:
     def _work_dir(self, order: ReplicaOrder) -> Path:
         return self.state_dir / "replicas" / f"{order.name}-{order.segment}-{order.attempt}"
 
-    def _open_runtime(self) -> contextlib.AbstractContextManager[VmRuntime]:
-        """This host's libvirt, for one replica's worker thread (a test may hand in a fake)."""
-        return LibvirtRuntime(self.libvirt_uri)
-
     def _run_blocking(
         self, run: SegmentRun, checkpoint: Any, work: Path, order: ReplicaOrder
     ) -> ReplicaResult:
         try:
-            with self._open_runtime() as runtime:
+            with self.open_runtime() as runtime:
                 replica = Replica(runtime, self.store, self.identity, work)
                 replica.hold(self.held)
                 self.replicas[run.vm_name] = replica

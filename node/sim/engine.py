@@ -78,9 +78,6 @@ class Simulator:
     def pending(self) -> int:
         return len(self._heap)
 
-    def next_time(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
-
     def run(self, until: float, deliver: Deliver) -> None:
         """Deliver every event scheduled before `until`, in order; `now` ends at `until`."""
         heap = self._heap

@@ -268,9 +268,6 @@ class OverlayService:
             eager_limit=self.eager_limit,
         )
 
-    def reconcile_soon(self) -> None:
-        self._wake.set()
-
     # -- queries -----------------------------------------------------------------
 
     def peer_status(self, node_id: NodeId) -> PeerStatus | None:

@@ -95,12 +95,15 @@ def moved_of(future: Future) -> ReplicaMigrated:
     return error
 
 
-class FakeHostService(SegmentService):
-    """A SegmentService whose replicas run on a fake (no libvirt) and whose image is stubbed."""
-
-    def __init__(self, tmp_path: Path, label: str, runtime: FakeVmRuntime) -> None:
-        super().__init__(IDENTITY, tmp_path / label, "fake:///unused", tmp_path / "images")
-        self.runtime = runtime
-
-    def _open_runtime(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext(self.runtime)
+def fake_host_service(
+    tmp_path: Path, label: str, runtime: FakeVmRuntime, image: Any
+) -> SegmentService:
+    """A real SegmentService whose replicas run on the fake libvirt twin and whose store
+    holds one image (`image`, whatever the id asked)."""
+    return SegmentService(
+        IDENTITY,
+        tmp_path / label,
+        tmp_path / "images",
+        lambda: contextlib.nullcontext(runtime),
+        lambda _store, _image_id: image,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import msgpack
 import pytest
 import trio
@@ -19,6 +21,8 @@ from node.market.job_records import (
 from node.market.jobs import JobSnapshot, JobSpec
 from node.runtime.ledger_service import LedgerKind, LedgerService
 from node.runtime.state import State
+from segments.image.store import load
+from segments.vm.runtime import LibvirtRuntime
 
 OWNER = Identity.from_seeds(b"\x01" * 32, b"\x02" * 32)
 HOST = Identity.from_seeds(b"\x03" * 32, b"\x04" * 32)
@@ -190,7 +194,13 @@ def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
     state.append_job_history(other.job_id, b"\xc1")  # its history is corrupt
 
     async def main() -> None:
-        segments = SegmentService(OWNER, tmp_path, "test:///default", tmp_path / "images")
+        segments = SegmentService(
+            OWNER,
+            tmp_path,
+            tmp_path / "images",
+            functools.partial(LibvirtRuntime, "test:///default"),
+            load,
+        )
 
         async def nowhere(*_args) -> None:
             raise AssertionError("nothing is sent for a job restored as finished")

@@ -10,18 +10,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import trio
 from kit.market import NONCE
 from kit.market import identity as _identity
-from kit.replica import FakeHostService
+from kit.replica import fake_host_service
 
-import node.runtime.market_host as market_host
 from node.market.bidder import HostPolicy
 from node.market.message_fields import MarketKind
 from node.market.offer_messages import Requirements, Winner, decode_bid, sign_award, sign_offer
 from node.market.outcome_messages import decode_withdraw
-from node.runtime import segment_service as service_module
 from node.runtime.market_host import HostMarket
 from segments.vm.fake import FakeVmRuntime
 
@@ -30,16 +27,14 @@ POLICY = HostPolicy(vcpus=2, memory_mib=1024, disk_mib=10_000, replicas=2)
 
 
 def test_a_replica_that_fails_is_withdrawn_from_its_owner_and_counted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     image = SimpleNamespace(
         kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img", cmdline="", memory_mb=96
     )
-    monkeypatch.setattr(service_module, "load", lambda _store, _image_id: image)
-    monkeypatch.setattr(market_host, "load", lambda _store, _image_id: image)
     runtime = FakeVmRuntime("fake:///a", {})
     runtime.fail_next("start", "qemu died")
-    segments = FakeHostService(tmp_path, "a", runtime)  # type: ignore[arg-type]
+    segments = fake_host_service(tmp_path, "a", runtime, image)
     sent: list[tuple[Any, MarketKind, bytes]] = []
 
     async def send(target: Any, kind: MarketKind, blob: bytes) -> None:

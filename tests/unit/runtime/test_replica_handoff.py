@@ -26,14 +26,13 @@ from kit.replica import (
     VM,
     WAIT_S,
     ChainFake,
-    FakeHostService,
+    fake_host_service,
     log_steps,
     moved_of,
     threads,
     wait_until,
 )
 
-from node.runtime import segment_service as service_module
 from node.runtime.segment_service import (
     ReplicaOrder,
     SegmentError,
@@ -286,14 +285,13 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> 
 
 
 def test_the_service_hands_a_replica_off_and_adopts_it(
-    tmp_path: Path, pair: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pair: SimpleNamespace
 ) -> None:
     stub = SimpleNamespace(
         kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img", cmdline="", memory_mb=96
     )
-    monkeypatch.setattr(service_module, "load", lambda _store, _image_id: stub)
-    host_a = FakeHostService(tmp_path, "a", pair.a)
-    host_b = FakeHostService(tmp_path, "b", pair.b)
+    host_a = fake_host_service(tmp_path, "a", pair.a, stub)
+    host_b = fake_host_service(tmp_path, "b", pair.b, stub)
     outcome: dict[str, Any] = {}
 
     async def run_on(host: SegmentService, order: ReplicaOrder) -> None:
