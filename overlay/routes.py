@@ -83,6 +83,10 @@ class ApplyRoute:
 
 Effect = ApplyRoute
 
+# The membership broadcast topic whose payloads are route claims (the agent and the
+# simulator spread claims under it and hand what arrives under it to the table).
+ROUTE_TOPIC = "route"
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -44,11 +44,12 @@ from node.runtime.keystore import load_or_create
 from node.runtime.membership_driver import MembershipDriver
 from node.runtime.node_rpc import NodeRpc
 from node.runtime.own_record import OwnRecord
-from node.runtime.routing import ROUTE_TOPIC, RouteService
+from node.runtime.routing import RouteService
 from node.runtime.segment_service import SegmentService
 from node.runtime.state import State
 from node.runtime.transport import OVERLAY, UNDERLAY, Transport
 from overlay.addressing import node_address
+from overlay.routes import ROUTE_TOPIC
 from overlay.wireguard.backend import UapiBackend
 from overlay.wireguard.process import WireGuardGo, interface_name
 from overlay.wireguard.service import DATA_PLANE_PRIORITY, OverlayService

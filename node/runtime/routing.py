@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gleaner.routing")
 
-ROUTE_TOPIC = "route"
 HISTORY = 256  # route changes kept for `routes` (when each move reached this node)
 
 Spread = Callable[[bytes, bytes], Awaitable[None]]

@@ -59,10 +59,9 @@ from node.membership.events import (
 )
 from node.membership.swim import Membership
 from node.membership.table import MemberState, Roster
-from node.runtime.routing import ROUTE_TOPIC
 from node.sim.engine import Simulator
 from node.sim.network import Network, frame_size
-from overlay.routes import ApplyRoute, RouteTable
+from overlay.routes import ROUTE_TOPIC, ApplyRoute, RouteTable
 
 EPOCH = 1_800_000_000.0
 RECORD_LIFETIME_S = 10_000_000

@@ -48,6 +48,8 @@ IMPURE = frozenset(
 )
 # overlay/ and segments/ may use these rooms of node/, and these only.
 SHARED_ROOM = "node.base"
+# The simulator runs the same cores as the agent, never the agent's trio side.
+TRIO_SIDE = ("node.runtime", "node.cli", "node.testbed", "overlay.wireguard")
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,8 @@ def layering_violations(imports: Imports) -> list[str]:
                 found.append(f"{name} imports {target}: overlay/ and segments/ use only node.base")
             if name.startswith(SHARED_ROOM + ".") and in_node and not shared and target != "node":
                 found.append(f"{name} imports {target}: node.base imports nothing else of node/")
+            if name.startswith("node.sim.") and target.startswith(TRIO_SIDE):
+                found.append(f"{name} imports {target}: the simulator drives cores only")
     return found
 
 

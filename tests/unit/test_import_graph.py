@@ -5,8 +5,9 @@ every import it makes counts: at the top, inside a function, or behind
 TYPE_CHECKING. From that graph the test holds three rules:
 
 1. No import cycle, between modules or between the rooms (sub-packages) of node/.
-2. overlay/ and segments/ import nothing of node/ but node/base/, and node/base/
-   imports nothing else of node/.
+2. overlay/ and segments/ import nothing of node/ but node/base/, node/base/
+   imports nothing else of node/, and the simulator (node/sim) imports none of
+   the agent's trio side (node/runtime, cli, testbed, overlay/wireguard).
 3. A core is sans-IO. A module is a core when its package's ``__init__`` says
    ``SANS_IO = True`` (node/base, membership, market, ledger, policy, the top of
    overlay/) or, in a package that mixes cores and adapters, when the module
@@ -132,6 +133,13 @@ def test_overlay_reaching_past_node_base_is_refused() -> None:
     _, imports = small(**{"overlay.routes": "from node.runtime.agent import Agent"})
     assert layering_violations(imports) == [
         "overlay.routes imports node.runtime.agent: overlay/ and segments/ use only node.base"
+    ]
+
+
+def test_the_simulator_reaching_into_the_runtime_is_refused() -> None:
+    _, imports = small(**{"node.sim.swarm": "from node.runtime.agent import TOPIC"})
+    assert layering_violations(imports) == [
+        "node.sim.swarm imports node.runtime.agent: the simulator drives cores only"
     ]
 
 
