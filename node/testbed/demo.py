@@ -116,6 +116,8 @@ def _move_vm(console: Console, root: Path, described: list[dict[str, Any]]) -> N
         f"VM stand-in vm1 at {vm['address']} started on {path[0]}; "
         f"{prober_host['name']} probes it every 1 ms while it moves"
     )
+    stop_file = root / "stop-prober"
+    stop_file.unlink(missing_ok=True)  # a file left by an earlier demo would stop it at once
     prober = subprocess.Popen(
         netns.exec_command(
             prober_host["netns"],
@@ -127,7 +129,7 @@ def _move_vm(console: Console, root: Path, described: list[dict[str, Any]]) -> N
                 "--duration-s",
                 "60",
                 "--stop-file",
-                str(root / "stop-prober"),
+                str(stop_file),
             ],
         ),
         stdout=subprocess.PIPE,
@@ -143,7 +145,7 @@ def _move_vm(console: Console, root: Path, described: list[dict[str, Any]]) -> N
             table.add_row(
                 str(moved["epoch"]), source, destination, f"{moved['old_host_withdrawn_s']:.2f} s"
             )
-        (root / "stop-prober").touch()
+        stop_file.touch()
         result = json.loads(prober.communicate(timeout=120)[0])
     finally:
         if prober.poll() is None:
