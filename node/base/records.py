@@ -29,13 +29,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.base.identity import Identity, NodeId
-from node.base.signed import bin_field, key_field, open_statement, sign_payload
+from node.base.signed import bin_field, key_field, open_statement, sign_payload, uint_field
 from node.base.wire import RemoteProtocolError, verify_signature
 
 RECORD_CONTEXT = b"gleaner/record/v1\x00"
 MAX_ENDPOINTS = 8
 MAX_RECORD_BYTES = 2048
 WG_KEY_BYTES = 32
+# seq and expires are stored in SQLite, whose integers are signed 64-bit: a larger
+# one would pass the signature check and then fail the write (OverflowError).
+MAX_STORED_INT = 2**63 - 1
+MAX_VCPUS = 4096
+MAX_MEMORY_MB = 2**32  # 4 PiB
+MAX_BENCH_SCORE = 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +125,10 @@ def decode_record(blob: bytes) -> PeerRecord:
     caps = _get(fields, "caps", dict)
     capabilities = Capabilities(
         arch=_get(caps, "arch", str),
-        vcpus=_get(caps, "vcpus", int),
-        memory_mb=_get(caps, "memory_mb", int),
+        vcpus=uint_field(caps, "vcpus", what, high=MAX_VCPUS),
+        memory_mb=uint_field(caps, "memory_mb", what, high=MAX_MEMORY_MB),
         kvm=_get(caps, "kvm", bool),
-        bench_score=_get(caps, "bench_score", int),
+        bench_score=uint_field(caps, "bench_score", what, high=MAX_BENCH_SCORE),
     )
     return PeerRecord(
         node_id=node_id,
@@ -131,8 +137,8 @@ def decode_record(blob: bytes) -> PeerRecord:
         overlay_address=overlay,
         capabilities=capabilities,
         version=_get(fields, "version", str),
-        seq=_get(fields, "seq", int),
-        expires=_get(fields, "expires", int),
+        seq=uint_field(fields, "seq", what, high=MAX_STORED_INT),
+        expires=uint_field(fields, "expires", what, high=MAX_STORED_INT),
         wg_port=_wg_port(fields),
         signature=signature,
         blob=blob,

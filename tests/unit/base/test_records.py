@@ -1,8 +1,19 @@
+import sqlite3
+
 import msgpack
 import pytest
 
 from node.base.identity import Identity
-from node.base.records import Capabilities, RecordBook, decode_record, sign_record
+from node.base.records import (
+    MAX_STORED_INT,
+    MAX_VCPUS,
+    RECORD_CONTEXT,
+    Capabilities,
+    RecordBook,
+    decode_record,
+    sign_record,
+)
+from node.base.signed import sign_payload
 from node.base.wire import RemoteProtocolError
 
 NOW = 1_800_000_000
@@ -80,3 +91,43 @@ def test_book_refuses_expired_older_and_equivocating_records():
 def test_garbage_is_a_protocol_error(blob):
     with pytest.raises(RemoteProtocolError):
         decode_record(blob)
+
+
+def resigned(identity, **changes):
+    """A record of `identity` with some fields changed and signed again, as a stranger can."""
+    payload, _ = msgpack.unpackb(make(identity).blob)
+    fields = msgpack.unpackb(payload)
+    for name, value in changes.items():
+        if name in fields:
+            fields[name] = value
+        else:
+            fields["caps"][name] = value
+    return sign_payload(identity, RECORD_CONTEXT, fields)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"seq": MAX_STORED_INT + 1},
+        {"seq": 2**64 - 1},
+        {"expires": MAX_STORED_INT + 1},
+        {"seq": True},
+        {"vcpus": MAX_VCPUS + 1},
+        {"memory_mb": 2**40},
+        {"bench_score": -1},
+    ],
+)
+def test_a_signed_record_with_an_integer_out_of_range_is_refused(changes):
+    # seq = 2**63 passed the signature check and then ended the agent in SQLite
+    with pytest.raises(RemoteProtocolError):
+        decode_record(resigned(Identity.generate(), **changes))
+
+
+def test_the_largest_seq_and_expiry_a_record_may_carry_fit_the_state_database():
+    identity = Identity.generate()
+    record = decode_record(resigned(identity, seq=MAX_STORED_INT, expires=MAX_STORED_INT))
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE peers (seq INTEGER, expires INTEGER)")
+    db.execute("INSERT INTO peers VALUES (?, ?)", (record.seq, record.expires))
+    with pytest.raises(OverflowError):
+        db.execute("INSERT INTO peers VALUES (?, ?)", (MAX_STORED_INT + 1, 0))
