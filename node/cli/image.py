@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.runtime.config import default_state_dir
+from node.runtime.config import ConfigError, load
 from segments.image.store import DEFAULT_CACHE, Image, ImageError, build, list_images
 
 
@@ -28,7 +28,10 @@ def _describe(image: Image) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``image build RECIPE`` and ``image list``; for ``gleaner image`` and ``python -m``."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", type=Path, help="store folder (default: the state dir)")
+    common.add_argument(
+        "--store", type=Path, help="store folder (default: the agent's, from --config)"
+    )
+    common.add_argument("--config", type=Path, help="the agent's config file (for its store)")
     common.add_argument("--json", action="store_true", help="print JSON")
     parser = argparse.ArgumentParser(prog="gleaner image", description="guest images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,14 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_cmd.add_argument("--cache", type=Path, help=f"package cache (default {DEFAULT_CACHE})")
     sub.add_parser("list", parents=[common], help="the images in the store")
     args = parser.parse_args(argv)
-    if args.store is None:
-        args.store = Path(default_state_dir())
     try:
+        if args.store is None:
+            args.store = load(args.config).image_store  # where the agent looks for images
         if args.command == "build":
             images = [build(args.recipe, args.store, args.cache)]
         else:
             images = list_images(args.store)
-    except ImageError as exc:
+    except (ImageError, ConfigError) as exc:
         print(f"gleaner image: {exc}", file=sys.stderr)
         return 1
     for image in images:

@@ -28,7 +28,6 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
 
@@ -67,7 +66,7 @@ class Agent:
         self.identity = identity
         self.state = state
         self.swarm_id: str = config["node.swarm_id"]
-        self.image_store = Path(config["vm.image_store"] or config.state_dir / "images")
+        self.image_store = config.image_store
         self.overlay_address = node_address(self.swarm_id, identity.node_id.key)
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()

@@ -201,6 +201,12 @@ class Config:
         return Path(self.values["node.state_dir"])
 
     @property
+    def image_store(self) -> Path:
+        """Where this node's guest images are: ``vm.image_store``, else <state_dir>/images."""
+        explicit = self.values["vm.image_store"]
+        return Path(explicit) if explicit else self.state_dir / "images"
+
+    @property
     def control_socket(self) -> Path:
         explicit = self.values["control.socket"]
         return Path(explicit) if explicit else self.state_dir / "control.sock"

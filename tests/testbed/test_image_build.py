@@ -10,6 +10,7 @@ killed by PID on every path.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import socket
@@ -110,6 +111,26 @@ def test_store_load_and_list(built, tmp_path):
         load(tmp_path, first.id)
     with pytest.raises(ImageError, match="not an image id"):
         load(store, "../etc")
+
+
+@needs_apt
+def test_gleaner_image_build_without_a_store_builds_where_the_agent_looks(
+    built, package_cache, tmp_path, capsys
+):
+    # it used to write to <state>/images/ID while the agent read <state>/images/images/ID
+    from node.cli.image import main as image_main
+    from node.runtime import config
+
+    state_dir = tmp_path / "state"
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(f'[node]\nstate_dir = "{state_dir}"\n')
+    argv = ["build", str(DEMO_RECIPE), "--config", str(agent_toml), "--cache", str(package_cache)]
+    assert image_main([*argv, "--json"]) == 0
+    built_id = json.loads(capsys.readouterr().out)["id"]
+    assert built_id == built[0].id
+    assert load(config.load(agent_toml).image_store, built_id).id == built_id
+    assert image_main(["list", "--config", str(agent_toml), "--json"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [built_id]
 
 
 @needs_apt

@@ -16,6 +16,12 @@ def test_defaults_are_valid():
     assert loaded.control_socket == loaded.state_dir / "control.sock"
 
 
+def test_the_image_store_is_the_state_dirs_unless_named(tmp_path):
+    assert config.load(None).image_store == config.load(None).state_dir / "images"
+    named = load_text(tmp_path, f'[vm]\nimage_store = "{tmp_path / "imgs"}"\n')
+    assert named.image_store == tmp_path / "imgs"
+
+
 def test_a_full_file_is_read(tmp_path):
     loaded = load_text(
         tmp_path,
