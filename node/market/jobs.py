@@ -304,7 +304,8 @@ OwnerEvent = (
 
 @dataclass(frozen=True, slots=True)
 class VerifyCompletion:
-    """Fetch ``manifest`` from ``node``, restore it, check the guest moved on from ``base``."""
+    """Fetch ``manifest`` from ``node``, restore it, check the guest moved on from ``base``
+    (and, if the completion says ``halted``, that the guest powered off)."""
 
     job_id: bytes
     segment: int
@@ -312,6 +313,7 @@ class VerifyCompletion:
     manifest: bytes
     progress: bytes
     base: bytes | None
+    halted: bool
 
 
 @dataclass(frozen=True, slots=True)

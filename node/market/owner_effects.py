@@ -178,12 +178,10 @@ class JobOwner:
         self.keep_history = keep_history
         self.machines: dict[bytes, SegmentMachine] = {}
         self.finished: set[bytes] = set()
-        self.halted: dict[bytes, dict[bytes, bool]] = {}  # job -> manifest -> guest powered off
 
     def add(self, machine: SegmentMachine, *, finished: bool = False) -> None:
         job_id = machine.spec.job_id
         self.machines[job_id] = machine
-        self.halted[job_id] = {}
         if finished:
             self.finished.add(job_id)
 
@@ -200,7 +198,7 @@ class JobOwner:
             return FrameRefused.MALFORMED
         if job_id not in self.machines:
             return FrameRefused.UNKNOWN_JOB
-        event = _EVENTS.get(kind)
+        event = _EVENTS.get(kind) if type(kind) is int or isinstance(kind, MarketKind) else None
         if event is None:
             return FrameRefused.UNEXPECTED
         return job_id, event(blob)
@@ -233,7 +231,6 @@ class JobOwner:
             row = _row(job_id, "withdrawn", machine.segment, None, sender)
         else:
             completion = decode_completion(event.blob)
-            self.halted[job_id][completion.manifest] = completion.halted
             ref = completion.ref
             row = _row(
                 job_id,

@@ -170,6 +170,7 @@ class SegmentActions:
                 completion.manifest,
                 completion.progress,
                 round_.offer.checkpoint,
+                completion.halted,
             )
         )
 

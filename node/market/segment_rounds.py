@@ -40,6 +40,18 @@ class MachineConfig:
             raise ValueError(f"need 1 <= min_holders <= {MAX_HOLDERS}, replicate_retry_s > 0")
 
 
+def machine_config(swarm_id: str, bid_window_s: float, run_grace_s: float) -> MachineConfig:
+    """The settings a job owner runs its machines with, from its two market settings
+    (the agent's ``market.*`` config, the simulator's world): one place for both."""
+    return MachineConfig(
+        swarm_id,
+        auction=AuctionConfig(bid_window_s=bid_window_s),
+        reoffer_s=max(bid_window_s, 1.0),
+        run_grace_s=run_grace_s,
+        replicate_retry_s=30.0,
+    )
+
+
 @dataclass(slots=True)
 class Replica:
     node: NodeId

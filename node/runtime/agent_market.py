@@ -23,12 +23,13 @@ from node.base.wire import Envelope, MessageType
 from node.ledger.payee import PayeeConfig
 from node.market.bidder import HostPolicy
 from node.market.message_fields import MarketKind
+from node.market.segment_rounds import machine_config
 from node.runtime.config import Config, policy_config
 from node.runtime.control import RpcTable
 from node.runtime.host_probe import HostProbe
 from node.runtime.ledger_service import LedgerService
 from node.runtime.market_host import HostMarket
-from node.runtime.market_owner import OwnerMarket, machine_config
+from node.runtime.market_owner import OwnerMarket
 from node.runtime.market_rpc import MarketRpc
 from node.runtime.policy_service import PolicyService
 from node.runtime.routing import RouteService

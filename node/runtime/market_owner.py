@@ -41,7 +41,6 @@ import trio
 
 from node.base.identity import Identity, NodeId
 from node.base.wire import LocalProtocolError
-from node.market.auction import AuctionConfig
 from node.market.job_records import (
     JobRecordError,
     decode_history,
@@ -81,7 +80,7 @@ from node.market.segment_rounds import MachineConfig
 from node.runtime.segment_service import SegmentError, SegmentService, VerifierUnavailable
 from node.runtime.state import State
 from overlay.addressing import vm_address
-from segments.image.store import ImageError, load
+from segments.image.store import ImageError
 from segments.store.transfer import FetchError, fetch, fetch_manifest
 
 log = logging.getLogger("gleaner.jobs")
@@ -196,7 +195,9 @@ class OwnerMarket:
         """Persist a new job, then start offering its first segment."""
         spec.check_submittable(time.time())
         try:  # the owner restores every completion to verify it: it needs the image
-            await trio.to_thread.run_sync(load, self.segments.image_store, spec.image)
+            await trio.to_thread.run_sync(
+                self.segments.load_image, self.segments.image_store, spec.image
+            )
         except ImageError as exc:
             raise JobSpecError(f"image: {exc}") from None
         submitted = time.time()
@@ -292,7 +293,7 @@ class OwnerMarket:
                     manifest,
                     effect.progress,
                     effect.base,
-                    self.core.halted[job_id].get(effect.manifest, False),
+                    effect.halted,
                     self.verify_timeout_s,
                 )
                 ok, reason = verdict.ok, verdict.reason
@@ -463,13 +464,3 @@ def spec_from_request(owner: Identity, data: dict[str, Any], now: float) -> JobS
     data = dict(data)
     data.setdefault("deadline", int(now) + 86400)
     return JobSpec.from_mapping(owner.node_id, os.urandom(16), data)
-
-
-def machine_config(swarm_id: str, bid_window_s: float, run_grace_s: float) -> MachineConfig:
-    return MachineConfig(
-        swarm_id,
-        auction=AuctionConfig(bid_window_s=bid_window_s),
-        reoffer_s=max(bid_window_s, 1.0),
-        run_grace_s=run_grace_s,
-        replicate_retry_s=30.0,
-    )

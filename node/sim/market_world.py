@@ -60,13 +60,12 @@ from typing import Any
 from node.base.identity import Identity, NodeId
 from node.ledger.payee import PayeeConfig, PayeeLedger
 from node.ledger.payer import PayerLedger
-from node.market.auction import AuctionConfig
 from node.market.bidder import HostPolicy
 from node.market.jobs import JobSpec
 from node.market.owner_effects import JobOwner
 from node.market.reputation import Reputation
 from node.market.segment_machine import SegmentMachine
-from node.market.segment_rounds import MachineConfig
+from node.market.segment_rounds import machine_config
 from node.sim.availability import HostAvailability, IntervalIndex
 from node.sim.engine import Simulator
 from node.sim.market_hosts import HostSide
@@ -216,13 +215,7 @@ def _create_jobs(
     rng: random.Random,
     accounts: MarketAccounts,
 ) -> None:
-    machine_config = MachineConfig(  # as node.runtime.market_owner.machine_config builds it
-        "sim",
-        auction=AuctionConfig(bid_window_s=c.bid_window_s),
-        reoffer_s=max(c.bid_window_s, 1.0),
-        run_grace_s=c.run_grace_s,
-        replicate_retry_s=30.0,
-    )
+    config = machine_config("sim", c.bid_window_s, c.run_grace_s)
     for owner, count in zip(owners, c.jobs_per_owner, strict=True):
         reputation = Reputation()
         for _ in range(count):
@@ -238,6 +231,6 @@ def _create_jobs(
                 ceiling=c.ceiling,
                 deadline=int(EPOCH + c.horizon_s),
             )
-            machine = SegmentMachine(owner.identity, spec, machine_config, reputation, rng)
+            machine = SegmentMachine(owner.identity, spec, config, reputation, rng)
             owner.core.add(machine)
             accounts.machines[spec.job_id] = machine

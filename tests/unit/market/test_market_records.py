@@ -182,7 +182,8 @@ def test_forged_and_unknown_ledger_frames_are_counted_not_fatal(tmp_path):
 
 
 def test_an_unreadable_stored_job_is_skipped_counted_and_kept(tmp_path):
-    from node.runtime.market_owner import OwnerMarket, machine_config
+    from node.market.segment_rounds import machine_config
+    from node.runtime.market_owner import OwnerMarket
     from node.runtime.segment_service import SegmentService
 
     state = State(tmp_path / "state.db")
@@ -226,7 +227,8 @@ def test_a_verifier_failure_of_our_own_is_retried_not_blamed_on_the_replica(tmp_
     from types import SimpleNamespace
 
     from node.market.jobs import VerifyCompletion
-    from node.runtime.market_owner import VERIFY_TRIES, OwnerMarket, machine_config
+    from node.market.segment_rounds import machine_config
+    from node.runtime.market_owner import VERIFY_TRIES, OwnerMarket
     from node.runtime.segment_service import VerifierUnavailable
 
     state = State(tmp_path / "state.db")
@@ -259,7 +261,7 @@ def test_a_verifier_failure_of_our_own_is_retried_not_blamed_on_the_replica(tmp_
             return object()
 
         owner._fetch_checkpoint = fetched  # type: ignore[method-assign]
-        effect = VerifyCompletion(job.job_id, 0, HOST.node_id, b"m" * 32, b"p" * 32, None)
+        effect = VerifyCompletion(job.job_id, 0, HOST.node_id, b"m" * 32, b"p" * 32, None, False)
         await owner._verify(job.job_id, effect)
         return owner, [r["what"] for r in owner.jobs[job.job_id].history]
 
