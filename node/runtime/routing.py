@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,12 +37,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("gleaner.routing")
 
 HISTORY = 256  # route changes kept for `routes` (when each move reached this node)
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
+
+
+def is_interface_name(name: object) -> bool:
+    return isinstance(name, str) and bool(IFNAME.fullmatch(name)) and name not in (".", "..")
+
 
 Spread = Callable[[bytes, bytes], Awaitable[None]]
 
 
 class RoutingError(Exception):
     """A local routing request could not be carried out."""
+
+
+def check_route_target(device: str, gateway: str | None) -> None:
+    """RoutingError unless `device` is an interface name and `gateway` an IPv6 address."""
+    if not is_interface_name(device):
+        raise RoutingError(f"device {device!r:.40} is not an interface name")
+    if gateway:
+        try:
+            ipaddress.IPv6Address(gateway)
+        except (ValueError, TypeError):
+            raise RoutingError(f"gateway {gateway!r:.60} is not an IPv6 address") from None
 
 
 class RouteService:
@@ -80,6 +98,7 @@ class RouteService:
 
     async def attach(self, grant_blob: bytes, device: str, gateway: str | None) -> dict[str, Any]:
         """Route a local VM address to `device` (via `gateway`, or on-link) and claim it."""
+        check_route_target(device, gateway)
         try:
             grant = decode_grant(grant_blob)
         except RemoteProtocolError as exc:
@@ -116,6 +135,7 @@ class RouteService:
         For a live migration: the destination's tap exists before the guest runs
         here; routing it now leaves only the claim for the switch-over.
         """
+        check_route_target(device, gateway)
         try:
             address = decode_grant(grant_blob).vm_address
         except RemoteProtocolError as exc:

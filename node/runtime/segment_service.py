@@ -39,6 +39,7 @@ from node.base.records import parse_endpoint
 from node.base.wire import RemoteProtocolError
 from node.market.jobs import JobSpec
 from node.runtime.guest_address import guest_cmdline
+from node.runtime.routing import is_interface_name
 from segments.image.store import Image, ImageError
 from segments.store.blocks import BlockStore, BlockStoreError
 from segments.store.manifest import Manifest, decode_manifest
@@ -67,7 +68,6 @@ MIGRATION_TIMEOUT_S = 300.0  # migrate_replica's wait for the outcome
 MIGRATION_POLL_S = 0.05
 DESTINATION_KEYS = frozenset({"kernel", "initrd", "serial_log", "tap"})
 MAX_PATH_CHARS = 4096
-TAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
 
 
 def market_vm_name(job_id: bytes) -> str:
@@ -472,9 +472,7 @@ def parse_destination_spec(vm_name: str, fields: Any) -> VmSpec:
         raise ValueError(f"a destination spec's keys: missing {missing}; unknown {extra}")
     paths = {key: _absolute_path(fields[key], key) for key in ("kernel", "initrd", "serial_log")}
     tap = fields["tap"]
-    if tap is not None and (
-        not isinstance(tap, str) or not TAP_NAME.fullmatch(tap) or tap in (".", "..")
-    ):
+    if tap is not None and not is_interface_name(tap):
         raise ValueError(f"destination 'tap' must be an interface name or None, not {tap!r:.40}")
     return VmSpec(
         name=vm_name,

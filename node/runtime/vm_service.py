@@ -18,6 +18,7 @@ withdraws after its linger (its tap is already gone).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import trio
 
 from node.base.wire import RemoteProtocolError
 from node.runtime.guest_address import GuestAddressError, configure_tap, guest_cmdline
-from node.runtime.routing import RouteService, RoutingError
+from node.runtime.routing import RouteService, RoutingError, is_interface_name
 from overlay.claims import decode_grant
 from segments.image.store import ImageError, load
 from segments.vm.runtime import LibvirtRuntime, VmError, VmSpec, VmState
@@ -35,6 +36,7 @@ log = logging.getLogger("gleaner.vms")
 
 ARRIVAL_POLL_S = 0.005
 ARRIVAL_TIMEOUT_S = 120.0
+VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a libvirt name and a file name
 
 
 class VmServiceError(Exception):
@@ -56,7 +58,7 @@ class VmService:
         Every parameter is checked before anything is booted; if routing or
         claiming then fails, the VM is destroyed again: nothing is left half done.
         """
-        name, tap = _text(params, "name"), _text(params, "tap")
+        name, tap = _vm_name(params), _tap(params)
         grant_blob = _grant(params)
         try:
             address = str(decode_grant(grant_blob).vm_address)
@@ -104,7 +106,7 @@ class VmService:
 
     async def migrate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Live-migrate a VM of this host to another host's libvirt."""
-        name = _text(params, "name")
+        name = _vm_name(params)
 
         def move() -> Any:
             with LibvirtRuntime(self.libvirt_uri) as runtime:
@@ -125,7 +127,7 @@ class VmService:
 
     async def expect(self, params: dict[str, Any]) -> dict[str, Any]:
         """Wait for a VM migrating here to run, then route and claim its address at once."""
-        name, tap = _text(params, "name"), _text(params, "tap")
+        name, tap = _vm_name(params), _tap(params)
         grant = _grant(params)
         deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         prepared = False
@@ -176,6 +178,21 @@ def _grant(params: dict[str, Any]) -> bytes:
     if not isinstance(grant, bytes):
         raise VmServiceError("parameter 'grant' must be the owner's signed grant (bytes)")
     return grant
+
+
+def _vm_name(params: dict[str, Any]) -> str:
+    """The VM's libvirt name; it also names its serial log under the work dir."""
+    name = _text(params, "name")
+    if not VM_NAME.fullmatch(name):
+        raise VmServiceError(f"parameter 'name' must match {VM_NAME.pattern}, not {name!r:.40}")
+    return name
+
+
+def _tap(params: dict[str, Any]) -> str:
+    tap = _text(params, "tap")
+    if not is_interface_name(tap):
+        raise VmServiceError(f"parameter 'tap' must be an interface name, not {tap!r:.40}")
+    return tap
 
 
 def _text(params: dict[str, Any], name: str) -> str:

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -189,6 +190,7 @@ BAD_REQUESTS = [
     ("segment_run", {"job": "j", "segment": "zero", "image_id": "i"}),
     ("segment_run", {"job": "j", "segment": 0, "image_id": "0" * 64, "checkpoint": b"zz"}),
     ("vm_start", {"name": 5, "tap": "t", "grant": b"g"}),
+    ("vm_expect", {"name": "x", "tap": "t\x00"}),
     ("no_such_method", {}),
 ]
 
@@ -203,5 +205,35 @@ def test_bad_control_requests_get_one_clear_error_and_the_agent_stays_up(
     with pytest.raises(ControlError) as info:
         call(root_agent.socket, method, params)
     assert "\n" not in str(info.value) and str(info.value)
+    assert not str(info.value).startswith("internal error"), str(info.value)[:200]
     assert root_agent.status()["node_id"]
     assert root_agent.process is not None and root_agent.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("device", "gateway", "named"),
+    [("a\x00b", "", "device"), ("x" * 16, "", "device"), ("d", "g" * 3_000_000, "gateway")],
+)
+def test_a_route_request_with_a_bad_device_or_gateway_is_refused_before_ip_runs(
+    root_agent: AgentProcess, device, gateway, named
+):
+    # with a grant good for this node these reached `ip -6 route` (a NUL byte, a 3 MB
+    # argument) and came back as "internal error", with a traceback in the log
+    from node.base.identity import Identity, NodeId
+    from node.runtime.control import ControlError, call
+    from overlay.claims import sign_grant
+
+    status = root_agent.start()
+    grant = sign_grant(
+        Identity.generate(),
+        swarm_id=status["swarm_id"],
+        job_nonce=b"n" * 16,
+        node_id=NodeId.parse(status["node_id"]),
+        epoch=1,
+        expires=int(time.time()) + 600,
+    )
+    params = {"grant": grant.blob, "device": device, "gateway": gateway}
+    with pytest.raises(ControlError) as info:
+        call(root_agent.socket, "vm_attach", params)
+    assert str(info.value).startswith(named), str(info.value)[:200]
+    assert root_agent.status()["node_id"]
