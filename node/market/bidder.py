@@ -25,8 +25,9 @@ it never promises more than it has, even with many offers in flight at once.
 
 *Declining.* No bid when draining, on another arch, without KVM for an offer
 that wants it, when the caps would be exceeded, when the price floor is
-above the ceiling, or for the live move of a guest running here (its
-``source`` is us); each counted as ``declined_<why>``.
+above the ceiling, for the live move of a guest running here (its
+``source`` is us), or when the offer's bids close more than ``max_bid_wait_s``
+ahead (a bid holds capacity until then); each counted as ``declined_<why>``.
 
 *Live hand-off.* ``HandOffRequested`` sends the owner a live WITHDRAW for a
 running replica, which keeps its reservation until ``ReplicaHandedOff`` (the
@@ -118,10 +119,15 @@ class BidderConfig:
     resend_s: float = 5.0
     max_resend_s: float = 120.0
     hold_s: float = 3600.0
+    # An offer whose bids close further ahead than this is declined ("deadline_far"):
+    # a bid holds capacity until its deadline, so one far off would hold it for ever.
+    max_bid_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         if min(self.award_grace_s, self.hold_s) < 0 or not 0 < self.resend_s <= self.max_resend_s:
             raise ValueError("need grace and hold >= 0, 0 < resend_s <= max_resend_s")
+        if self.max_bid_wait_s <= 0:
+            raise ValueError("need max_bid_wait_s > 0")
 
 
 # -- events ----------------------------------------------------------------------------
@@ -392,6 +398,8 @@ class Bidder:
         policy, need, free = self.policy, offer.requirements, self.free()
         if now > offer.bid_deadline:
             return "late"
+        if offer.bid_deadline > now + self.config.max_bid_wait_s:
+            return "deadline_far"
         if policy.draining:
             return "draining"
         if offer.source == self._id:

@@ -66,6 +66,7 @@ from node.market.messages import BroadcastOffer, SendStatement
 from node.market.offer_messages import (
     MAX_ARCH_CHARS,
     MAX_ARGS_CHARS,
+    MAX_EXTENT_S,
     MAX_IMAGE_CHARS,
     MAX_MEMORY_MIB,
     MAX_VCPUS,
@@ -115,7 +116,7 @@ class JobSpec:
             "a guest kernel needs at least that",
         )
         _integer(self.vcpus, "vcpus", 1, MAX_VCPUS)
-        _integer(self.extent_s, "extent_s", 1, 2**32, "a segment must run for some time")
+        _integer(self.extent_s, "extent_s", 1, MAX_EXTENT_S, "a segment must run for some time")
         if self.segments is not None:
             _integer(self.segments, "segments", 1, 2**32, "or None to run until power-off")
         _integer(self.k, "k", 1, MAX_K, "k replicas run each segment")

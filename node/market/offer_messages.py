@@ -51,6 +51,12 @@ MAX_ARGS_CHARS = 512  # the job's kernel command-line additions
 MIN_MEMORY_MIB = 72  # below this no guest kernel boots
 MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 256
+# A segment's extent, in guest vCPU-seconds (a job spec allows the same): a larger one
+# would make a host's finish estimate overflow the bid's uint64 when it signs its bid.
+MAX_EXTENT_S = 2**32
+# A checkpoint is at most a full manifest: 2 Mi blocks of at most 1 MiB.
+MAX_CHECKPOINT_BYTES = 2**41
+MAX_UNIX_S = 2**63 - 1  # deadlines are Unix seconds, stored as SQLite integers
 MAX_OFFER_BYTES = 2048 + MAX_ARGS_CHARS
 MAX_BID_BYTES = 1024
 MAX_AWARD_BYTES = 2048 + MAX_K * 1024
@@ -229,15 +235,15 @@ def decode_offer(blob: bytes) -> Offer:
             kvm=bool_field(fields, "kvm", what),
             network=bool_field(fields, "network", what),
         ),
-        extent_s=uint_field(fields, "extent", what, 1),
+        extent_s=uint_field(fields, "extent", what, 1, MAX_EXTENT_S),
         checkpoint=None
         if checkpoint is None
         else bin_field(fields, "checkpoint", what, DIGEST_BYTES),
-        checkpoint_size=uint_field(fields, "size", what),
+        checkpoint_size=uint_field(fields, "size", what, 0, MAX_CHECKPOINT_BYTES),
         holders=keys_field(fields, "holders", what, 0, MAX_HOLDERS),
         k=uint_field(fields, "k", what, 1, MAX_K),
         ceiling=uint_field(fields, "ceiling", what, 1, MAX_UNITS),
-        bid_deadline=uint_field(fields, "deadline", what),
+        bid_deadline=uint_field(fields, "deadline", what, 0, MAX_UNIX_S),
         args=optional_text(fields, "args", what, MAX_ARGS_CHARS),
         source=None if fields.get("source") is None else key_field(fields, "source", what),
         blob=blob,

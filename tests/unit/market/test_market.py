@@ -128,6 +128,7 @@ def offer_fields(**over: Any) -> dict[str, Any]:
         "segment": 0,
         "attempt": 1,
         "image": "tiny",
+        "args": "",
         "memory": 96,
         "vcpus": 1,
         "arch": "x86_64",
@@ -222,6 +223,11 @@ def test_an_offer_for_someone_elses_job_id_is_refused():
     assert refused(decode_offer, blob) is MarketRefusal.JOB_MISMATCH  # the stranger's key, our job
 
 
+def test_the_offer_fields_the_refusal_cases_start_from_are_a_valid_offer():
+    # without it every refusal case below passed for one missing field ("args")
+    assert decode_offer(signed(OWNER, OFFER_CONTEXT, offer_fields())).extent_s == 100
+
+
 @pytest.mark.parametrize(
     "over",
     [
@@ -242,6 +248,11 @@ def test_an_offer_for_someone_elses_job_id_is_refused():
         {"holders": [H1.node_id.key] * (MAX_HOLDERS + 1)},
         {"nonce": b"short"},
         {"deadline": -1},
+        # validly signed, but past what a host can act on (the estimate overflowed a bid)
+        {"extent": 2**32 + 1},
+        {"extent": 2**64 - 1},
+        {"size": 2**41 + 1},
+        {"deadline": 2**63},
     ],
 )
 def test_malformed_offers_are_refused(over):
@@ -520,12 +531,28 @@ def test_estimate_scales_with_speed_and_vcpus():
         ({"replicas": 0}, {}, "capacity"),
         ({"disk_mib": 100}, {}, "disk"),
         ({}, {"bid_deadline": NOW - 1}, "late"),
+        ({}, {"bid_deadline": NOW + 601}, "deadline_far"),
     ],
 )
 def test_bidder_declines(over, offer_over, why):
     b = bidder(**over)
     assert b.handle(OfferReceived(make_offer(**offer_over).blob), NOW) == []
     assert b.statistics()[f"declined_{why}"] == 1
+
+
+def test_the_largest_offer_a_host_takes_still_gets_a_signed_bid():
+    # extent 2**64 - 1 made the finish estimate unencodable: handle raised out of the agent
+    offer = make_offer(extent_s=2**32, checkpoint_size=2**41, requirements=Requirements(96, 1))
+    b = bidder(cpu_share=0.01, bench_score=1, disk_mib=2**22)
+    [blob] = sent(b.handle(OfferReceived(offer.blob), NOW), MarketKind.BID)
+    assert decode_bid(blob).finish_s == estimate_finish_s(offer, b.policy, 0)
+
+
+def test_a_declined_far_deadline_holds_no_capacity():
+    b = bidder()
+    for attempt in (1, 2, 3):
+        b.handle(OfferReceived(make_offer(attempt=attempt, bid_deadline=2**62).blob), NOW)
+    assert b.free().slots == 2 and b.statistics()["declined_deadline_far"] == 3
 
 
 def test_bidder_runs_an_award_and_reports_completion_until_committed():
