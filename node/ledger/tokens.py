@@ -76,6 +76,11 @@ CHAIN_ID_BYTES = 16
 JOB_ID_BYTES = 32
 MAX_CHAIN_LENGTH = 1 << 20
 MAX_UNITS = 4096  # per payment: bounds the hashing a payee does for one message
+# What one unit is worth. A payee adds up units * unit value over its chains, and
+# the control socket reports the sums as msgpack integers: with at most 2**20 units
+# a chain, a 2**32 unit keeps every chain's worth below 2**52.
+MAX_UNIT_VALUE = 2**32
+MAX_UNIX_S = 2**63 - 1
 CHECKPOINT_EVERY = 64
 MAX_COMMITMENT_BYTES = 1024
 MAX_PAYMENT_BYTES = 2048
@@ -297,9 +302,9 @@ def decode_commitment(blob: bytes) -> Commitment:
         payee=key_field(fields, "payee", what),
         top=bin_field(fields, "top", what, TOKEN_BYTES),
         length=uint_field(fields, "length", what, 1, MAX_CHAIN_LENGTH),
-        unit_value=uint_field(fields, "unit", what),
+        unit_value=uint_field(fields, "unit", what, 1, MAX_UNIT_VALUE),
         issuer=issuer,
-        expires=uint_field(fields, "expires", what),
+        expires=uint_field(fields, "expires", what, 0, MAX_UNIX_S),
         signature=signature,
         blob=blob,
     )

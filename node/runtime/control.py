@@ -126,11 +126,21 @@ class ControlServer:
                     payload = await _receive(stream)
                     if payload is None:
                         return
-                    await stream.send_all(_encode(await self._answer(_decode(payload))))
+                    await stream.send_all(self._encode_reply(await self._answer(_decode(payload))))
             except RemoteProtocolError:
                 self.bad_requests += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+    def _encode_reply(self, reply: dict[str, Any]) -> bytes:
+        """The reply's frame; one that msgpack cannot carry (an integer past 64 bits, an
+        object) becomes an internal error for that request, not the end of the server."""
+        try:
+            return _encode(reply)
+        except (OverflowError, TypeError, ValueError) as exc:
+            self.internal_errors += 1
+            log.error("control reply %r cannot be encoded: %r", reply.get("id"), exc)
+            return _encode({"id": reply.get("id"), "error": f"internal error: reply: {exc!r}"})
 
     async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         request_id = request.get("id")

@@ -322,6 +322,17 @@ def test_forged_commitments_are_refused(blob, reason):
     assert payee.chains() == []
 
 
+@pytest.mark.parametrize("over", [{"unit": 2**32 + 1}, {"unit": 2**64 - 1}, {"expires": 2**63}])
+def test_a_validly_signed_commitment_with_a_value_past_its_bound_is_malformed(over):
+    # a self-issued unit of 2**64 - 1 made the payee's balance too large for the control
+    # socket's reply, and the unencodable reply stopped the control server
+    chain, _ = chain_and_commitment()
+    blob = signed(OWNER, COMMITMENT_CONTEXT, _commitment_fields(chain, **over))
+    payee = payee_ledger()
+    assert reasons(payee.handle(CommitmentReceived(blob), NOW)) == [TokenRefusal.MALFORMED]
+    assert payee.chains() == []
+
+
 def test_a_second_commitment_for_a_known_chain_id_is_refused():
     chain, commitment = chain_and_commitment()
     payee = payee_ledger()
