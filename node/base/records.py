@@ -39,8 +39,8 @@ WG_KEY_BYTES = 32
 # seq and expires are stored in SQLite, whose integers are signed 64-bit: a larger
 # one would pass the signature check and then fail the write (OverflowError).
 MAX_STORED_INT = 2**63 - 1
-MAX_VCPUS = 4096
-MAX_MEMORY_MB = 2**32  # 4 PiB
+MAX_HOST_VCPUS = 4096  # a host, not a guest (offers allow a guest far fewer)
+MAX_HOST_MEMORY_MB = 2**32  # 4 PiB
 MAX_BENCH_SCORE = 2**32
 
 
@@ -125,8 +125,8 @@ def decode_record(blob: bytes) -> PeerRecord:
     caps = _get(fields, "caps", dict)
     capabilities = Capabilities(
         arch=_get(caps, "arch", str),
-        vcpus=uint_field(caps, "vcpus", what, high=MAX_VCPUS),
-        memory_mb=uint_field(caps, "memory_mb", what, high=MAX_MEMORY_MB),
+        vcpus=uint_field(caps, "vcpus", what, high=MAX_HOST_VCPUS),
+        memory_mb=uint_field(caps, "memory_mb", what, high=MAX_HOST_MEMORY_MB),
         kvm=_get(caps, "kvm", bool),
         bench_score=uint_field(caps, "bench_score", what, high=MAX_BENCH_SCORE),
     )
@@ -162,10 +162,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 
 def _wg_port(fields: dict[str, Any]) -> int:
-    port: int = _get(fields, "wg_port", int)
-    if not 0 < port < 65536:
-        raise RemoteProtocolError("peer record wg_port out of range")
-    return port
+    return uint_field(fields, "wg_port", "peer record", 1, 65535)
 
 
 def _is_endpoint(value: Any) -> bool:

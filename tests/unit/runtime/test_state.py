@@ -3,6 +3,8 @@ import stat
 
 import pytest
 
+from node.base.identity import Identity
+from node.base.records import MAX_STORED_INT, Capabilities, decode_record, sign_record
 from node.runtime.state import SCHEMA_VERSION, State, StateError
 
 
@@ -79,4 +81,26 @@ def test_version_one_database_is_migrated(tmp_path):
     assert state.schema_version == SCHEMA_VERSION
     assert state.counter("record_seq") == 7
     assert state.route_claims() == []
+    state.close()
+
+
+def test_the_largest_seq_and_expiry_a_record_may_carry_fit_the_state_database(tmp_path):
+    # decode_record refuses anything past MAX_STORED_INT: seq = 2**63 used to pass the
+    # signature check and then end the agent here, in save_peer
+    state = State(tmp_path / "state.db")
+    record = decode_record(
+        sign_record(
+            Identity.generate(),
+            endpoints=("198.51.100.10:7946",),
+            overlay_address="",
+            capabilities=Capabilities(),
+            version="0.1.0",
+            seq=MAX_STORED_INT,
+            expires=MAX_STORED_INT,
+        ).blob
+    )
+    state.save_peer(record.node_id.key, record.seq, record.expires, record.blob)
+    assert state.peer_records() == [record.blob]
+    with pytest.raises(OverflowError):
+        state.save_peer(b"y" * 32, MAX_STORED_INT + 1, 0, b"r")
     state.close()
