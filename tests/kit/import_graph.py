@@ -223,7 +223,7 @@ def layering_violations(imports: Imports) -> list[str]:
     return found
 
 
-def _says_sans_io(module: Module) -> bool:
+def says_sans_io(module: Module) -> bool:
     for statement in module.tree.body:
         if (
             isinstance(statement, ast.Assign)
@@ -237,23 +237,27 @@ def _says_sans_io(module: Module) -> bool:
 
 def find_cores(modules: Mapping[str, Module]) -> list[str]:
     """Modules whose package says SANS_IO (its direct modules), or that say it themselves."""
-    pure_packages = {m.name for m in modules.values() if m.is_package and _says_sans_io(m)}
+    pure_packages = {m.name for m in modules.values() if m.is_package and says_sans_io(m)}
     return sorted(
         name
         for name, module in modules.items()
-        if not module.is_package and (_says_sans_io(module) or module.package in pure_packages)
+        if not module.is_package and (says_sans_io(module) or module.package in pure_packages)
     )
 
 
 def impurity(core: str, imports: Imports) -> dict[str, list[str]]:
-    """What impure module each module of ours that `core` reaches imports: {module: [names]}."""
+    """What impure module each module of ours that `core` reaches imports: {module: [names]}.
+
+    Importing a module runs its packages' ``__init__`` first, so they count as reached.
+    """
     seen, todo, found = {core}, [core], {}
     while todo:
         name = todo.pop()
         bad = sorted(imports.theirs[name] & IMPURE)
         if bad:
             found[name] = bad
-        for target in imports.ours[name] - seen:
+        parents = {name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)}
+        for target in (imports.ours[name] | (parents & imports.ours.keys())) - seen:
             seen.add(target)
             todo.append(target)
     return found

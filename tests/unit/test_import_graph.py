@@ -34,6 +34,7 @@ from kit.import_graph import (
     parse_sources,
     private_imports,
     room_cycles,
+    says_sans_io,
     tree_imports,
     tree_modules,
 )
@@ -49,6 +50,27 @@ def test_the_walk_sees_the_whole_tree() -> None:
     assert {"node.base.wire", "node.runtime.agent", "overlay.routes"} <= MODULES.keys()
     assert "node.base.wire" in IMPORTS.ours["node.base.signed"]
     assert {"node.membership.swim", "node.market.jobs", "overlay.claims"} <= set(CORES)
+
+
+def test_the_pure_packages_and_modules_are_the_ones_the_architecture_names() -> None:
+    # a package that lost its SANS_IO line would drop all its modules from the rule silently
+    pure_packages = {m.name for m in MODULES.values() if m.is_package and says_sans_io(m)}
+    assert pure_packages == {
+        "node.base",
+        "node.membership",
+        "node.market",
+        "node.ledger",
+        "node.policy",
+        "overlay",
+    }
+    pure_by_themselves = {m.name for m in MODULES.values() if not m.is_package and says_sans_io(m)}
+    assert pure_by_themselves == {
+        "segments.store.manifest",
+        "segments.store.transfer_core",
+        "segments.vm.progress",
+        "segments.image.workload",
+        "segments.image.cpio",
+    }
 
 
 def test_no_module_import_cycle() -> None:
@@ -163,6 +185,12 @@ def test_a_core_reaching_io_through_another_module_is_refused() -> None:
         }
     )
     assert impurity("node.market.jobs", imports) == {"node.runtime.agent": ["trio"]}
+
+
+def test_a_pure_packages_own_init_is_held_to_it_too() -> None:
+    # importing node.market.jobs runs node/market/__init__.py first
+    _, imports = small(**{"node.market.__init__": "SANS_IO = True\nimport trio"})
+    assert impurity("node.market.jobs", imports) == {"node.market": ["trio"]}
 
 
 def test_a_module_that_says_it_is_a_core_is_held_to_it() -> None:
