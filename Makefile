@@ -1,7 +1,8 @@
 # The two commands: `make demo` and `make test`. Both set everything up first.
 # `make check` is the fast lane: the unit tests only (tests/unit: no root, namespaces,
-# VMs or daemons; any user), on the .venv that `make setup` made, with the fuzz tests
-# on a tenth of their examples (GLEANER_FUZZ_SCALE, tests/kit/fuzzing.py).
+# VMs or daemons; any user), on the .venv that `make setup` made, with the fuzzers that
+# take their budget from tests/kit/fuzzing.py (wire, routes, save stream, ledger) on a
+# tenth of their examples. `make test` always runs every fuzzer in full.
 PY := .venv/bin/python
 PYTEST_FLAGS ?= -q
 
@@ -14,7 +15,7 @@ demo: setup
 	$(PY) -m node demo --hosts 4
 
 test: setup
-	$(PY) -m pytest $(PYTEST_FLAGS)
+	GLEANER_FUZZ_SCALE=1 $(PY) -m pytest $(PYTEST_FLAGS)
 
 check:
 	@test -x $(PY) || { echo "make check: no $(PY); run make setup first" >&2; exit 1; }

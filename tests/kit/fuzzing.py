@@ -21,7 +21,8 @@ MIN_EXAMPLES = 50
 
 
 def fuzz_settings(max_examples: int, **options: Any) -> settings:
-    """Hypothesis settings with `max_examples` scaled by GLEANER_FUZZ_SCALE (at least 50)."""
+    """Hypothesis settings with `max_examples` scaled by GLEANER_FUZZ_SCALE, never below
+    50 (or `max_examples` itself, when that is smaller)."""
     scaled = max(min(max_examples, MIN_EXAMPLES), round(max_examples * FUZZ_SCALE))
     return settings(max_examples=scaled, **options)
 
