@@ -10,8 +10,6 @@ into the control socket's dispatch table; ``run`` starts its services.
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +24,7 @@ from node.market.message_fields import MarketKind
 from node.market.segment_rounds import machine_config
 from node.runtime.config import Config, policy_config
 from node.runtime.control import RpcTable
-from node.runtime.host_probe import HostProbe
+from node.runtime.host_probe import HostProbe, host_facts
 from node.runtime.ledger_service import LedgerService
 from node.runtime.market_host import HostMarket
 from node.runtime.market_owner import OwnerMarket
@@ -43,19 +41,16 @@ HOST_RESERVED_MIB = 512  # guest memory the default cap leaves to the host
 
 def host_policy(config: Config, draining: bool = False) -> HostPolicy:
     """The caps this host lends, from ``[host]`` (0 = all it has)."""
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-    except (ValueError, OSError):
-        physical = 0
+    facts = host_facts()
     return HostPolicy(
-        vcpus=config["host.vcpus"] or os.cpu_count() or 1,
-        memory_mib=config["host.memory_mib"] or max(physical - HOST_RESERVED_MIB, 0),
+        vcpus=config["host.vcpus"] or facts.vcpus,
+        memory_mib=config["host.memory_mib"] or max(facts.memory_mib - HOST_RESERVED_MIB, 0),
         disk_mib=config["host.disk_mib"],
         replicas=config["host.replicas"],
         draining=draining,
         price_floor=config["host.price_floor"],
-        arch=platform.machine() or "x86_64",
-        kvm=os.path.exists("/dev/kvm"),
+        arch=facts.arch,
+        kvm=facts.kvm,
     )
 
 

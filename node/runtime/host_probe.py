@@ -50,6 +50,7 @@ is no power supply information.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import time
 from collections.abc import Collection
@@ -58,6 +59,29 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from node.policy.machine import HostSampled
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What this machine is, read once: the peer record advertises it, the caps start from it."""
+
+    arch: str
+    vcpus: int
+    memory_mib: int  # physical memory; 0 when the system does not say
+    kvm: bool
+
+
+def host_facts() -> HostFacts:
+    try:
+        memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError):
+        memory_mib = 0
+    return HostFacts(
+        arch=platform.machine() or "unknown",
+        vcpus=os.cpu_count() or 1,
+        memory_mib=memory_mib,
+        kvm=os.path.exists("/dev/kvm"),
+    )
 
 
 class ProbeError(Exception):

@@ -17,8 +17,6 @@ of a live node. The membership core asks for a re-sign with a higher
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv6Address
@@ -29,6 +27,7 @@ from node import __version__
 from node.base.identity import Identity
 from node.base.records import Capabilities, PeerRecord, sign_record
 from node.runtime.config import Config
+from node.runtime.host_probe import host_facts
 from node.runtime.state import State
 from node.runtime.transport import Transport
 
@@ -38,16 +37,12 @@ Subscriber = Callable[[PeerRecord], Awaitable[None]]
 
 
 def local_capabilities() -> Capabilities:
-    memory_mb = 0
-    try:
-        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    except (ValueError, OSError):
-        pass
+    facts = host_facts()
     return Capabilities(
-        arch=platform.machine() or "unknown",
-        vcpus=os.cpu_count() or 1,
-        memory_mb=memory_mb,
-        kvm=os.path.exists("/dev/kvm"),
+        arch=facts.arch,
+        vcpus=facts.vcpus,
+        memory_mb=facts.memory_mib,
+        kvm=facts.kvm,
         bench_score=0,
     )
 
