@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
 from kit.market import NONCE, NOW, SWARM
 from kit.market import identity as _identity
 
+from node.base.identity import NodeId
+from node.market.bidder import AwardReceived, Bidder, HostPolicy, OfferReceived, ReplicaFinished
 from node.market.jobs import (
     CheckpointReplicated,
     CompletionVerified,
     JobSpec,
     OfferDelivered,
     OwnerResumed,
+    VerifyCompletion,
 )
 from node.market.message_fields import MarketKind
 from node.market.messages import SendStatement
@@ -136,3 +140,73 @@ def core_event(core: JobOwner, blob: bytes) -> Any:
     routed = core.route(MarketKind.BID, blob)
     assert isinstance(routed, tuple)
     return routed[1]
+
+
+def test_a_fanout_never_draws_the_owner_or_a_moves_source():
+    offer = next(a.offer for a in start(owner())[1] if isinstance(a, SendOffer))
+    live = [OWNER.node_id, *LIVE]
+    for seed in range(20):
+        drawn = offer_targets(offer, OWNER.node_id, live, 3, random.Random(seed))
+        assert len(drawn) == 3 and OWNER.node_id not in drawn
+    moved = dataclasses.replace(offer, source=LIVE[0])  # a live move: its source bids not
+    for seed in range(20):
+        drawn = offer_targets(moved, OWNER.node_id, live, 4, random.Random(seed))
+        assert sorted(drawn, key=str) == sorted(LIVE[1:], key=str)
+
+
+def test_a_frame_kind_that_is_no_market_kind_is_refused_not_raised():
+    core = owner()
+    _, actions = start(core)
+    bid = bid_blob(HOSTS[0], next(a.offer for a in actions if isinstance(a, SendOffer)))
+    for kind in (2**63, 2**64 - 1, -1, True, 2.0, "2", None, [2]):
+        assert core.route(kind, bid) is FrameRefused.UNEXPECTED  # type: ignore[arg-type]
+
+
+def run_to_a_halted_completion(core: JobOwner) -> tuple[NodeId, SendStatement]:
+    """Real bidders bid on the job's first offer; the winner's guest powers off."""
+    job_id, actions = start(core)
+    offer = next(a.offer for a in actions if isinstance(a, SendOffer))
+    policy = HostPolicy(vcpus=4, memory_mib=4096, disk_mib=200_000, replicas=1)
+    bidders = {h.node_id: Bidder(h, policy) for h in HOSTS[:2]}
+    at = NOW + 1
+    for node, bidder in bidders.items():
+        for effect in bidder.handle(OfferReceived(offer.blob, 0), at):
+            routed = core.route(effect.kind, effect.blob)
+            assert isinstance(routed, tuple)
+            list(core.feed(*routed, at, node))
+    awarded = [
+        a
+        for a in core.feed(job_id, OfferDelivered(offer.ref.attempt, 2), at)
+        if isinstance(a, SendStatement)
+    ]
+    winner = awarded[0].target
+    bidders[winner].handle(AwardReceived(awarded[0].blob), at)
+    finished = ReplicaFinished(offer.ref, b"M" * 32, 1000, b"P" * 32, 1234, halted=True)
+    sent = bidders[winner].handle(finished, at + 10)
+    [completion] = [e for e in sent if isinstance(e, SendStatement)]
+    return winner, completion
+
+
+def test_the_verifier_is_told_a_completion_halted_with_or_without_history():
+    # the owner core used to keep the flag in a side table only while it kept history
+    for keep_history in (True, False):
+        core = owner(keep_history=keep_history)
+        winner, completion = run_to_a_halted_completion(core)
+        routed = core.route(completion.kind, completion.blob)
+        assert isinstance(routed, tuple)
+        actions = list(core.feed(*routed, NOW + 11, winner))
+        [verify] = [a for a in actions if isinstance(a, VerifyCompletion)]
+        assert verify.halted and verify.node == winner and verify.manifest == b"M" * 32
+
+
+def test_a_completion_is_recorded_once_and_a_repeated_copy_not_again():
+    core = owner()
+    winner, completion = run_to_a_halted_completion(core)
+    rows = []
+    for _ in range(2):
+        routed = core.route(completion.kind, completion.blob)
+        assert isinstance(routed, tuple)
+        rows += [a for a in core.feed(*routed, NOW + 11, winner) if isinstance(a, RecordHistory)]
+    assert [(r.what, r.node, dict(r.detail)["cpu_ms"]) for r in rows] == [
+        ("completion", winner, 1234)
+    ]
