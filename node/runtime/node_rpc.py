@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,16 @@ from typing import Any
 from node import __version__
 from node.base.identity import Identity
 from node.runtime.config import Config
-from node.runtime.control import RpcError, RpcMethod, RpcTable, param
+from node.runtime.control import RpcError, RpcTable, param
 from node.runtime.membership_driver import MembershipDriver
 from node.runtime.own_record import OwnRecord
 from node.runtime.routing import RouteService, RoutingError
 from node.runtime.segment_service import SegmentError, SegmentService
 from node.runtime.transport import Transport
+from node.runtime.vm_service import VmService, VmServiceError
 from overlay.wireguard.service import OverlayService
+
+VmRequest = Callable[[VmService, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -45,7 +48,7 @@ class NodeRpc:
     routes: RouteService
     segments: SegmentService
     image_store: Path
-    policy_status: Callable[[], dict[str, Any]] | None  # the host policy's, for `status`
+    policy_status: Callable[[], dict[str, Any]]  # the host policy's, for `status`
 
     def register(self, table: RpcTable) -> None:
         table.register("status", self.status)
@@ -53,8 +56,9 @@ class NodeRpc:
         table.register("peer_record", self.peer_record)
         table.register("routes", self.routes_view)
         table.register("segment_run", self.segment_run)
-        for name in ("vm_start", "vm_migrate", "vm_expect"):
-            table.register(name, self._vm_method(name))
+        table.register("vm_start", self.vm_start)
+        table.register("vm_migrate", self.vm_migrate)
+        table.register("vm_expect", self.vm_expect)
         table.register("vm_attach", self.vm_attach)
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ class NodeRpc:
             "protocol_errors": stats.protocol_errors_total + self.membership.record_errors,
             "protocol_errors_by_peer": dict(stats.protocol_errors.most_common(20)),
             "membership": core.statistics(),
-            "policy": self.policy_status() if self.policy_status else None,
+            "policy": self.policy_status(),
             "state_dir": str(self.config.state_dir),
         }
 
@@ -123,15 +127,16 @@ class NodeRpc:
         except SegmentError as exc:
             raise RpcError(str(exc)) from None
 
-    def _vm_method(self, method: str) -> RpcMethod:
-        async def vm(params: dict[str, Any]) -> Any:
-            return await self._vm_rpc(method, params)
+    async def vm_start(self, params: dict[str, Any]) -> Any:
+        return await self._vm(VmService.start, params)
 
-        return vm
+    async def vm_migrate(self, params: dict[str, Any]) -> Any:
+        return await self._vm(VmService.migrate, params)
 
-    async def _vm_rpc(self, method: str, params: dict[str, Any]) -> Any:
-        from node.runtime.vm_service import VmService, VmServiceError
+    async def vm_expect(self, params: dict[str, Any]) -> Any:
+        return await self._vm(VmService.expect, params)
 
+    async def _vm(self, request: VmRequest, params: dict[str, Any]) -> Any:
         service = VmService(
             self.config["vm.libvirt_uri"],
             self.image_store,
@@ -139,11 +144,7 @@ class NodeRpc:
             self.routes,
         )
         try:
-            if method == "vm_start":
-                return await service.start(params)
-            if method == "vm_migrate":
-                return await service.migrate(params)
-            return await service.expect(params)
+            return await request(service, params)
         except (VmServiceError, RoutingError) as exc:
             raise RpcError(str(exc)) from None
 
