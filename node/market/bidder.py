@@ -121,7 +121,8 @@ class BidderConfig:
     hold_s: float = 3600.0
     # An offer whose bids close further ahead than this is declined ("deadline_far"):
     # a bid holds capacity until its deadline, so one far off would hold it for ever.
-    max_bid_wait_s: float = 600.0
+    # An owner's bid window is at most 600 s; the rest is room for its clock's skew.
+    max_bid_wait_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if min(self.award_grace_s, self.hold_s) < 0 or not 0 < self.resend_s <= self.max_resend_s:

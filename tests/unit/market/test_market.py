@@ -531,7 +531,7 @@ def test_estimate_scales_with_speed_and_vcpus():
         ({"replicas": 0}, {}, "capacity"),
         ({"disk_mib": 100}, {}, "disk"),
         ({}, {"bid_deadline": NOW - 1}, "late"),
-        ({}, {"bid_deadline": NOW + 601}, "deadline_far"),
+        ({}, {"bid_deadline": NOW + 3601}, "deadline_far"),
     ],
 )
 def test_bidder_declines(over, offer_over, why):

@@ -6,6 +6,7 @@ itself tested against libvirt in test_vm_libvirt.py), so a failure can be inject
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +45,7 @@ def test_a_replica_that_fails_is_withdrawn_from_its_owner_and_counted(
     offer = sign_offer(
         OWNER, job_nonce=NONCE, segment=0, attempt=1, image="0" * 64,
         requirements=Requirements(96, 1), extent_s=10, checkpoint=None, checkpoint_size=0,
-        holders=(), k=1, ceiling=10, bid_deadline=2**40,
+        holders=(), k=1, ceiling=10, bid_deadline=int(time.time()) + 60,
     )  # fmt: skip
 
     def of(kind: MarketKind) -> list[bytes]:
