@@ -1,4 +1,4 @@
-"""`gleaner image`: build guest images from recipes and list a store."""
+"""`gleaner image`: build guest images from recipes, import the images people bring, list."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.runtime.config import ConfigError, load
+from node.runtime import keystore
+from node.runtime.config import Config, ConfigError, load
+from segments.image.library import ImageLibrary, ImportedImage, ImportResult
 from segments.image.store import DEFAULT_CACHE, Image, ImageError, build, list_images
+
+FORMATS = ("oci", "raw", "qcow2")
 
 
 def _describe(image: Image) -> dict[str, Any]:
@@ -25,8 +29,21 @@ def _describe(image: Image) -> dict[str, Any]:
     }
 
 
+def _describe_imported(image: ImportedImage) -> dict[str, Any]:
+    return {
+        "id": image.id,
+        "kind": image.kind,
+        "names": list(image.names),
+        "layers": [layer["diff_id"] for layer in image.layers],
+        "disk": image.disk,
+        "settings": image.settings,
+        "size_bytes": image.size_bytes,
+        "created": image.created,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``image build RECIPE`` and ``image list``; for ``gleaner image`` and ``python -m``."""
+    """``image build|import|list``; for ``gleaner image`` and ``python -m``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store", type=Path, help="store folder (default: the agent's, from --config)"
@@ -40,21 +57,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     build_cmd.add_argument("recipe", type=Path)
     build_cmd.add_argument("--cache", type=Path, help=f"package cache (default {DEFAULT_CACHE})")
-    sub.add_parser("list", parents=[common], help="the images in the store")
+    import_cmd = sub.add_parser(
+        "import",
+        parents=[common],
+        help="import an OCI or docker-save archive, or a raw or qcow2 root disk",
+    )
+    import_cmd.add_argument("file", type=Path)
+    import_cmd.add_argument("--name", help="NAME[:TAG] to give it (tag default: latest)")
+    import_cmd.add_argument(
+        "--format", choices=FORMATS, help="oci (also docker save), raw or qcow2 (default: guessed)"
+    )
+    sub.add_parser("list", parents=[common], help="the images in the store, with their names")
     args = parser.parse_args(argv)
     try:
-        if args.store is None:
-            args.store = load(args.config).image_store  # where the agent looks for images
+        config = load(args.config)
+        store = args.store or config.image_store  # where the agent looks for images
         if args.command == "build":
-            images = [build(args.recipe, args.store, args.cache)]
+            _print_built([build(args.recipe, store, args.cache)], args.json)
+        elif args.command == "import":
+            _print_import(_import(args, config, store), args.json)
         else:
-            images = list_images(args.store)
+            _print_built(list_images(store), args.json)
+            with ImageLibrary(store) as library:
+                _print_imported(library.list(), args.json)
     except (ImageError, ConfigError) as exc:
         print(f"gleaner image: {exc}", file=sys.stderr)
         return 1
-    for image in images:
-        if args.json:
-            print(json.dumps(_describe(image), sort_keys=True))
-        else:
-            print(f"{image.id}  {image.size_bytes / 2**20:6.1f} MiB  {image.directory}")
     return 0
+
+
+def _import(args: argparse.Namespace, config: Config, store: Path) -> ImportResult:
+    if not args.file.is_file():
+        raise ImageError(f"no file {args.file}")
+    fmt = args.format or _guess_format(args.file)
+    identity = keystore.load_or_create(config.state_dir)  # the store's manifests are ours
+    with ImageLibrary(store) as library:
+        if fmt == "oci":
+            return library.import_archive(args.file, identity, args.name)
+        return library.import_disk(args.file, identity, args.name, fmt)
+
+
+def _guess_format(path: Path) -> str | None:
+    """"oci" for a tar (POSIX and GNU tars say ustar at 257), else None: the disk decides."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    return "oci" if head[257:262] == b"ustar" else None
+
+
+def _print_built(images: list[Image], as_json: bool) -> None:
+    for image in images:
+        if as_json:
+            print(json.dumps({"kind": "recipe", **_describe(image)}, sort_keys=True))
+        else:
+            print(f"{'(recipe)':24}  {image.id[:12]}  {image.size_bytes / 2**20:8.1f} MiB  recipe")
+
+
+def _print_imported(images: list[ImportedImage], as_json: bool) -> None:
+    for image in images:
+        if as_json:
+            print(json.dumps(_describe_imported(image), sort_keys=True))
+            continue
+        for name in image.names or ("(no name)",):
+            size = image.size_bytes / 2**20
+            print(f"{name:24}  {image.id[:12]}  {size:8.1f} MiB  {image.kind}")
+
+
+def _print_import(result: ImportResult, as_json: bool) -> None:
+    image = result.image
+    if as_json:
+        summary = {
+            "new_bytes": result.new_bytes,
+            "import_s": round(result.seconds, 3),
+            "skipped_layers": result.skipped_layers,
+            "archive_tags": list(result.tags),
+        }
+        print(json.dumps({**_describe_imported(image), **summary}, sort_keys=True))
+    else:
+        names = ", ".join(image.names) or "no name"
+        print(
+            f"imported {image.kind} image {image.id} ({names}): "
+            f"{image.size_bytes / 2**20:.1f} MiB, {result.new_bytes / 2**20:.1f} MiB new, "
+            f"{result.seconds:.1f} s"
+        )

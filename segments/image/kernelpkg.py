@@ -38,12 +38,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from segments.image.errors import ImageError
+
+__all__ = ["ImageError"]
+
 APT_TIMEOUT_S = 900.0
 UNKNOWN_PACKAGE = re.compile(r"Unable to locate package|No packages found|Can't select")
-
-
-class ImageError(Exception):
-    """A guest image cannot be built or loaded; the message is one clear line."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,9 @@ def test_the_pure_packages_and_modules_are_the_ones_the_architecture_names() -> 
         "segments.vm.progress",
         "segments.image.workload",
         "segments.image.cpio",
+        "segments.image.errors",
+        "segments.image.archive_paths",
+        "segments.image.layers",
     }
 
 

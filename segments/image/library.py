@@ -1,0 +1,319 @@
+"""The image library: images people bring (OCI archives, raw and qcow2 disks), by name.
+
+Theory of operation
+-------------------
+Besides the recipe images of ``store.py``, an image store keeps images that job
+owners import. Their content lives in a block store beside the recipes
+(``STORE/blocks``, ``segments.store.blocks``), so it is deduplicated, verified
+on every read and shipped block by block like a checkpoint:
+
+* an OCI or Docker archive is checked by ``oci.py``; each layer is stored
+  uncompressed as its own manifest (one file, ``layer.tar``), found again by
+  its diff_id in ``STORE/imported/layers/HEX``. A layer two images share is
+  stored once and, since a layer's blocks start at its first byte, a host that
+  holds one image's layers holds those blocks of the other;
+* a raw or qcow2 disk is checked and converted to raw by ``disk_import.py``
+  and stored as one manifest (``disk.raw``; zero blocks are holes).
+
+``STORE/imported/ID.json`` records an image: its kind, run settings, layers or
+disk, and the manifests that hold them. The id covers content only (the
+settings and diff_ids, or the disk's block digests), so it is the same on
+every host that imports the same image. ``STORE/names.json`` maps
+``NAME:TAG`` to ids, in the manner of a registry's tags; a name moves when it
+is imported again, an id never changes.
+
+Order of writes (persist before promise): blocks and manifests first (the
+block store is durable), then the layer records, then the image record, then
+the name, each written to a temporary file, fsynced and renamed. A crash
+leaves at most unreferenced blocks, which the block store's ``gc`` sweeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.base.identity import Identity
+from segments.image.errors import ImageError
+from segments.image.layers import LayerLimits, flatten
+from segments.image.oci import OciArchive, OciImage
+from segments.store.blocks import BlockStore
+from segments.store.manifest import Manifest
+
+BLOCKS, IMPORTED, LAYERS, NAMES = "blocks", "imported", "layers", "names.json"
+LAYER_FILE, DISK_FILE = "layer.tar", "disk.raw"
+ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+NAME_PATTERN = re.compile(
+    rf"({_COMPONENT}(?:/{_COMPONENT})*)(?::([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}))?"
+)
+MAX_NAME = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedImage:
+    """An imported image as its record says; `size_bytes` is its content, uncompressed."""
+
+    id: str
+    kind: str  # "oci" or "disk"
+    settings: dict[str, Any]
+    layers: tuple[dict[str, Any], ...]
+    disk: dict[str, Any] | None
+    size_bytes: int
+    created: float
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    image: ImportedImage
+    new_bytes: int  # block bytes this import added to the store
+    seconds: float
+    skipped_layers: int = 0
+    tags: tuple[str, ...] = field(default=())
+
+
+def normalise_name(name: str) -> str:
+    """``NAME:TAG`` with the tag ``latest`` filled in; ImageError if it is not a name."""
+    match = NAME_PATTERN.fullmatch(name) if len(name) <= MAX_NAME else None
+    if match is None:
+        raise ImageError(
+            f"not an image name: {name[:80]!r} (lower-case path, optional :tag, e.g. tools/sim:1.2)"
+        )
+    return f"{match.group(1)}:{match.group(2) or 'latest'}"
+
+
+class ImageLibrary:
+    """The imported images of one image store. Thread-safe as its block store is."""
+
+    def __init__(self, root: Path, limits: LayerLimits | None = None) -> None:
+        self.root, self.limits = root, limits or LayerLimits()
+        (root / IMPORTED / LAYERS).mkdir(parents=True, exist_ok=True)
+        self.store = BlockStore(root / BLOCKS)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ImageLibrary:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- importing --------------------------------------------------------------
+
+    def import_archive(self, path: Path, identity: Identity, name: str | None) -> ImportResult:
+        """Check and store an OCI or Docker image archive; tag it `name` if given.
+
+        Every layer is checked and unpacked into a staging folder first, and the
+        stack flattened, so a refused image stores nothing at all.
+        """
+        started = time.monotonic()
+        wanted = normalise_name(name) if name else None
+        with OciArchive(path) as archive, self._staging() as staging:
+            image = archive.read_image()
+            plains = [staging / f"{index:03d}.tar" for index in range(len(image.layers))]
+            changesets = [
+                archive.open_layer(ref, plain, self.limits)
+                for ref, plain in zip(image.layers, plains, strict=True)
+            ]
+            root = flatten(changesets)
+            layers: list[dict[str, Any]] = []
+            new_bytes = skipped = 0
+            for ref, plain, changes in zip(image.layers, plains, changesets, strict=True):
+                held = self._held_layer(ref.diff_id)
+                if held is None:
+                    added, held = self._store_file(plain, identity, LAYER_FILE)
+                    new_bytes += added
+                    _write_durable(self._layer_record(ref.diff_id), held.digest.hex().encode())
+                else:
+                    skipped += 1
+                layers.append(
+                    {
+                        "diff_id": ref.diff_id,
+                        "size": held.total_size,
+                        "manifest": held.digest.hex(),
+                        "entries": len(changes.entries),
+                    }
+                )
+        record = {
+            "id": image.content_id(),
+            "kind": "oci",
+            "files": len(root),
+            "settings": image.settings.as_dict(),
+            "layers": layers,
+            "disk": None,
+            "size_bytes": sum(layer["size"] for layer in layers),
+            "created": time.time(),
+            "source": path.name,
+        }
+        stored = self._record(record, wanted)
+        return ImportResult(stored, new_bytes, time.monotonic() - started, skipped, image.tags)
+
+    def import_disk(
+        self, path: Path, identity: Identity, name: str | None, fmt: str | None = None
+    ) -> ImportResult:
+        """Check, convert to raw and store a disk image holding a root file system."""
+        from segments.image.disk_import import convert_to_raw  # runs qemu-img
+
+        started = time.monotonic()
+        wanted = normalise_name(name) if name else None
+        with self._staging() as staging:
+            raw = staging / DISK_FILE
+            probe = convert_to_raw(path, raw, fmt)
+            new_bytes, manifest = self._store_file(raw, identity, DISK_FILE)
+        entry = manifest.file(DISK_FILE)
+        digest = hashlib.blake2b(digest_size=32, person=b"gleaner-image")
+        digest.update(b"disk\x00" + entry.size.to_bytes(8, "big") + b"".join(entry.digests))
+        record = {
+            "id": digest.hexdigest(),
+            "kind": "disk",
+            "settings": {},
+            "layers": [],
+            "disk": {
+                "manifest": manifest.digest.hex(),
+                "format": probe.format,
+                "file_system": probe.file_system,
+                "virtual_bytes": probe.virtual_bytes,
+            },
+            "size_bytes": entry.size,
+            "created": time.time(),
+            "source": path.name,
+        }
+        stored = self._record(record, wanted)
+        return ImportResult(stored, new_bytes, time.monotonic() - started)
+
+    def _held_layer(self, diff_id: str) -> Manifest | None:
+        try:
+            digest = bytes.fromhex(self._layer_record(diff_id).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        manifest = self.store.manifest(digest)
+        if manifest is None or self.store.missing(manifest):
+            return None
+        return manifest
+
+    def _store_file(self, path: Path, identity: Identity, name: str) -> tuple[int, Manifest]:
+        """Store `path` as a one-file manifest; (block bytes that were new, manifest)."""
+        lengths = {ref.digest: ref.length for ref in self.store.chunk_file(path) if not ref.zero}
+        present = self.store.has_many(lengths)
+        manifest = self.store.put_file(path, identity, name=name)
+        return sum(n for digest, n in lengths.items() if digest not in present), manifest
+
+    def _layer_record(self, diff_id: str) -> Path:
+        return self.root / IMPORTED / LAYERS / diff_id.removeprefix("sha256:")
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix=".import-", dir=self.root) as tmp:
+            yield Path(tmp)
+
+    def _record(self, record: dict[str, Any], name: str | None) -> ImportedImage:
+        path = self.root / IMPORTED / f"{record['id']}.json"
+        if not path.exists():
+            _write_durable(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        if name is not None:
+            self.tag(name, record["id"])
+        return self.load(record["id"])
+
+    # --- names and look-ups -----------------------------------------------------
+
+    def tag(self, name: str, image_id: str) -> None:
+        """Point `name` at an image held here."""
+        wanted = normalise_name(name)
+        self.load(image_id)
+        with self._names_locked() as names:
+            names[wanted] = image_id
+
+    def names(self) -> dict[str, str]:
+        try:
+            raw = json.loads((self.root / NAMES).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"{self.root / NAMES} is damaged: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ImageError(f"{self.root / NAMES} is not a name table")
+        return {
+            str(key): str(value)
+            for key, value in raw.items()
+            if isinstance(value, str) and ID_PATTERN.fullmatch(value)
+        }
+
+    @contextlib.contextmanager
+    def _names_locked(self) -> Iterator[dict[str, str]]:
+        with open(self.root / ".names.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            names = self.names()
+            yield names
+            _write_durable(
+                self.root / NAMES, (json.dumps(names, indent=2, sort_keys=True) + "\n").encode()
+            )
+
+    def resolve(self, reference: str) -> ImportedImage:
+        """The image a name (``NAME[:TAG]``) or an id names."""
+        if ID_PATTERN.fullmatch(reference):
+            return self.load(reference)
+        wanted = normalise_name(reference)
+        image_id = self.names().get(wanted)
+        if image_id is None:
+            raise ImageError(f"no image named {wanted} in {self.root}")
+        return self.load(image_id)
+
+    def load(self, image_id: str) -> ImportedImage:
+        if not ID_PATTERN.fullmatch(image_id):
+            raise ImageError(f"not an image id (64 hex digits): {image_id[:80]!r}")
+        path = self.root / IMPORTED / f"{image_id}.json"
+        try:
+            raw = json.loads(path.read_text())
+            image = ImportedImage(
+                id=raw["id"],
+                kind=raw["kind"],
+                settings=dict(raw["settings"]),
+                layers=tuple(raw["layers"]),
+                disk=raw["disk"],
+                size_bytes=int(raw["size_bytes"]),
+                created=float(raw["created"]),
+            )
+        except FileNotFoundError:
+            raise ImageError(f"no imported image {image_id} in {self.root}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImageError(f"imported image {image_id} is damaged: {exc}") from None
+        names = tuple(sorted(n for n, ident in self.names().items() if ident == image_id))
+        return dataclasses.replace(image, names=names)
+
+    def list(self) -> list[ImportedImage]:
+        """Every imported image, oldest first."""
+        ids = sorted(
+            p.stem for p in (self.root / IMPORTED).glob("*.json") if ID_PATTERN.fullmatch(p.stem)
+        )
+        return sorted((self.load(ident) for ident in ids), key=lambda i: (i.created, i.id))
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all, and on disk before this returns."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+__all__ = ["ImageLibrary", "ImportResult", "ImportedImage", "OciImage", "normalise_name"]

@@ -1,0 +1,87 @@
+"""`gleaner image import` and `gleaner image list`, as a job owner types them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from kit.oci import ImageSpec, files_layer, link_member, write_docker_archive, write_oci_archive
+
+from node.cli.image import main as image_main
+
+
+@pytest.fixture
+def agent_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[node]\nstate_dir = "{tmp_path / "state"}"\n')
+    return path
+
+
+def test_import_then_list_shows_names_and_ids(
+    tmp_path: Path, agent_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = files_layer({"bin/tool": b"tool", "etc/os-release": b"ID=t\n"})
+    oci = write_oci_archive(tmp_path / "a.tar", ImageSpec([base], cmd=["/bin/tool"]))
+    docker = write_docker_archive(tmp_path / "b.tar", ImageSpec([base, files_layer({"x": b"1"})]))
+    config = ["--config", str(agent_toml), "--json"]
+    assert image_main(["import", str(oci), "--name", "lab/tool:1", *config]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert image_main(["import", str(docker), "--name", "lab/tool2", *config]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert first["kind"] == second["kind"] == "oci" and first["id"] != second["id"]
+    assert first["settings"]["cmd"] == ["/bin/tool"] and first["names"] == ["lab/tool:1"]
+    assert second["skipped_layers"] == 1  # the base layer was held already
+    assert image_main(["list", *config]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(tuple(i["names"]), i["id"]) for i in listed} == {
+        (("lab/tool:1",), first["id"]),
+        (("lab/tool2:latest",), second["id"]),
+    }
+    assert image_main(["list", "--config", str(agent_toml)]) == 0
+    text = capsys.readouterr().out
+    assert "lab/tool:1" in text and first["id"][:12] in text
+
+
+def test_a_refused_import_says_why_in_one_line_and_stores_nothing(
+    tmp_path: Path, agent_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = ImageSpec([[link_member("etc", "/"), *files_layer({"etc/x": b"1"})]])
+    archive = write_oci_archive(tmp_path / "a.tar", hostile)
+    assert (
+        image_main(["import", str(archive), "--name", "bad/one", "--config", str(agent_toml)]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gleaner image: layer refused") and "\n" not in err
+    assert image_main(["list", "--config", str(agent_toml), "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    assert image_main(["import", str(tmp_path / "none.tar"), "--config", str(agent_toml)]) == 1
+    assert "no file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not (shutil.which("qemu-img") and Path("/usr/sbin/mkfs.ext4").exists()),
+    reason="needs qemu-img and mkfs.ext4",
+)
+def test_a_qcow2_root_disk_imports_as_the_same_image_as_its_raw_twin(
+    tmp_path: Path, agent_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("guest\n")
+    raw = tmp_path / "root.raw"
+    subprocess.run(["/usr/sbin/mkfs.ext4", "-q", "-F", "-d", str(root), str(raw), "8M"], check=True)
+    qcow2 = tmp_path / "root.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True
+    )
+    config = ["--config", str(agent_toml), "--json"]
+    assert image_main(["import", str(qcow2), "--name", "disks/root:q", *config]) == 0
+    from_qcow2 = json.loads(capsys.readouterr().out)
+    assert image_main(["import", str(raw), "--name", "disks/root:r", *config]) == 0
+    from_raw = json.loads(capsys.readouterr().out)
+    assert from_qcow2["kind"] == "disk" and from_qcow2["disk"]["file_system"] == "ext4"
+    assert from_qcow2["id"] == from_raw["id"] and from_raw["new_bytes"] == 0
+    assert sorted(from_raw["names"]) == ["disks/root:q", "disks/root:r"]
