@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segments.image.kernelpkg import ImageError
+from segments.image.errors import ImageError
 
 QEMU_IMG = "/usr/bin/qemu-img"
 MAX_VIRTUAL_BYTES = 64 << 30
