@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from segments.image.kernelpkg import ImageError
+from segments.image.errors import ImageError
 from segments.image.workload import WORKLOADS
 
 T = TypeVar("T")

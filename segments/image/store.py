@@ -48,7 +48,7 @@ from typing import Any
 
 from segments.image import kernelpkg
 from segments.image.cpio import Entry, write_newc
-from segments.image.kernelpkg import ImageError
+from segments.image.errors import ImageError
 from segments.image.recipe import canonical, load_recipe, parse_recipe, recipe_toml
 from segments.image.workload import APPLETS, WORKLOADS
 
