@@ -16,7 +16,9 @@ once, at import, and refuse a layer that is not plainly a root file system:
   NUL or over ``MAX_LINK_BYTES``;
 * more than ``LayerLimits.max_members`` members, a file over
   ``max_file_bytes`` or a layer over ``max_layer_bytes`` (header sizes are
-  checked before the data is read).
+  checked before the data is read);
+* metadata headers big enough to stall the parser, and GNU sparse maps
+  (``tarstream``).
 
 Symbolic links may point anywhere, ``/`` included: they are resolved inside
 the guest's root, never on the host.
@@ -39,6 +41,7 @@ from typing import IO
 
 from segments.image.archive_paths import UnsafePath, safe_member_name
 from segments.image.errors import ImageError
+from segments.image.tarstream import ArchiveRefused, open_stream
 
 SANS_IO = True
 
@@ -105,12 +108,14 @@ def check_layer(stream: IO[bytes], limits: LayerLimits = LayerLimits()) -> Chang
     """Read a layer's tar stream through to its end; its changeset, or raise LayerError."""
     changes = Changeset()
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+        with open_stream(stream) as archive:
             for count, info in enumerate(archive, start=1):
                 if count > limits.max_members:
                     raise LayerError(f"layer has over {limits.max_members} members")
                 _take(changes, info, limits)
-    except (tarfile.TarError, EOFError) as exc:
+    except ArchiveRefused as exc:
+        raise LayerError(f"layer refused: {exc}") from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError) as exc:
         raise LayerError(f"layer is not a readable tar stream: {exc}") from None
     return changes
 

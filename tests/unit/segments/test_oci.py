@@ -189,6 +189,18 @@ def test_a_layer_over_the_limits_is_refused(tmp_path: Path) -> None:
     _assert_nothing_kept(tmp_path)
 
 
+def test_a_layer_whose_pax_header_would_stall_the_parser_is_refused(tmp_path: Path) -> None:
+    info, data = file_member("f", b"x")
+    info.pax_headers = {"comment": "9" * 65_000}  # quadratic to parse in Python < 3.11.10
+    archive = write_oci_archive(tmp_path / "img.tar", ImageSpec([[(info, data)]]))
+    with (
+        pytest.raises(ImageError, match="metadata header is over"),
+        ImageLibrary(tmp_path / "store") as library,
+    ):
+        library.import_archive(archive, IDENTITY, None)
+    _assert_nothing_kept(tmp_path)
+
+
 def test_a_tampered_layer_does_not_match_its_digest(tmp_path: Path) -> None:
     spec = ImageSpec([files_layer(BASE)], gzip_layers=False)
     archive = write_oci_archive(tmp_path / "img.tar", spec)
