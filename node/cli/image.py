@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from node.runtime import keystore
 from node.runtime.config import Config, ConfigError, load
 from segments.image.library import ImageLibrary, ImportedImage, ImportResult
+from segments.image.oci import RunSettings
+from segments.image.oci_pack import pack
 from segments.image.store import DEFAULT_CACHE, Image, ImageError, build, list_images
 
 FORMATS = ("oci", "raw", "qcow2")
@@ -43,7 +46,7 @@ def _describe_imported(image: ImportedImage) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``image build|import|list``; for ``gleaner image`` and ``python -m``."""
+    """``image build|import|pack|list``; for ``gleaner image`` and ``python -m``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store", type=Path, help="store folder (default: the agent's, from --config)"
@@ -67,8 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_cmd.add_argument(
         "--format", choices=FORMATS, help="oci (also docker save), raw or qcow2 (default: guessed)"
     )
+    pack_cmd = sub.add_parser(
+        "pack", help="pack folders (lowest layer first) into an OCI archive, for import"
+    )
+    pack_cmd.add_argument("folders", type=Path, nargs="+")
+    pack_cmd.add_argument("-o", "--output", type=Path, required=True, help="archive to write")
+    pack_cmd.add_argument("--cmd", default="", help="the command, as a shell would split it")
+    pack_cmd.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
+    pack_cmd.add_argument("--workdir", default="/", help="working folder (default /)")
     sub.add_parser("list", parents=[common], help="the images in the store, with their names")
     args = parser.parse_args(argv)
+    if args.command == "pack":
+        return _pack(args)
     try:
         config = load(args.config)
         store = args.store or config.image_store  # where the agent looks for images
@@ -97,8 +110,22 @@ def _import(args: argparse.Namespace, config: Config, store: Path) -> ImportResu
         return library.import_disk(args.file, identity, args.name, fmt)
 
 
+def _pack(args: argparse.Namespace) -> int:
+    missing = [str(folder) for folder in args.folders if not folder.is_dir()]
+    if missing or any("=" not in pair for pair in args.env):
+        problem = f"no folder {missing[0]}" if missing else "--env takes NAME=VALUE"
+        print(f"gleaner image pack: {problem}", file=sys.stderr)
+        return 1
+    settings = RunSettings(
+        cmd=tuple(shlex.split(args.cmd)), env=tuple(args.env), working_dir=args.workdir
+    )
+    pack(args.folders, args.output, settings)
+    print(f"packed {len(args.folders)} layers into {args.output}")
+    return 0
+
+
 def _guess_format(path: Path) -> str | None:
-    """"oci" for a tar (POSIX and GNU tars say ustar at 257), else None: the disk decides."""
+    """ "oci" for a tar (POSIX and GNU tars say ustar at 257), else None: the disk decides."""
     with open(path, "rb") as file:
         head = file.read(512)
     return "oci" if head[257:262] == b"ustar" else None

@@ -11,6 +11,8 @@ import pytest
 from kit.oci import ImageSpec, files_layer, link_member, write_docker_archive, write_oci_archive
 
 from node.cli.image import main as image_main
+from segments.image.layers import LayerLimits, flatten
+from segments.image.oci import OciArchive
 
 
 @pytest.fixture
@@ -85,3 +87,36 @@ def test_a_qcow2_root_disk_imports_as_the_same_image_as_its_raw_twin(
     assert from_qcow2["kind"] == "disk" and from_qcow2["disk"]["file_system"] == "ext4"
     assert from_qcow2["id"] == from_raw["id"] and from_raw["new_bytes"] == 0
     assert sorted(from_raw["names"]) == ["disks/root:q", "disks/root:r"]
+
+
+def test_packed_folders_import_as_layers_with_their_files_and_command(
+    tmp_path: Path, agent_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, app = tmp_path / "base", tmp_path / "app"
+    (base / "usr" / "bin").mkdir(parents=True)
+    (base / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (base / "usr" / "bin" / "tool").chmod(0o755)
+    (base / "bin").symlink_to("usr/bin")
+    (app / "srv").mkdir(parents=True)
+    (app / "srv" / "data.txt").write_text("input\n")
+    argv = [str(base), str(app), "--cmd", "/bin/tool --fast 'two words'", "--env", "A=1"]
+    assert image_main(["pack", *argv, "-o", str(tmp_path / "one.tar")]) == 0
+    assert image_main(["pack", *argv, "-o", str(tmp_path / "two.tar")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    config = ["--config", str(agent_toml), "--json"]
+    assert image_main(["import", str(tmp_path / "one.tar"), "--name", "lab/app", *config]) == 0
+    imported = json.loads(capsys.readouterr().out)
+    assert imported["settings"]["cmd"] == ["/bin/tool", "--fast", "two words"]
+    assert imported["settings"]["env"] == ["A=1"] and len(imported["layers"]) == 2
+    with OciArchive(tmp_path / "one.tar") as archive:
+        image = archive.read_image()
+        changesets = [
+            archive.open_layer(ref, tmp_path / f"{n}.layer", LayerLimits())
+            for n, ref in enumerate(image.layers)
+        ]
+    root = flatten(changesets)
+    assert sorted(root) == ["bin", "srv", "srv/data.txt", "usr", "usr/bin", "usr/bin/tool"]
+    assert root["bin"].entry.link == "usr/bin" and root["usr/bin/tool"].entry.mode == 0o755
+    assert root["srv/data.txt"].layer == 1
+    assert image_main(["pack", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.tar")]) == 1
