@@ -30,6 +30,16 @@ class UnsafePath(ValueError):
     """An archive member's name that could leave its root, or that no file system takes."""
 
 
+def names_the_root(name: str) -> bool:
+    """True for ``.``, ``./`` and the like: the folder an archive was made from."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith("/")
+        and all(part in ("", ".") for part in name.split("/"))
+    )
+
+
 def safe_member_name(name: str) -> str:
     """`name` as a normalised relative path ("etc/passwd"), or raise UnsafePath."""
     if not isinstance(name, str) or not name:

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from segments.image.archive_paths import UnsafePath, safe_member_name
+from segments.image.archive_paths import UnsafePath, names_the_root, safe_member_name
 from segments.image.errors import ImageError
 from segments.image.tarstream import ArchiveRefused, open_stream
 
@@ -121,6 +121,8 @@ def check_layer(stream: IO[bytes], limits: LayerLimits = LayerLimits()) -> Chang
 
 
 def _take(changes: Changeset, info: tarfile.TarInfo, limits: LayerLimits) -> None:
+    if info.type == tarfile.DIRTYPE and names_the_root(info.name):
+        return  # "./": the root itself, which every image has
     try:
         path = safe_member_name(info.name)
     except UnsafePath as exc:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
-from segments.image.archive_paths import UnsafePath, safe_member_name
+from segments.image.archive_paths import UnsafePath, names_the_root, safe_member_name
 from segments.image.tarstream import ArchiveRefused, open_stream
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ def _extract(reader: _DiskReader, root: Path, limits: OutputLimits) -> list[Outp
             for count, member in enumerate(tar, start=1):
                 if count > limits.max_members:
                     raise OutputError(f"the output has over {limits.max_members} members")
+                if member.isdir() and names_the_root(member.name):
+                    continue  # busybox writes "./" first
                 path = _check_member(member, kinds, limits, total)
                 if member.isdir():
                     _make_folders(root, path, kinds)

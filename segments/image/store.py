@@ -24,7 +24,7 @@ image. Same inputs, same bytes, same id, on any host with the same busybox.
 
 A second build of a recipe should be free. ``STORE/images/index/KEY`` holds the
 id built for a key over (canonical recipe, kernel package version, busybox
-digest, workload script): finding it, ``build`` returns the stored image with
+digest, workload script, its applets): finding it, ``build`` returns the stored image with
 no download and no unpacking. The kernel version comes from the recipe's pin
 or from ``apt-cache`` (a local look-up), so a new kernel in Debian means a new
 image, and so does a new busybox on the host or a changed workload script.
@@ -50,7 +50,7 @@ from segments.image import kernelpkg
 from segments.image.cpio import Entry, write_newc
 from segments.image.errors import ImageError
 from segments.image.recipe import canonical, load_recipe, parse_recipe, recipe_toml
-from segments.image.workload import APPLETS, WORKLOADS
+from segments.image.workload import WORKLOAD_APPLETS, WORKLOADS
 
 __all__ = ["Image", "ImageError", "build", "list_images", "load", "load_recipe", "parse_recipe"]
 
@@ -120,9 +120,10 @@ def build_initramfs(
     recipe: dict[str, Any], busybox: bytes, modules: Sequence[kernelpkg.Module]
 ) -> bytes:
     """The gzip'd newc initramfs: busybox, applet links, modules, settings and /init."""
+    applets = WORKLOAD_APPLETS[recipe["image"]["workload"]]
     entries = [
         Entry.file("bin/busybox", busybox, 0o755),
-        *(Entry.symlink(f"bin/{applet}", "busybox") for applet in APPLETS),
+        *(Entry.symlink(f"bin/{applet}", "busybox") for applet in applets),
         Entry.char_device("dev/console", 5, 1),
         Entry.file("etc/gleaner.conf", _conf(recipe, [m.name for m in modules])),
         Entry.file("init", WORKLOADS[recipe["image"]["workload"]].encode(), 0o755),
@@ -143,8 +144,10 @@ def image_id(recipe: dict[str, Any], vmlinuz: bytes, initrd: bytes) -> str:
 
 def _index_key(recipe: dict[str, Any], kernel_version: str, busybox: bytes) -> str:
     digest = hashlib.blake2b(digest_size=32, person=b"gleaner-imgidx")
-    workload = WORKLOADS[recipe["image"]["workload"]].encode()
-    for part in (canonical(recipe), kernel_version.encode(), busybox, workload):
+    name = recipe["image"]["workload"]
+    workload = WORKLOADS[name].encode()
+    applets = " ".join(WORKLOAD_APPLETS[name]).encode()
+    for part in (canonical(recipe), kernel_version.encode(), busybox, workload, applets):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(hashlib.blake2b(part, digest_size=32).digest())
     return digest.hexdigest()

@@ -45,6 +45,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from segments.image.runner import RUN_APPLETS, RUN_INIT
+
 SANS_IO = True  # a core: tests/unit/test_import_graph.py holds it to no I/O
 
 STATE_HEX = 16
@@ -128,7 +130,8 @@ echo "gleaner-result $s"
 poweroff -f
 """
 
-WORKLOADS = {"demo": DEMO_INIT}
+WORKLOADS = {"demo": DEMO_INIT, "run": RUN_INIT}
+WORKLOAD_APPLETS = {"demo": APPLETS, "run": RUN_APPLETS}
 
 
 class ContinuityError(ValueError):

@@ -383,6 +383,19 @@ class BlockStore:
             os.replace(tmp, target)
             _fsync_dir(target.parent)
 
+    def write_into(self, manifest: Manifest, name: str, fd: int, offset: int) -> None:
+        """Write the manifest's file `name` into the open file `fd` at `offset`.
+
+        Every block is verified; zero blocks are skipped (a sparse target keeps a
+        hole). Raises MissingBlock or CorruptBlock; the caller owns `fd`.
+        """
+        for ref in manifest.file(name).blocks(manifest.block_size):
+            if not ref.zero:
+                data = self.get(ref.digest)
+                if len(data) != ref.length:
+                    raise CorruptBlock(ref.digest, "length differs from the manifest")
+                os.pwrite(fd, data, offset + ref.offset)
+
     # -- housekeeping ------------------------------------------------------------
 
     def gc(self) -> GcResult:

@@ -65,6 +65,7 @@ KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
 GUEST_ARCH = "x86_64"
+MAX_DISKS = 8  # vda..vdh: the run workload uses four
 POLL_INTERVAL_S = 0.05
 R = TypeVar("R")
 UUID_NAMESPACE = uuid.UUID("6d1b0c4e-4f57-4a43-9b8e-676c65616e72")  # fixed: UUIDs stay stable
@@ -92,6 +93,14 @@ ACTIVE_STATES = frozenset({VmState.RUNNING, VmState.PAUSED, VmState.SHUTTING_DOW
 
 
 @dataclass(frozen=True, slots=True)
+class Disk:
+    """A raw disk file given to the guest as the next virtio disk (vda, vdb, ...)."""
+
+    path: Path
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class VmSpec:
     name: str
     kernel: Path
@@ -102,6 +111,7 @@ class VmSpec:
     vcpus: int = 1
     tap: str | None = None
     kvm: bool | None = None  # None: kvm_usable() decides at define time
+    disks: tuple[Disk, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +198,15 @@ def domain_xml(spec: VmSpec, kvm: bool) -> str:
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.serial_log), append="on")
     ET.SubElement(serial, "target", port="0")
+    if len(spec.disks) > MAX_DISKS:
+        raise ValueError(f"a guest takes at most {MAX_DISKS} disks, not {len(spec.disks)}")
+    for index, disk in enumerate(spec.disks):
+        element = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(element, "driver", name="qemu", type="raw", cache="writeback")
+        ET.SubElement(element, "source", file=str(disk.path))
+        ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        if disk.read_only:
+            ET.SubElement(element, "readonly")
     if spec.tap is not None:
         interface = ET.SubElement(devices, "interface", type="ethernet")
         ET.SubElement(interface, "target", dev=spec.tap)
@@ -197,7 +216,7 @@ def domain_xml(spec: VmSpec, kvm: bool) -> str:
 
 
 def relocated_xml(image_xml: str, local: VmSpec) -> str:
-    """A saved VM's XML pointed at this host's files: kernel, initrd, serial log, tap.
+    """A saved VM's XML pointed at this host's files: kernel, initrd, serial log, tap, disks.
 
     A checkpoint made on another host names that host's paths. None of them is
     part of the guest's ABI (the kernel is already in the saved RAM), so libvirt
@@ -218,6 +237,10 @@ def relocated_xml(image_xml: str, local: VmSpec) -> str:
         target = interface.find("target")
         if target is not None and local.tap is not None:
             target.set("dev", local.tap)
+    for element, disk in zip(domain.iterfind("devices/disk"), local.disks, strict=False):
+        source = element.find("source")
+        if source is not None:
+            source.set("file", str(disk.path))
     return ET.tostring(domain, encoding="unicode")
 
 

@@ -74,6 +74,7 @@ def test_the_pure_packages_and_modules_are_the_ones_the_architecture_names() -> 
         "segments.image.archive_paths",
         "segments.image.layers",
         "segments.image.tarstream",
+        "segments.image.runner",
     }
 
 
