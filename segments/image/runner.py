@@ -117,7 +117,7 @@ if [ ! -e /newroot/.gleaner-unpacked ]; then
         member=${member#./}; base=${member##*/}; dir=${member%/*}
         [ "$dir" = "$member" ] && dir=.
         case "$base" in
-          .wh..wh..opq) rm -rf "/newroot/$dir"/* "/newroot/$dir"/.[!.]* 2>/dev/null ;;
+          .wh..wh..opq) (set +f; rm -rf "/newroot/$dir"/* "/newroot/$dir"/.[!.]* 2>/dev/null) ;;
           .wh.*) rm -rf "/newroot/$dir/${base#.wh.}" ;;
         esac
       done < /run/members

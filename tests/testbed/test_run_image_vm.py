@@ -41,9 +41,11 @@ tr a-z A-Z < /gleaner/in/data.txt > /gleaner/out/upper.txt
 mkdir -p /gleaner/out/sub
 sha256sum /gleaner/in/data.txt | cut -d' ' -f1 > /gleaner/out/sub/sum
 echo "working in $(pwd) as $GREETING" >&2
+old=gone; [ -e /app/old.txt ] && old=present
+echo "old:$old keep:$(ls /data/keep 2>/dev/null | tr '\\n' ',')"
 exit 3
 """
-APPLETS = ("sh", "wc", "tr", "mkdir", "sha256sum", "cut", "echo", "pwd")
+APPLETS = ("sh", "wc", "tr", "mkdir", "sha256sum", "cut", "echo", "pwd", "ls")
 real = pytest.mark.skipif(
     shutil.which("libvirtd") is None or not Path("/bin/busybox").exists(),
     reason="needs libvirtd and busybox-static",
@@ -127,15 +129,23 @@ def test_an_oci_image_runs_its_command_with_inputs_and_outputs(
     runtime: LibvirtRuntime, boot: image_store.Image, tmp_path: Path
 ) -> None:
     base = root_folder(tmp_path / "root")
-    app = tmp_path / "app-layer"
-    (app / "etc").mkdir(parents=True)
-    (app / "etc" / "motd").write_text("a second layer\n")
+    (base / "app" / "old.txt").write_text("deleted by the next layer\n")
+    (base / "data" / "keep").mkdir(parents=True)
+    for name in ("a", "b"):
+        (base / "data" / "keep" / name).write_text(name)
+    app = tmp_path / "app-layer"  # whiteouts are files with OCI's names in a layer
+    (app / "app").mkdir(parents=True)
+    (app / "app" / ".wh.old.txt").write_text("")
+    (app / "data" / "keep").mkdir(parents=True)
+    (app / "data" / "keep" / ".wh..wh..opq").write_text("")
+    (app / "data" / "keep" / "c").write_text("c")
     archive = pack([base, app], tmp_path / "img.tar", RunSettings(cmd=("/bin/sh", "/app/run.sh")))
     with ImageLibrary(tmp_path / "store") as library:
         imported = library.import_archive(archive, IDENTITY, "test/job").image
         console, _ = run_job(runtime, boot, library, imported, tmp_path, None)
     assert "hello from the job" in console
     assert "working in /app as hi" in console
+    assert "old:gone keep:c," in console  # the whiteout and the opaque folder, in the guest
     assert parse_exit(console) == 3
 
 
