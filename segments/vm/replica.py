@@ -75,12 +75,13 @@ from node.base.identity import Identity
 from segments.store.blocks import BlockStore
 from segments.store.manifest import Manifest
 from segments.vm.progress import console_text, encode_progress
-from segments.vm.runtime import VmError, VmRuntime, VmSpec, VmState
+from segments.vm.runtime import Disk, VmError, VmRuntime, VmSpec, VmState
 from segments.vm.savestream import SaveStreamError, join, split
 
 MEMORY_FILE = "memory"  # a checkpoint stored as one raw save file
 RAM_FILE, REST_FILE = "ram", "rest"  # a checkpoint split by segments.vm.savestream
 CONSOLE_FILE = "console"  # the run's serial log: what the guest printed in the segment
+DISK_PREFIX = "disk-"  # disk-N: the guest's N-th disk (writable ones only), as the save left it
 SERIAL_LOG = "serial.log"  # in the work dir: the guest's console on this host
 POLL_S = 0.1
 ARRIVAL_POLL_S = 0.005  # one libvirt listing each, only while a migrating guest arrives
@@ -124,6 +125,7 @@ class SegmentRun:
     vcpus: int
     extent_cpu_s: float
     tap: str | None = None
+    disks: tuple[Disk, ...] = ()  # this host's files; the writable ones travel in checkpoints
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +156,33 @@ def replica_spec(run: SegmentRun, work_dir: Path) -> VmSpec:
         memory_mb=run.memory_mb,
         vcpus=run.vcpus,
         tap=run.tap,
+        disks=run.disks,
     )
+
+
+def disk_files(disks: tuple[Disk, ...]) -> dict[str, Path]:
+    """A checkpoint's disk files by name: ``disk-N`` for each writable disk N."""
+    return {f"{DISK_PREFIX}{n}": disk.path for n, disk in enumerate(disks) if not disk.read_only}
+
+
+def restore_disks(store: BlockStore, checkpoint: Manifest, disks: tuple[Disk, ...]) -> None:
+    """Put the checkpoint's disk contents into this host's disk files (each whole, atomically).
+
+    Raises ReplicaError if the checkpoint's disks are not the ones `disks` expects.
+    """
+    held = {entry.name for entry in checkpoint.files if entry.name.startswith(DISK_PREFIX)}
+    wanted = disk_files(disks)
+    if held != set(wanted):
+        raise ReplicaError(f"checkpoint has disks {sorted(held)}, this run {sorted(wanted)}")
+    for name, path in wanted.items():
+        store.materialize(replace(checkpoint, files=(checkpoint.file(name),)), path)
 
 
 def save_file_parts(checkpoint: Manifest) -> tuple[str, ...]:
     """The names of the checkpoint's save file parts: (ram, rest), (memory), or () if none."""
-    names = {entry.name for entry in checkpoint.files} - {CONSOLE_FILE}
+    names = {e.name for e in checkpoint.files if not e.name.startswith(DISK_PREFIX)} - {
+        CONSOLE_FILE
+    }
     if names == {RAM_FILE, REST_FILE}:
         return (RAM_FILE, REST_FILE)
     if names == {MEMORY_FILE}:
@@ -334,7 +357,9 @@ class Replica:
                 ) from None
             if prefix_timeout_s is not None:
                 prefix = self._wait_for_prefix(name, prefix_timeout_s)
-            manifest, console = self._checkpoint(name, serial_log, not powered_off, prefix)
+            manifest, console = self._checkpoint(
+                name, serial_log, not powered_off, prefix, run.disks
+            )
         except VmError as exc:
             raise ReplicaError(f"segment on {name}: {exc}") from exc
         try:
@@ -355,6 +380,7 @@ class Replica:
         parts = self.work_dir / "restore.parts"
         try:
             rebuild_save_file(self.store, checkpoint, save_file, parts)
+            restore_disks(self.store, checkpoint, spec.disks)
             return self.runtime.restore(save_file, local=spec)
         except ReplicaError as exc:
             raise ReplicaError(f"restoring {spec.name}: {exc}") from exc
@@ -470,7 +496,12 @@ class Replica:
             return None
 
     def _checkpoint(
-        self, name: str, serial_log: Path, saved: bool, prefix: bytes | None
+        self,
+        name: str,
+        serial_log: Path,
+        saved: bool,
+        prefix: bytes | None,
+        disks: tuple[Disk, ...],
     ) -> tuple[Manifest, bytes]:
         """Save the paused guest (if `saved`); store its parts with the console; return both.
 
@@ -500,6 +531,7 @@ class Replica:
             except OSError as exc:
                 raise ReplicaError(f"reading the console of {name}: {exc}") from exc
             files[CONSOLE_FILE] = serial_log if prefix is None else joined
+            files.update(disk_files(disks))  # QEMU has stopped: the disks are still
             return self.store.put_files(files, self.identity), console
         finally:
             save_file.unlink(missing_ok=True)

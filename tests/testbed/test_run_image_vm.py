@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from kit import job_images
 from kit.agents import needs_root
-from kit.paths import REPO_ROOT
+from kit.job_images import RUN_RECIPE
 from kit.vm_lab import PACKAGE_CACHE, one_host
 
 from node.base.identity import Identity
@@ -30,7 +31,6 @@ from segments.image.outputs import read_outputs
 from segments.image.runner import parse_exit
 from segments.vm.runtime import LibvirtRuntime, VmSpec, VmState
 
-RUN_RECIPE = REPO_ROOT / "deploy" / "recipes" / "run.toml"
 IDENTITY = Identity.from_seeds(b"\x41" * 32, b"\x42" * 32)
 BOOT_TIMEOUT_S = 180.0
 APP = """#!/bin/sh
@@ -65,14 +65,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory):
 
 
 def root_folder(path: Path) -> Path:
-    (path / "bin").mkdir(parents=True)
-    shutil.copy2("/bin/busybox", path / "bin" / "busybox")
-    for applet in APPLETS:
-        (path / "bin" / applet).symlink_to("busybox")
-    (path / "app").mkdir()
-    (path / "app" / "run.sh").write_text(APP)
-    (path / "app" / "run.sh").chmod(0o755)
-    return path
+    return job_images.root_folder(path, APPLETS, {"app/run.sh": APP})
 
 
 def expected_outputs(data: bytes) -> dict[str, bytes]:

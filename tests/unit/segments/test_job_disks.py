@@ -13,6 +13,8 @@ from segments.image.errors import ImageError
 from segments.image.job_disks import IMAGE, JOB, Command, command_for, prepare, write_job_tar
 from segments.image.library import ImageLibrary, ImportedImage
 from segments.image.runner import BLOCK, image_disk_header, layer_offsets, parse_exit, run_script
+from segments.store.blocks import BlockStore
+from segments.vm.replica import ReplicaError, restore_disks, save_file_parts
 from segments.vm.runtime import Disk, VmSpec, domain_xml, relocated_xml
 
 IDENTITY = Identity.from_seeds(b"\x51" * 32, b"\x52" * 32)
@@ -111,3 +113,22 @@ def test_disks_appear_in_the_domain_in_order_and_follow_the_checkpoint(tmp_path:
     assert str(tmp_path / "s2") in relocated and str(tmp_path / "s") + '"' not in relocated
     with pytest.raises(ValueError, match="at most"):
         domain_xml(VmSpec("gl-x", tmp_path, tmp_path, "", tmp_path, disks=disks * 5), kvm=False)
+
+
+def test_a_checkpoint_s_disks_are_restored_whole_and_must_be_the_run_s(tmp_path: Path) -> None:
+    store = BlockStore(tmp_path / "blocks")
+    try:
+        scratch, ram = tmp_path / "scratch", tmp_path / "ram"
+        scratch.write_bytes(b"\x00" * 40000 + b"written in segment 1")
+        ram.write_bytes(b"r" * 100)
+        files = {"memory": ram, "console": ram, "disk-0": scratch}
+        checkpoint = store.put_files(files, IDENTITY)
+        assert save_file_parts(checkpoint) == ("memory",)  # disks are not part of the save file
+        here = (Disk(tmp_path / "here"), Disk(tmp_path / "image", read_only=True))
+        (tmp_path / "here").write_bytes(b"stale")
+        restore_disks(store, checkpoint, here)
+        assert (tmp_path / "here").read_bytes() == scratch.read_bytes()
+        with pytest.raises(ReplicaError, match="disks"):
+            restore_disks(store, checkpoint, (*here, Disk(tmp_path / "out")))
+    finally:
+        store.close()
