@@ -101,8 +101,14 @@ from segments.image.workload import (
 from segments.store.blocks import BlockStore, BlockStoreError
 from segments.store.manifest import Manifest
 from segments.vm.progress import Progress, console_text, decode_progress, encode_progress
-from segments.vm.replica import CONSOLE_FILE, ReplicaError, rebuild_save_file, save_file_parts
-from segments.vm.runtime import ACTIVE_STATES, VmError, VmRuntime, VmSpec, VmState
+from segments.vm.replica import (
+    CONSOLE_FILE,
+    ReplicaError,
+    rebuild_save_file,
+    restore_disks,
+    save_file_parts,
+)
+from segments.vm.runtime import ACTIVE_STATES, Disk, VmError, VmRuntime, VmSpec, VmState
 
 POLL_S = 0.1
 CPU_GROWTH_S = 0.1  # vCPU time a guest without progress lines must add (the clock ticks 10 ms)
@@ -134,6 +140,8 @@ class VerifySpec:
     # replica) makes the restore fail and the verdict blame the checkpoint.
     vm_name: str | None = None
     tap: str | None = None  # a tap name for a checkpoint with a NIC (else its saved name)
+    # The job's disks here; the writable ones are filled from the checkpoint, in copies.
+    disks: tuple[Disk, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +388,10 @@ def _check_alive(
         memory_mb=spec.memory_mb,
         vcpus=spec.vcpus,
         tap=spec.tap,
+        disks=tuple(
+            disk if disk.read_only else Disk(work / f"disk-{n}.raw")
+            for n, disk in enumerate(spec.disks)
+        ),
     )
     restored: str | None = None
     known: dict[str, VmState] = {}
@@ -395,6 +407,12 @@ def _check_alive(
         except BlockStoreError as exc:
             raise VerifyError(f"rebuilding the checkpoint's save file: {exc}") from exc
         shutil.rmtree(work / "parts", ignore_errors=True)
+        try:
+            restore_disks(store, manifest, local.disks)
+        except ReplicaError as exc:
+            raise _Rejected(f"the checkpoint's disks: {exc}") from None
+        except BlockStoreError as exc:
+            raise VerifyError(f"rebuilding the checkpoint's disks: {exc}") from exc
         try:
             restored = runtime.restore(save_file, local=local)
         except VmError as exc:

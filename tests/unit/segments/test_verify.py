@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from segments.vm.replica import (
     ReplicaError,
     SegmentRun,
 )
-from segments.vm.runtime import VmSpec, VmState
+from segments.vm.runtime import Disk, VmSpec, VmState
 from segments.vm.verify import VerifyError, VerifySpec, verify_checkpoint
 
 IDENTITY = Identity.from_seeds(b"\x05" * 32, b"\x06" * 32)
@@ -607,4 +608,33 @@ def test_local_conflicts_raise_and_definitions_stay(tmp_path: Path, store: Block
     with pytest.raises(VerifyError, match=f"a domain named {VM} is already running here"):
         verify(tmp_path, store, manifest, claim, base, runtime=runtime)
     assert runtime.list_vms() == {VM: VmState.RUNNING}
+    assert leftovers(tmp_path) == []
+
+
+def test_a_checkpoint_s_disks_are_restored_into_copies_of_their_own(
+    tmp_path: Path, store: BlockStore
+) -> None:
+    console = chain_lines(SEED, 4, 9)
+    manifest = checkpoint_of(tmp_path, store, console, save=True)
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"read-only")
+    disks = (Disk(tmp_path / "scratch.raw"), Disk(image, read_only=True))
+    base = claim_of(boot_console(SEED, 3))
+    verdict = verify(tmp_path, store, manifest, claim_of(console), base, disks=disks)
+    assert not verdict.ok and "the checkpoint's disks" in verdict.reason  # it holds none
+    scratch = tmp_path / "scratch-src.raw"
+    scratch.write_bytes(b"guest files" * 1000)
+    files = {f.name: tmp_path / f"part-{f.name}" for f in manifest.files}
+    for entry in manifest.files:
+        store.materialize(replace(manifest, files=(entry,)), files[entry.name])
+    with_disk = store.put_files({**files, "disk-0": scratch}, IDENTITY)
+    runtime = ConsoleFake()
+    runtime.restore_output = chain_lines(SEED, 10, 12)
+    verdict = verify(
+        tmp_path, store, with_disk, claim_of(console), base, runtime=runtime, disks=disks
+    )
+    assert verdict.ok, verdict.reason
+    restored = runtime.restored_specs[-1].disks
+    assert restored[1] == disks[1] and restored[0].path.parent.parent == tmp_path / "verify"
+    assert not (tmp_path / "scratch.raw").exists()  # the job's own file is never written
     assert leftovers(tmp_path) == []
