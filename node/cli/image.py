@@ -46,7 +46,7 @@ def _describe_imported(image: ImportedImage) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``image build|import|pack|list``; for ``gleaner image`` and ``python -m``."""
+    """``image build|import|pack|rm|list``; for ``gleaner image`` and ``python -m``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--store", type=Path, help="store folder (default: the agent's, from --config)"
@@ -78,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pack_cmd.add_argument("--cmd", default="", help="the command, as a shell would split it")
     pack_cmd.add_argument("--env", action="append", default=[], help="NAME=VALUE (repeatable)")
     pack_cmd.add_argument("--workdir", default="/", help="working folder (default /)")
+    remove_cmd = sub.add_parser(
+        "rm", parents=[common], help="remove imported images (by name or id) and unused layers"
+    )
+    remove_cmd.add_argument("images", nargs="+", help="NAME[:TAG] or image id")
     sub.add_parser("list", parents=[common], help="the images in the store, with their names")
     args = parser.parse_args(argv)
     if args.command == "pack":
@@ -89,6 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_built([build(args.recipe, store, args.cache)], args.json)
         elif args.command == "import":
             _print_import(_import(args, config, store), args.json)
+        elif args.command == "rm":
+            with ImageLibrary(store) as library:
+                for reference in args.images:
+                    removed, freed = library.remove(reference)
+                    print(
+                        f"removed {removed.id} ({', '.join(removed.names) or 'no name'}): "
+                        f"{freed / 2**20:.1f} MiB freed"
+                    )
         else:
             _print_built(list_images(store), args.json)
             with ImageLibrary(store) as library:

@@ -261,6 +261,29 @@ class ImageLibrary:
                 self.root / NAMES, (json.dumps(names, indent=2, sort_keys=True) + "\n").encode()
             )
 
+    def remove(self, reference: str) -> tuple[ImportedImage, int]:
+        """Forget an image, its names and the layers no other image uses; (it, bytes freed).
+
+        The record goes first, so a crash half-way leaves layers no image names,
+        which a later ``remove`` or the block store's ``gc`` releases.
+        """
+        image = self.resolve(reference)
+        with self._names_locked() as names:
+            for name in [n for n, ident in names.items() if ident == image.id]:
+                del names[name]
+            (self.root / IMPORTED / f"{image.id}.json").unlink(missing_ok=True)
+        still_used = {layer["manifest"] for other in self.list() for layer in other.layers}
+        still_used |= {other.disk["manifest"] for other in self.list() if other.disk}
+        mine = [(layer["manifest"], layer["diff_id"]) for layer in image.layers]
+        if image.disk:
+            mine.append((image.disk["manifest"], None))
+        for manifest, diff_id in mine:
+            if manifest not in still_used:
+                self.store.remove_manifest(bytes.fromhex(manifest))
+                if diff_id is not None:
+                    self._layer_record(diff_id).unlink(missing_ok=True)
+        return image, self.store.gc().bytes_freed
+
     def resolve(self, reference: str) -> ImportedImage:
         """The image a name (``NAME[:TAG]``) or an id names."""
         if ID_PATTERN.fullmatch(reference):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -120,3 +121,26 @@ def test_packed_folders_import_as_layers_with_their_files_and_command(
     assert root["bin"].entry.link == "usr/bin" and root["usr/bin/tool"].entry.mode == 0o755
     assert root["srv/data.txt"].layer == 1
     assert image_main(["pack", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.tar")]) == 1
+
+
+def test_rm_removes_an_image_and_only_the_layers_no_other_image_uses(
+    tmp_path: Path, agent_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = files_layer({"base": random.Random(5).randbytes(200_000)})
+    own = files_layer({"own": random.Random(6).randbytes(100_000)})
+    one = write_oci_archive(tmp_path / "one.tar", ImageSpec([shared, own]))
+    two = write_oci_archive(tmp_path / "two.tar", ImageSpec([shared]))
+    config = ["--config", str(agent_toml)]
+    assert image_main(["import", str(one), "--name", "lab/one", *config]) == 0
+    assert image_main(["import", str(two), "--name", "lab/two", *config]) == 0
+    capsys.readouterr()
+    assert image_main(["rm", "lab/one", *config]) == 0
+    freed = float(capsys.readouterr().out.split(": ")[-1].split()[0])
+    assert 0.09 <= freed <= 0.2  # its own layer's 100 KB went, the shared one stayed
+    assert image_main(["list", *config, "--json"]) == 0
+    assert [json.loads(line)["names"] for line in capsys.readouterr().out.splitlines()] == [
+        ["lab/two:latest"]
+    ]
+    assert image_main(["rm", "lab/two", *config]) == 0
+    assert image_main(["rm", "lab/two", *config]) == 1
+    assert "no image named lab/two:latest" in capsys.readouterr().err
