@@ -12,14 +12,26 @@ then the second image into the same store, and prints one JSON object:
 * ``second_image_bytes`` and ``second_image_new_bytes``: the second image's
   size and the block bytes its import added, against ``app_layer_bytes``;
   the target is ``second_image_new_bytes <= 1.05 * app_layer_bytes``;
-* ``not_yet_measured``: the figures of issue 14 that need images to travel
-  and guests to run them (fetch, checkpoints with disks, a whole job), which
-  do not exist yet.
+* ``first_fetch_bytes``: the block bytes a fresh host's store lacks for the
+  base image, which is what a transfer ships it (zero blocks never travel);
+* with ``--vm`` (root, libvirtd, TCG): a job that appends ``--lines``
+  numbered lines to a file on its scratch disk runs segment by segment,
+  alternating between two private libvirtds (one namespace each) with
+  separate block stores; each checkpoint (RAM and the writable disks) is
+  shipped to the other host as the blocks it lacks. Per segment:
+  ``checkpoint_disk_bytes_shipped`` (of the scratch and output disks),
+  ``ram_bytes_shipped``, ``disk_blocks_changed_bytes`` (the scratch disk's
+  blocks that differ from the previous checkpoint's), against
+  ``scratch_disk_bytes``; the target is shipped <= changed disk blocks + RAM
+  delta + 5 %. Then ``job_wall_s``, ``segments`` and ``outputs_ok`` (the
+  output file holds every line in order).
+* ``not_yet_measured``: what needs the market to carry images (issue 14).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,17 +40,29 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.base.identity import Identity
-from segments.image.library import ImageLibrary
+from node.testbed import netns
+from segments.image.job_disks import command_for, prepare
+from segments.image.library import ImageLibrary, ImportedImage
 from segments.image.oci import RunSettings
 from segments.image.oci_pack import pack
-from segments.store.blocks import DEFAULT_BLOCK_SIZE
+from segments.image.outputs import read_outputs
+from segments.image.store import build
+from segments.store.blocks import DEFAULT_BLOCK_SIZE, BlockStore
+from segments.store.manifest import ZERO, Manifest
+from segments.vm.libvirtd import Libvirtd
+from segments.vm.replica import Replica, SegmentRun
+from segments.vm.runtime import Disk, LibvirtRuntime
 
 BASE_SOURCE = Path("/usr/lib/python3.11")
+RUN_RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "recipes" / "run.toml"
+MAX_SEGMENTS = 40
 IDENTITY = Identity.from_seeds(b"\x31" * 32, b"\x32" * 32)
 
 
@@ -57,6 +81,13 @@ def run(work: Path, app_mib: float) -> dict[str, object]:
         first = library.import_archive(base_archive, IDENTITY, "bench/base")
         second = library.import_archive(second_archive, IDENTITY, "bench/app")
         app_layer_bytes = int(second.image.layers[-1]["size"])
+        fresh = BlockStore(work / "fresh")  # a host that holds nothing yet
+        try:
+            first_fetch = sum(
+                _lacking(library.store, fresh, layer["manifest"]) for layer in first.image.layers
+            )
+        finally:
+            fresh.close()
     ratio = second.new_bytes / app_layer_bytes
     return {
         "bench": "workloads",
@@ -72,15 +103,9 @@ def run(work: Path, app_mib: float) -> dict[str, object]:
         "target_second_new_over_app_layer_max": 1.05,
         "target_met": ratio <= 1.05,
         "pack_two_archives_s": round(pack_s, 3),
+        "first_fetch_bytes": first_fetch,
         "not_yet_measured": {
-            name: "needs images to travel and guests to run imported images (issue 14)"
-            for name in (
-                "first_fetch_bytes",
-                "checkpoint_disk_bytes_shipped",
-                "job_wall_s",
-                "segments",
-                "outputs_ok",
-            )
+            "through_the_market": "offers do not name imported images yet (issue 14)"
         },
         "conditions": {
             "base": str(BASE_SOURCE),
@@ -93,16 +118,156 @@ def run(work: Path, app_mib: float) -> dict[str, object]:
     }
 
 
+def _lacking(source: BlockStore, dest: BlockStore, manifest_hex: str) -> int:
+    manifest = source.manifest(bytes.fromhex(manifest_hex))
+    assert manifest is not None
+    return sum(dest.missing(manifest).values())
+
+
+def ship(source: BlockStore, dest: BlockStore, checkpoint: Manifest) -> dict[str, int]:
+    """Copy the blocks `dest` lacks, then the manifest; the bytes shipped, by file."""
+    missing = dest.missing(checkpoint)
+    by_file: dict[str, int] = {}
+    for entry, ref in checkpoint.blocks():
+        if ref.digest in missing:
+            by_file[entry.name] = by_file.get(entry.name, 0) + ref.length
+            dest.put(source.get(ref.digest), ref.digest)
+            del missing[ref.digest]
+    dest.add_manifest(checkpoint)
+    return by_file
+
+
+LINES_APP = """#!/bin/sh
+i=$(cat /data/n 2>/dev/null || echo 0)
+while [ "$i" -lt {lines} ]; do
+  i=$((i + 1))
+  echo "line $i" >> /data/log
+  echo "$i" > /data/n
+done
+cp /data/log /gleaner/out/log
+"""
+SCRATCH_BYTES, OUTPUT_BYTES = 64 << 20, 16 << 20
+
+
+def _lines_image(work: Path, library: ImageLibrary, lines: int) -> ImportedImage:
+    root = work / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "data").mkdir()
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "cat", "cp", "echo"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "app").mkdir()
+    (root / "app" / "run.sh").write_text(LINES_APP.format(lines=lines))
+    archive = pack([root], work / "lines.tar", RunSettings(cmd=("/bin/sh", "/app/run.sh")))
+    return library.import_archive(archive, IDENTITY, "bench/lines").image
+
+
+def run_segments(work: Path, lines: int, extent_s: float) -> dict[str, object]:
+    """The job over segments on two private libvirtds with separate stores (see above)."""
+    work.mkdir(parents=True)
+    boot = build(RUN_RECIPE, work / "images")
+    tag = os.urandom(3).hex()
+    with contextlib.ExitStack() as stack:
+        library = stack.enter_context(ImageLibrary(work / "library"))
+        image = _lines_image(work, library, lines)
+        hosts: dict[str, tuple[LibvirtRuntime, BlockStore, tuple[Disk, ...]]] = {}
+        for label in ("a", "b"):
+            namespace = f"glw-{tag}-{label}"
+            stack.callback(netns.delete_namespace, namespace)
+            netns.add_namespace(namespace)
+            daemon = Libvirtd(label, work / label, namespace, str(uuid.uuid4()))
+            stack.callback(daemon.stop)
+            daemon.start()
+            daemon.warm_up()
+            runtime = LibvirtRuntime(daemon.uri)
+            stack.callback(runtime.close)
+            store = BlockStore(work / f"blocks-{label}")
+            stack.callback(store.close)
+            disks = prepare(
+                library,
+                image,
+                command_for(image),
+                {},
+                work / f"disks-{label}",
+                SCRATCH_BYTES,
+                OUTPUT_BYTES,
+            )
+            hosts[label] = (runtime, store, disks)
+        per_segment: list[dict[str, object]] = []
+        checkpoint, host, started = None, "a", time.monotonic()
+        previous_disk: set[bytes] = set()
+        while True:
+            runtime, store, disks = hosts[host]
+            segment = len(per_segment)
+            replica = Replica(runtime, store, IDENTITY, work / f"run-{segment}")
+            run = SegmentRun(
+                "gl-bench-lines",
+                boot.kernel,
+                boot.initrd,
+                boot.cmdline,
+                128,
+                1,
+                extent_s,
+                disks=disks,
+            )
+            result = replica.run(run, checkpoint)
+            disk_blocks = {d for d in result.checkpoint.file("disk-0").digests if d != ZERO}
+            changed = sum(
+                ref.length
+                for ref in result.checkpoint.file("disk-0").blocks(store.block_size)
+                if ref.digest not in previous_disk and not ref.zero
+            )
+            previous_disk = disk_blocks
+            if result.powered_off or segment >= MAX_SEGMENTS:
+                break
+            other = "b" if host == "a" else "a"
+            by_file = ship(store, hosts[other][1], result.checkpoint)
+            disk = sum(n for name, n in by_file.items() if name.startswith("disk-"))
+            ram = sum(n for name, n in by_file.items() if name in ("ram", "rest", "memory"))
+            per_segment.append(
+                {
+                    "checkpoint_disk_bytes_shipped": disk,
+                    "ram_bytes_shipped": ram,
+                    "disk_blocks_changed_bytes": changed,
+                    "scratch_disk_used_bytes": len(disk_blocks) * store.block_size,
+                    "within_target": disk + ram <= 1.05 * (changed + ram),
+                }
+            )
+            checkpoint, host = result.checkpoint, other
+        wall = time.monotonic() - started
+        outputs = work / "outputs.raw"
+        store = hosts[host][1]
+        store.materialize(
+            replace(result.checkpoint, files=(result.checkpoint.file("disk-3"),)), outputs
+        )
+        files = read_outputs(outputs, work / "out")
+        log = (work / "out" / "log").read_text().splitlines() if files else []
+    return {
+        "segments": len(per_segment) + 1,
+        "job_wall_s": round(wall, 3),
+        "outputs_ok": result.powered_off and log == [f"line {i}" for i in range(1, lines + 1)],
+        "scratch_disk_bytes": SCRATCH_BYTES,
+        "per_segment": per_segment,
+        "vm_conditions": {"lines": lines, "extent_cpu_s": extent_s, "memory_mib": 128, "tcg": True},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--app-mib", type=float, default=4.0, help="the app layer's random data")
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
+    parser.add_argument("--vm", action="store_true", help="also run a job over segments (root)")
+    parser.add_argument("--lines", type=int, default=6000, help="--vm: lines the job appends")
+    parser.add_argument("--extent", type=float, default=3.0, help="--vm: vCPU-s per segment")
     args = parser.parse_args()
     if not BASE_SOURCE.is_dir():
         print(f"bench/workloads.py: needs {BASE_SOURCE}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="gleaner-bench-workloads-") as tmp:
-        print(json.dumps(run(Path(tmp), args.app_mib)))
+        result = run(Path(tmp), args.app_mib)
+        if args.vm:
+            result.update(run_segments(Path(tmp) / "vm", args.lines, args.extent))
+        print(json.dumps(result))
     return 0
 
 
