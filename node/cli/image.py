@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_built(list_images(store), args.json)
             with ImageLibrary(store) as library:
                 _print_imported(library.list(), args.json)
-    except (ImageError, ConfigError) as exc:
+    except (ImageError, ConfigError, OSError) as exc:
         print(f"gleaner image: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -128,10 +128,14 @@ def _pack(args: argparse.Namespace) -> int:
         problem = f"no folder {missing[0]}" if missing else "--env takes NAME=VALUE"
         print(f"gleaner image pack: {problem}", file=sys.stderr)
         return 1
-    settings = RunSettings(
-        cmd=tuple(shlex.split(args.cmd)), env=tuple(args.env), working_dir=args.workdir
-    )
-    pack(args.folders, args.output, settings)
+    try:
+        settings = RunSettings(
+            cmd=tuple(shlex.split(args.cmd)), env=tuple(args.env), working_dir=args.workdir
+        )
+        pack(args.folders, args.output, settings)
+    except (ValueError, OSError) as exc:
+        print(f"gleaner image pack: {exc}", file=sys.stderr)
+        return 1
     print(f"packed {len(args.folders)} layers into {args.output}")
     return 0
 

@@ -21,16 +21,19 @@ command and its input files:
 * **outputs** is a sparse, zeroed file of the output size; after the guest
   powers off, ``outputs.read_outputs`` reads it.
 
-The command follows OCI's rules: the job's command replaces the image's
-``Cmd``, its entrypoint (if given) the image's ``Entrypoint``, and the
-program runs as ``ENTRYPOINT + CMD``; the job's env adds to and overrides
-the image's; the working folder is the job's, else the image's, else ``/``.
+The command follows OCI's (and ``docker run``'s) rules: the job's command
+replaces the image's ``Cmd``, its entrypoint (if given) the image's
+``Entrypoint`` and drops the image's ``Cmd``, and the program runs as
+``ENTRYPOINT + CMD``, found by the image's ``PATH`` (not busybox's
+applets); the job's env adds to and overrides the image's; the working
+folder is the job's, else the image's, else ``/``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ from segments.vm.runtime import Disk
 SCRATCH, IMAGE, JOB, OUTPUTS = "scratch.raw", "image.raw", "job.raw", "outputs.raw"
 MAX_INPUT_BYTES = 1 << 30
 MIN_DISK_BYTES = 16 << 20
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +75,16 @@ def command_for(
     """The program the guest runs, by OCI's rules (see the module docstring)."""
     settings = image.settings
     head = list(entrypoint if entrypoint is not None else settings.get("entrypoint", []))
-    tail = list(command if command is not None else settings.get("cmd", []))
+    if command is not None:
+        tail = list(command)
+    elif entrypoint is not None:
+        tail = []  # a new entrypoint drops the image's Cmd, as docker run does
+    else:
+        tail = list(settings.get("cmd", []))
     merged: dict[str, str] = {}
     for pair in [*settings.get("env", []), *env]:
         name, separator, value = pair.partition("=")
-        if not separator or not name:
+        if not separator or not ENV_NAME.fullmatch(name):
             raise ImageError(f"env entry {pair[:80]!r} is not NAME=VALUE")
         merged[name] = value
     folder = working_dir or settings.get("working_dir") or "/"

@@ -34,6 +34,7 @@ root.
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ SANS_IO = True
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 MAX_LINK_BYTES = 4096
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_HARDLINK, KIND_FIFO = (
     "file",
@@ -81,6 +83,8 @@ class LayerLimits:
     max_members: int = 1_000_000
     max_file_bytes: int = 16 << 30
     max_layer_bytes: int = 32 << 30
+    max_image_members: int = 2_000_000  # over all layers (``flatten``)
+    max_image_bytes: int = 64 << 30  # over all layers (the library, as it stores them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,8 @@ def _take(changes: Changeset, info: tarfile.TarInfo, limits: LayerLimits) -> Non
         path = safe_member_name(info.name)
     except UnsafePath as exc:
         raise LayerError(f"layer refused: {exc}") from None
+    if CONTROL.search(path):  # the guest reads member lists line by line
+        raise LayerError(f"layer refused: {path[:80]!r} has a control character in its name")
     if info.type in _REFUSED_KINDS:
         raise LayerError(f"layer refused: {path!r} is {_REFUSED_KINDS[info.type]}")
     kind = _KINDS.get(info.type)
@@ -170,48 +176,88 @@ class Placed:
     entry: Entry
 
 
-def flatten(changesets: Sequence[Changeset]) -> dict[str, Placed]:
+def flatten(
+    changesets: Sequence[Changeset], limits: LayerLimits = LayerLimits()
+) -> dict[str, Placed]:
     """The root the stacked layers make, whiteouts applied: path -> where it comes from.
 
-    Raises LayerError for a member whose path runs through a symbolic link (a
-    guest unpacking it would write wherever the link points) or a hard link to
-    a path that is not a file by then.
+    Raises LayerError where a guest unpacking the layers with busybox tar would
+    not land where this says: a member or whiteout whose path runs through a
+    symbolic link or a file (tar would follow the link, out of the folder), a
+    folder replacing a non-folder or the reverse (tar keeps the old one or
+    gives up on the layer), a hard link to a path that is not a file by then;
+    and for more than ``max_image_members`` members in all. Time is linear in
+    the members and whiteouts: each path is indexed under its parent.
     """
-    root: dict[str, Placed] = {}
+    root = _Root()
+    members = 0
     for index, changes in enumerate(changesets):
+        members += len(changes.entries) + len(changes.deleted) + len(changes.opaque)
+        if members > limits.max_image_members:
+            raise LayerError(f"the image has over {limits.max_image_members} members in all")
         for folder in changes.opaque:
-            _remove_below(root, folder, keep_self=True)
+            root.check_parents(folder, f"{folder}/{OPAQUE_MARKER}")
+            root.remove(folder, keep_self=True)
         for path in changes.deleted:
-            _remove_below(root, path, keep_self=False)
+            root.check_parents(path, path)
+            root.remove(path, keep_self=False)
         for entry in changes.entries:
-            _check_placement(root, entry)
-            previous = root.get(entry.path)
-            if previous is not None and previous.entry.kind == KIND_DIR != entry.kind:
-                _remove_below(root, entry.path, keep_self=False)  # a file replaces a folder
-            root[entry.path] = Placed(index, entry)
-    return dict(sorted(root.items()))
+            root.check_parents(entry.path, entry.path)
+            previous = root.paths.get(entry.path)
+            if previous is not None and (previous.entry.kind == KIND_DIR) != (
+                entry.kind == KIND_DIR
+            ):
+                raise LayerError(
+                    f"layer refused: {entry.path!r} turns a {previous.entry.kind} into a "
+                    f"{entry.kind} without a whiteout"
+                )
+            if entry.kind == KIND_HARDLINK:
+                target = root.paths.get(entry.link)
+                if target is None or target.entry.kind not in (KIND_FILE, KIND_HARDLINK):
+                    raise LayerError(
+                        f"layer refused: hard link {entry.path!r} to {entry.link!r}, no file"
+                    )
+            root.add(Placed(index, entry))
+    return dict(sorted(root.paths.items()))
 
 
-def _check_placement(root: dict[str, Placed], entry: Entry) -> None:
-    parts = entry.path.split("/")
-    for depth in range(1, len(parts)):
-        above = root.get("/".join(parts[:depth]))
-        if above is not None and above.entry.kind != KIND_DIR:
-            kind = above.entry.kind
-            raise LayerError(
-                f"layer refused: {entry.path!r} lies under {above.entry.path!r}, a {kind}"
-            )
-    if entry.kind == KIND_HARDLINK:
-        target = root.get(entry.link)
-        if target is None or target.entry.kind not in (KIND_FILE, KIND_HARDLINK):
-            raise LayerError(f"layer refused: hard link {entry.path!r} to {entry.link!r}, no file")
+class _Root:
+    """Paths placed so far, and each folder's children, so a removal touches only its own."""
 
+    def __init__(self) -> None:
+        self.paths: dict[str, Placed] = {}
+        self.children: dict[str, set[str]] = {}
 
-def _remove_below(root: dict[str, Placed], path: str, *, keep_self: bool) -> None:
-    prefix = f"{path}/" if path else ""
-    doomed = [name for name in root if name.startswith(prefix) or (name == path and not keep_self)]
-    for name in doomed:
-        del root[name]
+    def add(self, placed: Placed) -> None:
+        path = placed.entry.path
+        self.paths[path] = placed
+        while path:  # every folder on the way knows its child, listed or implied
+            parent = path.rpartition("/")[0]
+            self.children.setdefault(parent, set()).add(path)
+            path = parent
+
+    def remove(self, path: str, *, keep_self: bool) -> None:
+        doomed = []
+        stack = list(self.children.pop(path, ()))
+        while stack:
+            name = stack.pop()
+            doomed.append(name)
+            stack.extend(self.children.pop(name, ()))
+        if path and not keep_self:
+            doomed.append(path)
+            self.children.get(path.rpartition("/")[0], set()).discard(path)
+        for name in doomed:
+            self.paths.pop(name, None)
+
+    def check_parents(self, path: str, what: str) -> None:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            above = self.paths.get("/".join(parts[:depth]))
+            if above is not None and above.entry.kind != KIND_DIR:
+                kind = above.entry.kind
+                raise LayerError(
+                    f"layer refused: {what!r} lies under {above.entry.path!r}, a {kind}"
+                )
 
 
 def root_bytes(root: dict[str, Placed]) -> int:

@@ -121,22 +121,26 @@ class ImageLibrary:
         """
         started = time.monotonic()
         wanted = normalise_name(name) if name else None
-        with OciArchive(path) as archive, self._staging() as staging:
+        with self._locked(), OciArchive(path) as archive, self._staging() as staging:
             image = archive.read_image()
             plains = [staging / f"{index:03d}.tar" for index in range(len(image.layers))]
             changesets = [
                 archive.open_layer(ref, plain, self.limits)
                 for ref, plain in zip(image.layers, plains, strict=True)
             ]
-            root = flatten(changesets)
+            root = flatten(changesets, self.limits)
+            total = sum(plain.stat().st_size for plain in plains)
+            if total > self.limits.max_image_bytes:
+                raise ImageError(f"the image is over {self.limits.max_image_bytes} bytes in all")
             layers: list[dict[str, Any]] = []
+            records: dict[str, bytes] = {}
             new_bytes = skipped = 0
             for ref, plain, changes in zip(image.layers, plains, changesets, strict=True):
                 held = self._held_layer(ref.diff_id)
                 if held is None:
                     added, held = self._store_file(plain, identity, LAYER_FILE)
                     new_bytes += added
-                    _write_durable(self._layer_record(ref.diff_id), held.digest.hex().encode())
+                    records[ref.diff_id] = held.digest.hex().encode()
                 else:
                     skipped += 1
                 layers.append(
@@ -147,19 +151,21 @@ class ImageLibrary:
                         "entries": len(changes.entries),
                     }
                 )
-        record = {
-            "id": image.content_id(),
-            "kind": "oci",
-            "files": len(root),
-            "settings": image.settings.as_dict(),
-            "layers": layers,
-            "disk": None,
-            "size_bytes": sum(layer["size"] for layer in layers),
-            "created": time.time(),
-            "source": path.name,
-        }
-        stored = self._record(record, wanted)
-        return ImportResult(stored, new_bytes, time.monotonic() - started, skipped, image.tags)
+            for diff_id, manifest_hex in records.items():  # once every layer is stored
+                _write_durable(self._layer_record(diff_id), manifest_hex)
+            record = {
+                "id": image.content_id(),
+                "kind": "oci",
+                "files": len(root),
+                "settings": image.settings.as_dict(),
+                "layers": layers,
+                "disk": None,
+                "size_bytes": sum(layer["size"] for layer in layers),
+                "created": time.time(),
+                "source": path.name,
+            }
+            stored = self._record(record, wanted)
+            return ImportResult(stored, new_bytes, time.monotonic() - started, skipped, image.tags)
 
     def import_disk(
         self, path: Path, identity: Identity, name: str | None, fmt: str | None = None
@@ -169,30 +175,31 @@ class ImageLibrary:
 
         started = time.monotonic()
         wanted = normalise_name(name) if name else None
-        with self._staging() as staging:
-            raw = staging / DISK_FILE
-            probe = convert_to_raw(path, raw, fmt)
-            new_bytes, manifest = self._store_file(raw, identity, DISK_FILE)
-        entry = manifest.file(DISK_FILE)
-        digest = hashlib.blake2b(digest_size=32, person=b"gleaner-image")
-        digest.update(b"disk\x00" + entry.size.to_bytes(8, "big") + b"".join(entry.digests))
-        record = {
-            "id": digest.hexdigest(),
-            "kind": "disk",
-            "settings": {},
-            "layers": [],
-            "disk": {
-                "manifest": manifest.digest.hex(),
-                "format": probe.format,
-                "file_system": probe.file_system,
-                "virtual_bytes": probe.virtual_bytes,
-            },
-            "size_bytes": entry.size,
-            "created": time.time(),
-            "source": path.name,
-        }
-        stored = self._record(record, wanted)
-        return ImportResult(stored, new_bytes, time.monotonic() - started)
+        with self._locked():
+            with self._staging() as staging:
+                raw = staging / DISK_FILE
+                probe = convert_to_raw(path, raw, fmt)
+                new_bytes, manifest = self._store_file(raw, identity, DISK_FILE)
+            entry = manifest.file(DISK_FILE)
+            digest = hashlib.blake2b(digest_size=32, person=b"gleaner-image")
+            digest.update(b"disk\x00" + entry.size.to_bytes(8, "big") + b"".join(entry.digests))
+            record = {
+                "id": digest.hexdigest(),
+                "kind": "disk",
+                "settings": {},
+                "layers": [],
+                "disk": {
+                    "manifest": manifest.digest.hex(),
+                    "format": probe.format,
+                    "file_system": probe.file_system,
+                    "virtual_bytes": probe.virtual_bytes,
+                },
+                "size_bytes": entry.size,
+                "created": time.time(),
+                "source": path.name,
+            }
+            stored = self._record(record, wanted)
+            return ImportResult(stored, new_bytes, time.monotonic() - started)
 
     def _held_layer(self, diff_id: str) -> Manifest | None:
         try:
@@ -213,6 +220,18 @@ class ImageLibrary:
 
     def _layer_record(self, diff_id: str) -> Path:
         return self.root / IMPORTED / LAYERS / diff_id.removeprefix("sha256:")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One import or removal at a time on this store, across processes and threads.
+
+        A removal's ``gc`` sweeps block files the index does not know yet, which
+        a concurrent import may be writing; and an import that found a layer
+        held must not see it removed before its own record names it.
+        """
+        with open(self.root / ".library.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     @contextlib.contextmanager
     def _staging(self) -> Iterator[Path]:
@@ -267,6 +286,10 @@ class ImageLibrary:
         The record goes first, so a crash half-way leaves layers no image names,
         which a later ``remove`` or the block store's ``gc`` releases.
         """
+        with self._locked():
+            return self._remove(reference)
+
+    def _remove(self, reference: str) -> tuple[ImportedImage, int]:
         image = self.resolve(reference)
         with self._names_locked() as names:
             for name in [n for n, ident in names.items() if ident == image.id]:
@@ -326,12 +349,17 @@ class ImageLibrary:
 
 def _write_durable(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all, and on disk before this returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

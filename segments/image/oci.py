@@ -48,6 +48,7 @@ from typing import IO, Any, cast
 from segments.image.archive_paths import UnsafePath, safe_member_name
 from segments.image.errors import ImageError
 from segments.image.layers import Changeset, LayerLimits, check_layer
+from segments.image.tarstream import PARSE_ERRORS, ArchiveRefused, open_archive
 
 MAX_ARCHIVE_MEMBERS = 100_000
 MAX_DOCUMENT_BYTES = 4 << 20
@@ -71,6 +72,7 @@ LAYER_TYPES = {
 }
 GZIP_MAGIC = b"\x1f\x8b"
 COPY_CHUNK = 1 << 20
+MAX_TRAILER_BYTES = 1 << 20  # zeros after a layer's end-of-archive blocks (tar pads to records)
 
 
 class OciError(ImageError):
@@ -133,8 +135,10 @@ class OciArchive:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.tar = tarfile.open(path, "r:")  # noqa: SIM115 (closed by __exit__)
-        except (OSError, tarfile.TarError) as exc:
+            self.tar = open_archive(str(path))
+        except ArchiveRefused as exc:
+            raise OciError(f"{path} refused: {exc}") from None
+        except (OSError, *PARSE_ERRORS) as exc:
             raise OciError(f"{path} is not a tar archive: {exc}") from None
         self.members: dict[str, tarfile.TarInfo] = {}
         try:
@@ -143,7 +147,10 @@ class OciArchive:
                     raise OciError(f"{path} has over {MAX_ARCHIVE_MEMBERS} members")
                 if info.isreg():
                     self.members[_safe(info.name)] = info
-        except (tarfile.TarError, EOFError) as exc:
+        except ArchiveRefused as exc:
+            self.tar.close()
+            raise OciError(f"{path} refused: {exc}") from None
+        except PARSE_ERRORS as exc:
             self.tar.close()
             raise OciError(f"{path} is a damaged tar archive: {exc}") from None
         except OciError:
@@ -172,7 +179,7 @@ class OciArchive:
         if not isinstance(manifest, dict):
             raise OciError("the chosen manifest is not an object")
         media = manifest.get("mediaType")
-        if media is not None and media not in MANIFEST_TYPES:
+        if media is not None and (not isinstance(media, str) or media not in MANIFEST_TYPES):
             raise OciError("the chosen manifest is not an image manifest")
         config_ref = _descriptor(manifest.get("config"), "manifest config")
         config = self._json(_blob(config_ref["digest"]), config_ref["digest"], config_ref["size"])
@@ -201,7 +208,8 @@ class OciArchive:
             for entry in entries
             if isinstance(entry, dict)
             and _platform_ok(entry.get("platform"))
-            and entry.get("mediaType") in INDEX_TYPES | MANIFEST_TYPES
+            and isinstance(entry.get("mediaType"), str)
+            and entry["mediaType"] in INDEX_TYPES | MANIFEST_TYPES
         ]
         if not chosen:
             raise OciError("the index names no linux/amd64 image")
@@ -286,7 +294,7 @@ class OciArchive:
             plain = _Hashing(cast(IO[bytes], unpacked), out)
             try:
                 changes = check_layer(cast(IO[bytes], plain), limits)
-                plain.drain()  # the tar's trailing padding is part of the diff_id
+                plain.drain(MAX_TRAILER_BYTES)  # the tar's padding is part of the diff_id
             except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
                 raise OciError(f"layer {layer.member} cannot be unpacked: {exc}") from None
         if layer.digest:
@@ -325,9 +333,15 @@ class _Hashing:
             self.copy.write(data)
         return data
 
-    def drain(self) -> None:
-        while self.read(COPY_CHUNK):
-            pass
+    def drain(self, limit: int | None = None) -> None:
+        """Read to the end; with `limit`, refuse more than that or anything but zeros."""
+        total = 0
+        while chunk := self.read(COPY_CHUNK):
+            total += len(chunk)
+            if limit is not None and (total > limit or chunk.count(0) != len(chunk)):
+                raise OciError(
+                    f"a layer has data after its tar's end (over {limit} bytes of zeros)"
+                )
 
 
 def _safe(name: str) -> str:

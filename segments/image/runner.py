@@ -79,6 +79,7 @@ RUN_APPLETS = (
     "sync",
     "tar",
     "touch",
+    "tr",
     "umount",
     "wc",
 )
@@ -100,30 +101,35 @@ n=0
 while [ ! -e /dev/vdd ] && [ "$n" -lt 20 ]; do sleep 1; n=$((n+1)); done
 [ -e /dev/vdd ] || { echo "gleaner-error the job's disks are missing"; poweroff -f; }
 mkdir -p /newroot
-if ! mount -t ext4 /dev/vda /newroot 2>/dev/null; then
-  mke2fs /dev/vda >/dev/null 2>&1 && mount -t ext4 /dev/vda /newroot \
+dd if=/dev/vdb bs=16384 count=1 2>/dev/null > /run/header
+IFS= read -r magic < /run/header
+if [ "$magic" = "gleaner-root 1" ]; then  # a disk image: its root, never formatted
+  mount -t ext4 /dev/vda /newroot 2>/dev/null || mount -t ext4 /dev/vda1 /newroot \
+    || { echo "gleaner-error the image's disk does not mount"; poweroff -f; }
+elif ! mount -t ext4 /dev/vda /newroot 2>/dev/null; then
+  # format only a blank scratch disk: anything else is a file system this kernel refused
+  [ "$(dd if=/dev/vda bs=65536 count=1 2>/dev/null | tr -d '\000' | wc -c)" -eq 0 ] \
+    && mke2fs /dev/vda >/dev/null 2>&1 && mount -t ext4 /dev/vda /newroot \
     || { echo "gleaner-error cannot make the scratch file system"; poweroff -f; }
 fi
 if [ ! -e /newroot/.gleaner-unpacked ]; then
-  dd if=/dev/vdb bs=16384 count=1 2>/dev/null > /run/header
-  read -r magic < /run/header
   if [ "$magic" = "gleaner-layers 1" ]; then
-    tail_lines() { while read -r line; do [ -n "$line" ] || break; echo "$line"; done; }
-    { read -r _; tail_lines; } < /run/header > /run/layers
+    tail_lines() { while IFS= read -r line; do [ -n "$line" ] || break; echo "$line"; done; }
+    { IFS= read -r _; tail_lines; } < /run/header > /run/layers
     while read -r offset size; do
       skip=$((offset / 16384)); count=$(((size + 16383) / 16384))
       dd if=/dev/vdb bs=16384 skip="$skip" count="$count" 2>/dev/null | tar -t > /run/members
-      while read -r member; do
+      while IFS= read -r member; do
         member=${member#./}; base=${member##*/}; dir=${member%/*}
         [ "$dir" = "$member" ] && dir=.
         case "$base" in
-          .wh..wh..opq) (set +f; rm -rf "/newroot/$dir"/* "/newroot/$dir"/.[!.]* 2>/dev/null) ;;
+          .wh..wh..opq) (set +f; cd "/newroot/$dir" 2>/dev/null && rm -rf -- * .[!.]* ..?*) ;;
           .wh.*) rm -rf "/newroot/$dir/${base#.wh.}" ;;
         esac
       done < /run/members
       dd if=/dev/vdb bs=16384 skip="$skip" count="$count" 2>/dev/null | tar -x -C /newroot \
         || echo "gleaner-warning a layer did not unpack whole"
-      while read -r member; do
+      while IFS= read -r member; do
         member=${member#./}
         case "${member##*/}" in .wh.*) rm -f "/newroot/$member" ;; esac
       done < /run/members
@@ -182,6 +188,18 @@ def layer_offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return placed
 
 
+# Runs in the job's root, as TOOLS/sh: enter the folder, then exec the program by the
+# image's PATH (busybox's shell would run its own applet for a bare "ls" or "awk").
+LAUNCH = (
+    'set -f; cd "$1" || exit 126; shift; '
+    'case "$1" in */*) exec "$@" ;; esac; '
+    "IFS=:; for dir in ${PATH:-/usr/local/bin:/usr/bin:/bin}; do "
+    'if [ -f "$dir/$1" ] && [ -x "$dir/$1" ]; then program="$dir/$1"; shift; '
+    'exec "$program" "$@"; fi; done; '
+    'echo "gleaner: $1: not found in PATH" >&2; exit 127'
+)
+
+
 def run_script(argv: Sequence[str], env: Sequence[str], working_dir: str) -> str:
     """``job/run.sh``: change into the working folder and run `argv` with only `env`."""
     if not argv:
@@ -191,7 +209,7 @@ def run_script(argv: Sequence[str], env: Sequence[str], working_dir: str) -> str
         raise ValueError(f"the working folder {folder!r} is not absolute")
     words = [
         *("exec", "env", "-i", *env, "chroot", "/newroot"),
-        *(f"{TOOLS}/sh", "-c", 'cd "$1" || exit 126; shift; exec "$@"', "gleaner-run", folder),
+        *(f"{TOOLS}/sh", "-c", LAUNCH, "gleaner-run", folder),
         *argv,
     ]
     return " ".join(shlex.quote(word) for word in words) + "\n"

@@ -1,11 +1,13 @@
-"""Tar streams someone else wrote, read forward once with the parser's worst cases fenced off.
+"""Tar archives someone else wrote, read with the parser's worst cases fenced off.
 
 Theory of operation
 -------------------
-Image layers (from an image's author) and output disks (from a guest) are
-tar streams read with ``tarfile`` in stream mode. Two parts of that parser
-trust the stream too much, so ``open_stream`` hands it a ``TarInfo`` subclass
-that refuses them before they run, with ``ArchiveRefused``:
+Image archives and their layers (from an image's author) and output disks
+(from a guest) are tar files read with ``tarfile``. Two parts of that parser
+trust the archive too much, so ``open_archive`` and ``open_stream`` hand it a
+``TarInfo`` subclass that refuses them before they run, with
+``ArchiveRefused``. Every other way the parser gives up on hostile bytes is
+one of ``PARSE_ERRORS`` (a long chain of pax headers recurses):
 
 * metadata headers (pax, GNU long names): this Python's pax parser takes time
   quadratic in a header's size (CVE-2024-6232, fixed in 3.11.10; one 65 KB
@@ -64,6 +66,16 @@ class _GuardedTarInfo(tarfile.TarInfo):
         raise ArchiveRefused(f"archive member {member.name[:80]!r} is a GNU sparse file")
 
     _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+PARSE_ERRORS = (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError)
+
+
+def open_archive(path: str) -> tarfile.TarFile:
+    """A random-access tar reader over the file `path`, with the guards above."""
+    return _GuardedTarFile.open(
+        path, mode="r:", tarinfo=_GuardedTarInfo, encoding="utf-8", errors="surrogateescape"
+    )
 
 
 def open_stream(fileobj: IO[bytes]) -> tarfile.TarFile:

@@ -93,6 +93,10 @@ class ReplicaError(Exception):
     """The replica could not run its segment; the message says where it failed."""
 
 
+class CheckpointDiskError(ReplicaError):
+    """A checkpoint's disks are not the ones the run has: other names or sizes."""
+
+
 class ReplicaCancelled(ReplicaError):
     """Stopped on request (another replica won)."""
 
@@ -130,7 +134,7 @@ class SegmentRun:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaResult:
-    checkpoint: Manifest  # save file parts and console; only the console if powered off
+    checkpoint: Manifest  # save file parts, console, writable disks; no save if powered off
     cpu_s: float
     wall_s: float
     powered_off: bool  # the guest ended (the job is done): the checkpoint is not restorable
@@ -165,17 +169,35 @@ def disk_files(disks: tuple[Disk, ...]) -> dict[str, Path]:
     return {f"{DISK_PREFIX}{n}": disk.path for n, disk in enumerate(disks) if not disk.read_only}
 
 
-def restore_disks(store: BlockStore, checkpoint: Manifest, disks: tuple[Disk, ...]) -> None:
+def restore_disks(
+    store: BlockStore,
+    checkpoint: Manifest,
+    disks: tuple[Disk, ...],
+    sizes_of: tuple[Disk, ...] | None = None,
+) -> None:
     """Put the checkpoint's disk contents into this host's disk files (each whole, atomically).
 
-    Raises ReplicaError if the checkpoint's disks are not the ones `disks` expects.
+    Each must have the size this host gave that disk: the size of its file in
+    `sizes_of` (default: `disks`, as prepared). Raises ReplicaError if the
+    checkpoint's disks are not the ones `disks` expects, or not their sizes
+    (CheckpointDiskError: the checkpoint's fault), or a file here is missing.
     """
     held = {entry.name for entry in checkpoint.files if entry.name.startswith(DISK_PREFIX)}
     wanted = disk_files(disks)
     if held != set(wanted):
-        raise ReplicaError(f"checkpoint has disks {sorted(held)}, this run {sorted(wanted)}")
+        raise CheckpointDiskError(f"checkpoint has disks {sorted(held)}, this run {sorted(wanted)}")
+    prepared = disk_files(sizes_of if sizes_of is not None else disks)
     for name, path in wanted.items():
-        store.materialize(replace(checkpoint, files=(checkpoint.file(name),)), path)
+        entry = checkpoint.file(name)
+        try:
+            size = prepared[name].stat().st_size
+        except OSError as exc:
+            raise ReplicaError(f"this host's disk {name}: {exc}") from exc
+        if entry.size != size:
+            raise CheckpointDiskError(
+                f"checkpoint's {name} is {entry.size} bytes, this run's {size}"
+            )
+        store.materialize(replace(checkpoint, files=(entry,)), path)
 
 
 def save_file_parts(checkpoint: Manifest) -> tuple[str, ...]:

@@ -201,12 +201,7 @@ def domain_xml(spec: VmSpec, kvm: bool) -> str:
     if len(spec.disks) > MAX_DISKS:
         raise ValueError(f"a guest takes at most {MAX_DISKS} disks, not {len(spec.disks)}")
     for index, disk in enumerate(spec.disks):
-        element = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(element, "driver", name="qemu", type="raw", cache="writeback")
-        ET.SubElement(element, "source", file=str(disk.path))
-        ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
-        if disk.read_only:
-            ET.SubElement(element, "readonly")
+        _add_disk(devices, index, disk)
     if spec.tap is not None:
         interface = ET.SubElement(devices, "interface", type="ethernet")
         ET.SubElement(interface, "target", dev=spec.tap)
@@ -237,11 +232,26 @@ def relocated_xml(image_xml: str, local: VmSpec) -> str:
         target = interface.find("target")
         if target is not None and local.tap is not None:
             target.set("dev", local.tap)
-    for element, disk in zip(domain.iterfind("devices/disk"), local.disks, strict=False):
-        source = element.find("source")
-        if source is not None:
-            source.set("file", str(disk.path))
+    devices = domain.find("devices")
+    saved = [] if devices is None else devices.findall("disk")
+    if len(saved) != len(local.disks):
+        raise ValueError(f"the saved domain has {len(saved)} disks, this run {len(local.disks)}")
+    for element in saved:  # rebuilt from this host's own spec, never taken from the save
+        assert devices is not None
+        devices.remove(element)
+    if devices is not None:
+        for index, disk in enumerate(local.disks):
+            _add_disk(devices, index, disk)
     return ET.tostring(domain, encoding="unicode")
+
+
+def _add_disk(devices: ET.Element, index: int, disk: Disk) -> None:
+    element = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(element, "driver", name="qemu", type="raw", cache="writeback")
+    ET.SubElement(element, "source", file=str(disk.path))
+    ET.SubElement(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+    if disk.read_only:
+        ET.SubElement(element, "readonly")
 
 
 _LIBVIRT_STATES = {
@@ -317,6 +327,8 @@ class LibvirtRuntime:
             self._conn.restoreFlags(str(path), dxml, flag)
         except libvirt.libvirtError as exc:
             raise _failed(f"restoring from {path} at {self.uri}", exc) from exc
+        except (ValueError, ET.ParseError) as exc:
+            raise VmError(f"restoring from {path}: the saved domain: {exc}") from exc
         return name
 
     def destroy(self, name: str) -> None:
@@ -399,6 +411,8 @@ class LibvirtRuntime:
                 dxml = relocated_xml(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dest)
             except libvirt.libvirtError as exc:
                 raise _failed(f"{context}: reading the domain's XML", exc) from exc
+            except (ValueError, ET.ParseError) as exc:
+                raise VmError(f"{context}: the domain's XML: {exc}") from exc
         try:
             dest_conn = libvirt.open(dest_uri)
         except libvirt.libvirtError as exc:

@@ -103,6 +103,7 @@ from segments.store.manifest import Manifest
 from segments.vm.progress import Progress, console_text, decode_progress, encode_progress
 from segments.vm.replica import (
     CONSOLE_FILE,
+    CheckpointDiskError,
     ReplicaError,
     rebuild_save_file,
     restore_disks,
@@ -408,9 +409,11 @@ def _check_alive(
             raise VerifyError(f"rebuilding the checkpoint's save file: {exc}") from exc
         shutil.rmtree(work / "parts", ignore_errors=True)
         try:
-            restore_disks(store, manifest, local.disks)
-        except ReplicaError as exc:
+            restore_disks(store, manifest, local.disks, spec.disks)
+        except CheckpointDiskError as exc:
             raise _Rejected(f"the checkpoint's disks: {exc}") from None
+        except ReplicaError as exc:
+            raise VerifyError(f"preparing the checkpoint's disks: {exc}") from exc
         except BlockStoreError as exc:
             raise VerifyError(f"rebuilding the checkpoint's disks: {exc}") from exc
         try:

@@ -57,9 +57,13 @@ def files_layer(files: dict[str, bytes]) -> list[Member]:
     return [file_member(name, data) for name, data in sorted(files.items())]
 
 
+def _plain(layer: list[Member] | bytes) -> bytes:
+    return layer if isinstance(layer, bytes) else layer_tar(layer)
+
+
 @dataclass
 class ImageSpec:
-    layers: list[list[Member]]
+    layers: list[list[Member] | bytes]  # members, or a layer's tar bytes as they are
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=lambda: ["/bin/sh"])
     env: list[str] = field(default_factory=lambda: ["PATH=/usr/bin:/bin"])
@@ -91,7 +95,7 @@ def config_json(spec: ImageSpec, diff_ids: list[str]) -> bytes:
 def write_oci_archive(path: Path, spec: ImageSpec) -> Path:
     """An OCI image layout in a tar (what ``podman save --format oci-archive`` writes)."""
     blobs: dict[str, bytes] = {}
-    plains = [layer_tar(layer) for layer in spec.layers]
+    plains = [_plain(layer) for layer in spec.layers]
     layer_descs = []
     for plain in plains:
         blob = gzip.compress(plain, mtime=0) if spec.gzip_layers else plain
@@ -135,7 +139,7 @@ def write_oci_archive(path: Path, spec: ImageSpec) -> Path:
 
 def write_docker_archive(path: Path, spec: ImageSpec) -> Path:
     """Docker's own layout (``docker save`` before Docker 25): manifest.json, layer tars."""
-    plains = [layer_tar(layer) for layer in spec.layers]
+    plains = [_plain(layer) for layer in spec.layers]
     config = config_json(spec, [_digest(plain) for plain in plains])
     config_name = f"{hashlib.sha256(config).hexdigest()}.json"
     files = {config_name: config}

@@ -132,7 +132,8 @@ def test_an_oci_image_runs_its_command_with_inputs_and_outputs(
     (app / "data" / "keep").mkdir(parents=True)
     (app / "data" / "keep" / ".wh..wh..opq").write_text("")
     (app / "data" / "keep" / "c").write_text("c")
-    archive = pack([base, app], tmp_path / "img.tar", RunSettings(cmd=("/bin/sh", "/app/run.sh")))
+    settings = RunSettings(cmd=("run.sh",), env=("PATH=/app:/bin",))  # found by PATH
+    archive = pack([base, app], tmp_path / "img.tar", settings)
     with ImageLibrary(tmp_path / "store") as library:
         imported = library.import_archive(archive, IDENTITY, "test/job").image
         console, _ = run_job(runtime, boot, library, imported, tmp_path, None)

@@ -29,12 +29,14 @@ def test_the_command_follows_oci_rules() -> None:
     assert command_for(image).argv == ("/bin/app", "--default")
     assert command_for(image, command=["--mine"]).argv == ("/bin/app", "--mine")
     assert command_for(image, entrypoint=[], command=["/bin/sh"]).argv == ("/bin/sh",)
+    assert command_for(image, entrypoint=["/bin/other"]).argv == ("/bin/other",)  # Cmd dropped
     assert command_for(image, env=["B=3", "C=4"]).env == ("A=1", "B=3", "C=4")
     assert command_for(image).working_dir == "/"
     with pytest.raises(ImageError, match="no command"):
         command_for(oci({}))
-    with pytest.raises(ImageError, match="NAME=VALUE"):
-        command_for(image, env=["oops"])
+    for bad in ("oops", "-u=x", "=x", "A B=1"):
+        with pytest.raises(ImageError, match="NAME=VALUE"):
+            command_for(image, env=[bad])
 
 
 def test_run_script_quotes_every_word_and_enters_the_folder_in_the_new_root() -> None:
@@ -126,9 +128,35 @@ def test_a_checkpoint_s_disks_are_restored_whole_and_must_be_the_run_s(tmp_path:
         assert save_file_parts(checkpoint) == ("memory",)  # disks are not part of the save file
         here = (Disk(tmp_path / "here"), Disk(tmp_path / "image", read_only=True))
         (tmp_path / "here").write_bytes(b"stale")
+        with pytest.raises(ReplicaError, match="40020 bytes, this run's 5"):
+            restore_disks(store, checkpoint, here)  # a disk of another size
+        (tmp_path / "here").write_bytes(bytes(40020))
         restore_disks(store, checkpoint, here)
         assert (tmp_path / "here").read_bytes() == scratch.read_bytes()
         with pytest.raises(ReplicaError, match="disks"):
             restore_disks(store, checkpoint, (*here, Disk(tmp_path / "out")))
     finally:
         store.close()
+
+
+def test_a_saved_domain_s_disks_are_rebuilt_here_never_taken_from_the_save(
+    tmp_path: Path,
+) -> None:
+    local = VmSpec(
+        "gl-x", tmp_path / "k", tmp_path / "r", "", tmp_path / "log", disks=(Disk(tmp_path / "s"),)
+    )
+    hostile = (
+        "<domain><os/><devices>"
+        '<disk type="file" device="disk"><driver name="qemu" type="qcow2"/>'
+        '<source file="/var/lib/other/secret.qcow2"/><target dev="vda" bus="virtio"/></disk>'
+        "</devices></domain>"
+    )
+    relocated = relocated_xml(hostile, local)
+    assert "qcow2" not in relocated and "secret" not in relocated
+    assert f'file="{tmp_path / "s"}"' in relocated and 'type="raw"' in relocated
+    extra = hostile.replace(
+        "</devices>",
+        '<disk type="block"><source dev="/dev/sda"/><target dev="vdb"/></disk></devices>',
+    )
+    with pytest.raises(ValueError, match="2 disks, this run 1"):
+        relocated_xml(extra, local)

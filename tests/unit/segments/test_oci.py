@@ -75,6 +75,7 @@ def test_whiteouts_delete_and_opaque_folders_hide_what_lower_layers_put(tmp_path
             file_member("a/.wh.gone", b""),
             file_member("b/.wh..wh..opq", b""),
             file_member("b/new", b"6"),
+            file_member(".wh.c", b""),  # a file turns into a folder only through a whiteout
             dir_member("c"),
             file_member("c/inside", b"7"),
         ]
@@ -155,6 +156,7 @@ HOSTILE_LAYERS = {
     "hard link to nothing": [link_member("h", "etc/shadow", tarfile.LNKTYPE)],
     "through a link": [link_member("etc", "/tmp"), file_member("etc/escape", b"x")],
     "under a file": [file_member("f", b"1"), file_member("f/g", b"2")],
+    "control character": [file_member("x\n../bin/.wh.sh", b"")],
 }
 
 
@@ -168,10 +170,65 @@ def test_a_hostile_layer_is_refused_and_nothing_is_stored(tmp_path: Path, case: 
     assert sentinel.read_text() == "untouched" and not (tmp_path / "escape").exists()
 
 
+@pytest.mark.parametrize("whiteout", ["a/.wh.bin", "a/etc/.wh..wh..opq"])
+def test_a_whiteout_cannot_reach_through_a_lower_layer_s_link(
+    tmp_path: Path, whiteout: str
+) -> None:
+    with pytest.raises(ImageError, match="lies under"):
+        import_spec(tmp_path, ImageSpec([[link_member("a", "/")], [file_member(whiteout, b"")]]))
+    _assert_nothing_kept(tmp_path)
+
+
 def test_a_link_in_a_lower_layer_cannot_carry_a_file_out_in_an_upper_one(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="lies under"):
         import_spec(tmp_path, ImageSpec([[link_member("etc", "/")], files_layer({"etc/x": b"1"})]))
     _assert_nothing_kept(tmp_path)
+
+
+def test_a_folder_cannot_replace_a_link_or_file_without_a_whiteout(tmp_path: Path) -> None:
+    for lower, upper in [
+        ([link_member("a", "/")], [dir_member("a"), file_member("a/bin/sh", b"x")]),
+        ([dir_member("d"), file_member("d/x", b"1")], [file_member("d", b"2")]),
+    ]:
+        with pytest.raises(ImageError, match="without a whiteout"):
+            import_spec(tmp_path, ImageSpec([lower, upper]))
+        _assert_nothing_kept(tmp_path)
+
+
+def test_data_after_a_layer_s_end_is_refused_not_stored(tmp_path: Path) -> None:
+    plain = layer_tar(files_layer({"f": b"x"}))
+    bomb = plain + b"\x00" * (2 << 20)  # zeros past the trailer cap: a gzip bomb's shape
+    junk = plain + b"not zeros"
+    for layer in (bomb, junk):
+        archive = write_oci_archive(tmp_path / "img.tar", ImageSpec([layer]))
+        with (
+            pytest.raises(ImageError, match="data after its tar's end"),
+            ImageLibrary(tmp_path / "store") as library,
+        ):
+            library.import_archive(archive, IDENTITY, None)
+        _assert_nothing_kept(tmp_path)
+
+
+def test_a_hostile_outer_archive_is_refused_with_one_line(tmp_path: Path) -> None:
+    chain = tmp_path / "chain.tar"
+    info, data = file_member("index.json", b"{}")
+    info.pax_headers = {"comment": "9" * 65_000}
+    chain.write_bytes(layer_tar([(info, data)]))
+    with pytest.raises(ImageError, match="metadata header is over"), OciArchive(chain):
+        pass
+    spec = ImageSpec([files_layer(BASE)])
+    archive = write_oci_archive(tmp_path / "img.tar", spec)
+
+    def list_media(name: str, data: bytes) -> bytes:
+        if name != "index.json":
+            return data
+        index = json.loads(data)
+        index["manifests"][0]["mediaType"] = ["x"]
+        return json.dumps(index).encode()
+
+    _rewrite_members(archive, list_media)
+    with pytest.raises(ImageError, match="no linux/amd64 image"), OciArchive(archive) as oci:
+        oci.read_image()
 
 
 def test_a_layer_over_the_limits_is_refused(tmp_path: Path) -> None:

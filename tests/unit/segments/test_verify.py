@@ -624,10 +624,17 @@ def test_a_checkpoint_s_disks_are_restored_into_copies_of_their_own(
     assert not verdict.ok and "the checkpoint's disks" in verdict.reason  # it holds none
     scratch = tmp_path / "scratch-src.raw"
     scratch.write_bytes(b"guest files" * 1000)
-    files = {f.name: tmp_path / f"part-{f.name}" for f in manifest.files}
-    for entry in manifest.files:
-        store.materialize(replace(manifest, files=(entry,)), files[entry.name])
-    with_disk = store.put_files({**files, "disk-0": scratch}, IDENTITY)
+    with pytest.raises(VerifyError, match="preparing the checkpoint's disks"):
+        verify(
+            tmp_path,
+            store,
+            store.put_files({"disk-0": scratch, **_parts(store, manifest, tmp_path)}, IDENTITY),
+            claim_of(console),
+            base,
+            disks=disks,
+        )
+    (tmp_path / "scratch.raw").write_bytes(bytes(len(scratch.read_bytes())))  # as prepared
+    with_disk = store.put_files({**_parts(store, manifest, tmp_path), "disk-0": scratch}, IDENTITY)
     runtime = ConsoleFake()
     runtime.restore_output = chain_lines(SEED, 10, 12)
     verdict = verify(
@@ -636,5 +643,12 @@ def test_a_checkpoint_s_disks_are_restored_into_copies_of_their_own(
     assert verdict.ok, verdict.reason
     restored = runtime.restored_specs[-1].disks
     assert restored[1] == disks[1] and restored[0].path.parent.parent == tmp_path / "verify"
-    assert not (tmp_path / "scratch.raw").exists()  # the job's own file is never written
+    assert (tmp_path / "scratch.raw").read_bytes() == bytes(11000)  # the job's own file stays
     assert leftovers(tmp_path) == []
+
+
+def _parts(store: BlockStore, manifest: Manifest, tmp_path: Path) -> dict[str, Path]:
+    files = {f.name: tmp_path / f"part-{f.name}" for f in manifest.files}
+    for entry in manifest.files:
+        store.materialize(replace(manifest, files=(entry,)), files[entry.name])
+    return files
