@@ -15,7 +15,7 @@ demo: setup
 	$(PY) -m node demo --hosts 4
 
 test: setup
-	GLEANER_FUZZ_SCALE=1 $(PY) -m pytest $(PYTEST_FLAGS)
+	GLEANER_FUZZ_SCALE=1 $(PY) -m pytest $(PYTEST_FLAGS) --durations=25
 
 check:
 	@test -x $(PY) || { echo "make check: no $(PY); run make setup first" >&2; exit 1; }
