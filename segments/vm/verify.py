@@ -65,9 +65,11 @@ What a cheating host could still do, and what it costs them:
 * **Waste the verifier's time.** Bounded: the console is read only up to
   ``MAX_CONSOLE_BYTES``, the restored guest runs at most ``timeout_s``.
 * **A hostile save file.** Restoring trusts the domain XML inside the save
-  file (its devices), as every replica's restore does; only the kernel,
-  initrd, serial log and tap are replaced. Checking that XML against an
-  allow-list is not done here.
+  file (its devices), as every replica's restore does; the kernel, initrd,
+  serial log and tap are replaced, and the disks are rebuilt from this host's
+  spec (``VerifySpec.disks``: the checkpoint's writable disks are restored
+  into copies of the verifier's own, each the size this host prepared).
+  Checking the rest of that XML against an allow-list is not done here.
 
 Errors: a checkpoint that fails a check is a ``Verdict`` with ``ok`` false
 (the replica's fault). A failure of this host (a block missing or corrupt in

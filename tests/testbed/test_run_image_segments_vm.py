@@ -4,8 +4,10 @@ Two real libvirt hosts (``hosts`` of tests/kit/vm_lab.py), each with its own blo
 The job's program appends numbered lines to a file on its scratch disk and prints the
 file's length as it goes; every segment ends in a checkpoint (RAM and the writable disks)
 on one host, whose blocks are copied to the other host's store (what a transfer ships: only
-the blocks it lacks), which restores it and runs the next segment. The output, read off
-the final checkpoint's output disk, must hold every line in order with no gap.
+the blocks it lacks), which restores it and runs the next segment. The second segment's
+checkpoint is verified on its receiver (restored with its disks, in copies) before it
+runs on. The output, read off the final checkpoint's output disk, must hold every line
+in order with no gap.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from segments.image.runner import parse_exit
 from segments.store.blocks import BlockStore
 from segments.store.manifest import Manifest
 from segments.vm.replica import CONSOLE_FILE, Replica, SegmentRun
+from segments.vm.verify import VerifySpec, verify_checkpoint
 
 IDENTITY = Identity.from_seeds(b"\x61" * 32, b"\x62" * 32)
 LINES = 6000
@@ -80,6 +83,7 @@ def test_a_job_s_disk_goes_on_across_hosts_segment_by_segment(hosts: Lab, tmp_pa
         }
     runtimes = {"a": hosts.a.runtime, "b": hosts.b.runtime}
     checkpoint, console, shipped, host = None, b"", [], "a"
+    previous_progress: bytes | None = None
     try:
         for segment in range(MAX_SEGMENTS):
             replica = Replica(runtimes[host], stores[host], IDENTITY, tmp_path / f"run-{segment}")
@@ -99,6 +103,31 @@ def test_a_job_s_disk_goes_on_across_hosts_segment_by_segment(hosts: Lab, tmp_pa
                 break
             other = "b" if host == "a" else "a"
             shipped.append(ship(stores[host], stores[other], result.checkpoint))
+            if segment == 1:  # the receiver verifies it first, as an owner would
+                before = [d.path.read_bytes() for d in disks[other] if not d.read_only]
+                spec = VerifySpec(
+                    boot.kernel,
+                    boot.initrd,
+                    boot.cmdline,
+                    128,
+                    1,
+                    tmp_path / "verify",
+                    "gl-lines",
+                    disks=disks[other],
+                )
+                verdict = verify_checkpoint(
+                    runtimes[other],
+                    stores[other],
+                    spec,
+                    result.checkpoint,
+                    result.progress,
+                    previous_progress,
+                    False,
+                    60.0,
+                )
+                assert verdict.ok, verdict.reason
+                assert before == [d.path.read_bytes() for d in disks[other] if not d.read_only]
+            previous_progress = result.progress
             checkpoint, host = result.checkpoint, other
         else:
             pytest.fail(f"the job did not end in {MAX_SEGMENTS} segments")
