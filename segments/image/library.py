@@ -39,17 +39,18 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from node.base.identity import Identity
+from segments.image.disk_import import convert_to_raw, file_system
 from segments.image.errors import ImageError
-from segments.image.layers import LayerLimits, flatten
-from segments.image.oci import OciArchive, OciImage
+from segments.image.layers import Changeset, LayerLimits, check_layer, flatten
+from segments.image.oci import OciArchive, OciImage, content_id, settings_from
 from segments.store.blocks import BlockStore
-from segments.store.manifest import Manifest
+from segments.store.manifest import ZERO, FileEntry, Manifest
 
 BLOCKS, IMPORTED, LAYERS, NAMES = "blocks", "imported", "layers", "names.json"
 LAYER_FILE, DISK_FILE = "layer.tar", "disk.raw"
@@ -171,8 +172,6 @@ class ImageLibrary:
         self, path: Path, identity: Identity, name: str | None, fmt: str | None = None
     ) -> ImportResult:
         """Check, convert to raw and store a disk image holding a root file system."""
-        from segments.image.disk_import import convert_to_raw  # runs qemu-img
-
         started = time.monotonic()
         wanted = normalise_name(name) if name else None
         with self._locked():
@@ -181,10 +180,8 @@ class ImageLibrary:
                 probe = convert_to_raw(path, raw, fmt)
                 new_bytes, manifest = self._store_file(raw, identity, DISK_FILE)
             entry = manifest.file(DISK_FILE)
-            digest = hashlib.blake2b(digest_size=32, person=b"gleaner-image")
-            digest.update(b"disk\x00" + entry.size.to_bytes(8, "big") + b"".join(entry.digests))
             record = {
-                "id": digest.hexdigest(),
+                "id": disk_id(entry.size, entry.digests),
                 "kind": "disk",
                 "settings": {},
                 "layers": [],
@@ -200,6 +197,110 @@ class ImageLibrary:
             }
             stored = self._record(record, wanted)
             return ImportResult(stored, new_bytes, time.monotonic() - started)
+
+    # --- images that travel ------------------------------------------------------
+
+    def record(self, image_id: str) -> bytes:
+        """What another host needs to take this image: its id, kind, settings and content."""
+        image = self.load(image_id)
+        body = {
+            "id": image.id,
+            "kind": image.kind,
+            "settings": image.settings,
+            "layers": [
+                {"diff_id": ly["diff_id"], "manifest": ly["manifest"]} for ly in image.layers
+            ],
+            "disk": None if image.disk is None else {"manifest": image.disk["manifest"]},
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def adopt(self, record: bytes, fetch: Callable[[bytes], Manifest]) -> ImportedImage:
+        """Take an image another host described (``record``), checking it as an import does.
+
+        `fetch(digest)` makes a manifest and its blocks present in this library's
+        store (from the owner or any holder) and returns it. Nothing in `record`
+        is believed: the id must be the content's, each layer's bytes must hash
+        to its diff_id and pass the same member checks and flattening as an
+        archive's; a disk must hash to the id and hold a root file system.
+        """
+        with self._locked(), self._staging() as staging:
+            raw = _record_json(record)
+            if raw["kind"] == "disk":
+                return self._adopt_disk(raw, fetch)
+            settings, diff_ids = settings_from(
+                raw["settings"], [layer.get("diff_id") for layer in raw["layers"]]
+            )
+            if content_id(settings, diff_ids) != raw["id"]:
+                raise ImageError(f"image {raw['id'][:12]}: its record does not hash to its id")
+            changesets: list[Changeset] = []
+            layers: list[dict[str, Any]] = []
+            for number, (layer, diff_id) in enumerate(zip(raw["layers"], diff_ids, strict=True)):
+                manifest = fetch(_digest_of(layer.get("manifest")))
+                entry = _only_file(manifest, LAYER_FILE)
+                plain = staging / f"{number:03d}.tar"
+                self.store.materialize(replace(manifest, files=(entry,)), plain)
+                with open(plain, "rb") as stream:
+                    hashing = _Sha256(stream)
+                    changesets.append(check_layer(cast(IO[bytes], hashing), self.limits))
+                    hashing.drain()
+                if "sha256:" + hashing.digest.hexdigest() != diff_id:
+                    raise ImageError(f"image {raw['id'][:12]}: layer {number} is not its diff_id")
+                layers.append(
+                    {
+                        "diff_id": diff_id,
+                        "size": entry.size,
+                        "manifest": manifest.digest.hex(),
+                        "entries": len(changesets[-1].entries),
+                    }
+                )
+            root = flatten(changesets, self.limits)
+            for layer in layers:
+                _write_durable(self._layer_record(layer["diff_id"]), layer["manifest"].encode())
+            return self._record(
+                {
+                    "id": raw["id"],
+                    "kind": "oci",
+                    "files": len(root),
+                    "settings": settings.as_dict(),
+                    "layers": layers,
+                    "disk": None,
+                    "size_bytes": sum(layer["size"] for layer in layers),
+                    "created": time.time(),
+                    "source": "adopted",
+                },
+                None,
+            )
+
+    def _adopt_disk(self, raw: dict[str, Any], fetch: Callable[[bytes], Manifest]) -> ImportedImage:
+        disk = raw.get("disk")
+        if not isinstance(disk, dict):
+            raise ImageError("a disk image's record names no disk")
+        manifest = fetch(_digest_of(disk.get("manifest")))
+        entry = _only_file(manifest, DISK_FILE)
+        if disk_id(entry.size, entry.digests) != raw["id"]:
+            raise ImageError(f"image {raw['id'][:12]}: its disk does not hash to its id")
+        first = entry.digests[0] if entry.digests else ZERO  # the superblock is in block 0
+        found = file_system(bytes(2048) if first == ZERO else self.store.get(first)[:2048])
+        if found is None:
+            raise ImageError(f"image {raw['id'][:12]}: its disk holds no root file system")
+        return self._record(
+            {
+                "id": raw["id"],
+                "kind": "disk",
+                "settings": {},
+                "layers": [],
+                "disk": {
+                    "manifest": manifest.digest.hex(),
+                    "format": "raw",
+                    "file_system": found,
+                    "virtual_bytes": entry.size,
+                },
+                "size_bytes": entry.size,
+                "created": time.time(),
+                "source": "adopted",
+            },
+            None,
+        )
 
     def _held_layer(self, diff_id: str) -> Manifest | None:
         try:
@@ -345,6 +446,63 @@ class ImageLibrary:
             p.stem for p in (self.root / IMPORTED).glob("*.json") if ID_PATTERN.fullmatch(p.stem)
         )
         return sorted((self.load(ident) for ident in ids), key=lambda i: (i.created, i.id))
+
+
+def disk_id(size: int, digests: tuple[bytes, ...]) -> str:
+    """A disk image's id: the hex BLAKE2b-256 over its size and its blocks' digests."""
+    digest = hashlib.blake2b(digest_size=32, person=b"gleaner-image")
+    digest.update(b"disk\x00" + size.to_bytes(8, "big") + b"".join(digests))
+    return digest.hexdigest()
+
+
+MAX_RECORD_BYTES = 1 << 20
+
+
+def _record_json(record: bytes) -> dict[str, Any]:
+    if not isinstance(record, bytes) or len(record) > MAX_RECORD_BYTES:
+        raise ImageError(f"an image record is bytes, at most {MAX_RECORD_BYTES}")
+    try:
+        raw = json.loads(record)
+    except (ValueError, RecursionError) as exc:
+        raise ImageError(f"an image record is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("kind") not in ("oci", "disk"):
+        raise ImageError("an image record names no kind (oci or disk)")
+    if not isinstance(raw.get("id"), str) or not ID_PATTERN.fullmatch(raw["id"]):
+        raise ImageError("an image record's id is not 64 hex digits")
+    layers = raw.get("layers")
+    if raw["kind"] == "oci" and (
+        not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers)
+    ):
+        raise ImageError("an image record's layers are not a list of objects")
+    return raw
+
+
+def _digest_of(value: Any) -> bytes:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ImageError("an image record names a manifest that is not 64 hex digits")
+    return bytes.fromhex(value)
+
+
+def _only_file(manifest: Manifest, name: str) -> FileEntry:
+    if [entry.name for entry in manifest.files] != [name]:
+        raise ImageError(f"manifest {manifest.digest.hex()[:12]} is not one {name}")
+    return manifest.files[0]
+
+
+class _Sha256:
+    """A reader that hashes what passes through it."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source, self.digest = source, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 def _write_durable(path: Path, data: bytes) -> None:

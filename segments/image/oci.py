@@ -123,10 +123,35 @@ class OciImage:
         return [layer.diff_id for layer in self.layers]
 
     def content_id(self) -> str:
-        """The hex BLAKE2b-256 over the run settings and the layers' diff_ids."""
-        body = {"kind": "oci", "settings": self.settings.as_dict(), "diff_ids": self.diff_ids}
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.blake2b(canonical, digest_size=32, person=b"gleaner-image").hexdigest()
+        return content_id(self.settings, self.diff_ids)
+
+
+def content_id(settings: RunSettings, diff_ids: list[str]) -> str:
+    """An OCI image's id: the hex BLAKE2b-256 over its run settings and its layers' diff_ids."""
+    body = {"kind": "oci", "settings": settings.as_dict(), "diff_ids": diff_ids}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(canonical, digest_size=32, person=b"gleaner-image").hexdigest()
+
+
+def settings_from(raw: Any, diff_ids: Any) -> tuple[RunSettings, list[str]]:
+    """Run settings and diff_ids as an image record states them (``as_dict``), checked
+    exactly as an archive's config is; OciError if they are not well-formed."""
+    if not isinstance(raw, dict):
+        raise OciError("the image's settings are not an object")
+    config = {
+        "os": "linux",
+        "architecture": "amd64",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {
+            "Entrypoint": raw.get("entrypoint"),
+            "Cmd": raw.get("cmd"),
+            "Env": raw.get("env"),
+            "WorkingDir": raw.get("working_dir"),
+            "User": raw.get("user"),
+            "Volumes": {_text(name): {} for name in _list(raw.get("volumes") or [], "volumes")},
+        },
+    }
+    return _parse_config(config)
 
 
 class OciArchive:
