@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
     Setting("vm", "libvirt_uri", str, lambda: "qemu:///system", _nonempty(4096)),
     Setting("vm", "image_store", str, lambda: "", lambda v: None),
+    # The image store's blocks: images taken from other hosts' jobs are evicted, least
+    # recently used first, to stay under this; images imported here (named) never are.
+    Setting("vm", "image_cache_mib", int, lambda: 20_480, _range(64, 1 << 30)),
     # Where other hosts reach this host's libvirt to live-migrate a guest here ("" =
     # libvirt_uri, which only hosts on the same machine can use: the testbed).
     Setting("vm", "migration_uri", str, lambda: "", _migration_uri),

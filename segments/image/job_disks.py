@@ -108,6 +108,7 @@ def prepare(
     if scratch_bytes < MIN_DISK_BYTES or output_bytes < MIN_DISK_BYTES:
         raise ImageError(f"scratch and output disks take at least {MIN_DISK_BYTES} bytes")
     folder.mkdir(parents=True, exist_ok=True)
+    library.touch(image.id)  # the cache keeps what runs
     scratch, image_disk = folder / SCRATCH, folder / IMAGE
     with open(scratch, "wb") as out:
         if image.kind == "disk":

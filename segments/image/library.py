@@ -302,6 +302,34 @@ class ImageLibrary:
             None,
         )
 
+    # --- the cache --------------------------------------------------------------
+
+    def touch(self, image_id: str) -> None:
+        """Note that `image_id` was just used (its record's mtime: the cache's LRU order)."""
+        os.utime(self.root / IMPORTED / f"{image_id}.json")
+
+    def evict(self, cap_bytes: int, keep: frozenset[str] = frozenset()) -> list[str]:
+        """Remove unnamed images, least recently used first, until the store holds at most
+        `cap_bytes` of blocks; never a named one or one in `keep`. The ids removed."""
+        removed: list[str] = []
+        with self._locked():
+            while self.store.statistics().bytes > cap_bytes:
+                candidates = [
+                    image for image in self.list() if not image.names and image.id not in keep
+                ]
+                if not candidates:
+                    break
+                oldest = min(candidates, key=lambda image: (self._last_used(image.id), image.id))
+                self._remove(oldest.id)
+                removed.append(oldest.id)
+        return removed
+
+    def _last_used(self, image_id: str) -> float:
+        try:
+            return (self.root / IMPORTED / f"{image_id}.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
     def _held_layer(self, diff_id: str) -> Manifest | None:
         try:
             digest = bytes.fromhex(self._layer_record(diff_id).read_text().strip())

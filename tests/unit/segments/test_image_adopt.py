@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -136,3 +138,29 @@ def test_a_disk_image_travels_by_its_block_digests(tmp_path: Path) -> None:
         forged["id"] = "1" * 64
         with pytest.raises(ImageError, match="does not hash to its id"):
             host.adopt(json.dumps(forged).encode(), fetcher(owner.store, host.store))
+
+
+def test_the_cache_evicts_taken_images_least_recently_used_first(tmp_path: Path) -> None:
+    specs = [
+        ImageSpec([files_layer({f"f{n}": random.Random(n).randbytes(200_000)})]) for n in range(3)
+    ]
+    with ImageLibrary(tmp_path / "owner") as owner, ImageLibrary(tmp_path / "host") as host:
+        own = host.import_archive(
+            write_oci_archive(tmp_path / "own.tar", ImageSpec([files_layer({"mine": b"m" * 9})])),
+            OWNER,
+            "local/own",
+        ).image
+        taken = []
+        for number, spec in enumerate(specs):
+            image = owner.import_archive(
+                write_oci_archive(tmp_path / f"{number}.tar", spec), OWNER, None
+            ).image
+            taken.append(host.adopt(owner.record(image.id), fetcher(owner.store, host.store)).id)
+        for number, image_id in enumerate([taken[1], taken[0], taken[2]]):  # 1 is the oldest use
+            os.utime(tmp_path / "host" / "imported" / f"{image_id}.json", (1000 + number,) * 2)
+        assert host.evict(host.store.statistics().bytes - 1) == [taken[1]]
+        assert host.evict(0, keep=frozenset({taken[2]})) == [taken[0]]
+        assert {image.id for image in host.list()} == {own.id, taken[2]}  # named and kept stay
+        host.touch(taken[2])
+        assert host.evict(0) == [taken[2]]
+        assert [image.id for image in host.list()] == [own.id]
