@@ -160,33 +160,37 @@ class OciArchive:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.tar = open_archive(str(path))
-        except ArchiveRefused as exc:
-            raise OciError(f"{path} refused: {exc}") from None
-        except (OSError, *PARSE_ERRORS) as exc:
-            raise OciError(f"{path} is not a tar archive: {exc}") from None
+            self.file = open(path, "rb")  # noqa: SIM115 (closed by close)
+        except OSError as exc:
+            raise OciError(f"cannot open {path}: {exc.strerror}") from None
         self.members: dict[str, tarfile.TarInfo] = {}
         try:
+            self.tar = open_archive(self.file)
             for count, info in enumerate(self.tar, start=1):
                 if count > MAX_ARCHIVE_MEMBERS:
                     raise OciError(f"{path} has over {MAX_ARCHIVE_MEMBERS} members")
                 if info.isreg():
                     self.members[_safe(info.name)] = info
         except ArchiveRefused as exc:
-            self.tar.close()
+            self.close()
             raise OciError(f"{path} refused: {exc}") from None
-        except PARSE_ERRORS as exc:
-            self.tar.close()
-            raise OciError(f"{path} is a damaged tar archive: {exc}") from None
+        except (OSError, *PARSE_ERRORS) as exc:
+            self.close()
+            raise OciError(f"{path} is not a readable tar archive: {exc}") from None
         except OciError:
-            self.tar.close()
+            self.close()
             raise
+
+    def close(self) -> None:
+        if hasattr(self, "tar"):
+            self.tar.close()
+        self.file.close()
 
     def __enter__(self) -> OciArchive:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.tar.close()
+        self.close()
 
     # --- the documents ----------------------------------------------------------
 

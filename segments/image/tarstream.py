@@ -71,10 +71,17 @@ class _GuardedTarInfo(tarfile.TarInfo):
 PARSE_ERRORS = (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError)
 
 
-def open_archive(path: str) -> tarfile.TarFile:
-    """A random-access tar reader over the file `path`, with the guards above."""
+def open_archive(fileobj: IO[bytes]) -> tarfile.TarFile:
+    """A random-access tar reader over the open, seekable `fileobj`, with the guards above.
+
+    The caller opens (and closes) the file: this module does no I/O of its own.
+    """
     return _GuardedTarFile.open(
-        path, mode="r:", tarinfo=_GuardedTarInfo, encoding="utf-8", errors="surrogateescape"
+        fileobj=fileobj,
+        mode="r:",
+        tarinfo=_GuardedTarInfo,
+        encoding="utf-8",
+        errors="surrogateescape",
     )
 
 
