@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from node.base.identity import Identity
-from segments.image.disk_import import convert_to_raw, file_system
+from segments.image.disk_import import MAX_VIRTUAL_BYTES, convert_to_raw, file_system
 from segments.image.errors import ImageError
 from segments.image.layers import Changeset, LayerLimits, check_layer, flatten
 from segments.image.oci import OciArchive, OciImage, content_id, settings_from
@@ -60,6 +60,8 @@ NAME_PATTERN = re.compile(
     rf"({_COMPONENT}(?:/{_COMPONENT})*)(?::([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}))?"
 )
 MAX_NAME = 255
+MAX_RECORD_BYTES = 1 << 20
+Fetch = Callable[[bytes, int], Manifest]  # (manifest digest, most bytes it may hold) -> it, here
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +216,13 @@ class ImageLibrary:
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
-    def adopt(self, record: bytes, fetch: Callable[[bytes], Manifest]) -> ImportedImage:
+    def adopt(self, record: bytes, fetch: Fetch) -> ImportedImage:
         """Take an image another host described (``record``), checking it as an import does.
 
-        `fetch(digest)` makes a manifest and its blocks present in this library's
-        store (from the owner or any holder) and returns it. Nothing in `record`
+        `fetch(digest, max_bytes)` makes a manifest and its blocks present in this
+        library's store (from the owner or any holder) and returns it; it must
+        refuse a manifest over `max_bytes` before fetching any block (the caps are
+        checked here again all the same). Nothing in `record`
         is believed: the id must be the content's, each layer's bytes must hash
         to its diff_id and pass the same member checks and flattening as an
         archive's; a disk must hash to the id and hold a root file system.
@@ -228,15 +232,18 @@ class ImageLibrary:
             if raw["kind"] == "disk":
                 return self._adopt_disk(raw, fetch)
             settings, diff_ids = settings_from(
-                raw["settings"], [layer.get("diff_id") for layer in raw["layers"]]
+                raw.get("settings"), [layer.get("diff_id") for layer in raw["layers"]]
             )
             if content_id(settings, diff_ids) != raw["id"]:
                 raise ImageError(f"image {raw['id'][:12]}: its record does not hash to its id")
             changesets: list[Changeset] = []
             layers: list[dict[str, Any]] = []
+            total = 0
             for number, (layer, diff_id) in enumerate(zip(raw["layers"], diff_ids, strict=True)):
-                manifest = fetch(_digest_of(layer.get("manifest")))
-                entry = _only_file(manifest, LAYER_FILE)
+                cap = min(self.limits.max_layer_bytes, self.limits.max_image_bytes - total)
+                manifest = fetch(_digest_of(layer.get("manifest")), cap)
+                entry = _only_file(manifest, LAYER_FILE, cap)
+                total += entry.size
                 plain = staging / f"{number:03d}.tar"
                 self.store.materialize(replace(manifest, files=(entry,)), plain)
                 with open(plain, "rb") as stream:
@@ -271,12 +278,12 @@ class ImageLibrary:
                 None,
             )
 
-    def _adopt_disk(self, raw: dict[str, Any], fetch: Callable[[bytes], Manifest]) -> ImportedImage:
+    def _adopt_disk(self, raw: dict[str, Any], fetch: Fetch) -> ImportedImage:
         disk = raw.get("disk")
         if not isinstance(disk, dict):
             raise ImageError("a disk image's record names no disk")
-        manifest = fetch(_digest_of(disk.get("manifest")))
-        entry = _only_file(manifest, DISK_FILE)
+        manifest = fetch(_digest_of(disk.get("manifest")), MAX_VIRTUAL_BYTES)
+        entry = _only_file(manifest, DISK_FILE, MAX_VIRTUAL_BYTES)
         if disk_id(entry.size, entry.digests) != raw["id"]:
             raise ImageError(f"image {raw['id'][:12]}: its disk does not hash to its id")
         first = entry.digests[0] if entry.digests else ZERO  # the superblock is in block 0
@@ -483,9 +490,6 @@ def disk_id(size: int, digests: tuple[bytes, ...]) -> str:
     return digest.hexdigest()
 
 
-MAX_RECORD_BYTES = 1 << 20
-
-
 def _record_json(record: bytes) -> dict[str, Any]:
     if not isinstance(record, bytes) or len(record) > MAX_RECORD_BYTES:
         raise ImageError(f"an image record is bytes, at most {MAX_RECORD_BYTES}")
@@ -511,9 +515,13 @@ def _digest_of(value: Any) -> bytes:
     return bytes.fromhex(value)
 
 
-def _only_file(manifest: Manifest, name: str) -> FileEntry:
+def _only_file(manifest: Manifest, name: str, max_bytes: int) -> FileEntry:
     if [entry.name for entry in manifest.files] != [name]:
         raise ImageError(f"manifest {manifest.digest.hex()[:12]} is not one {name}")
+    if manifest.files[0].size > max_bytes:
+        raise ImageError(
+            f"manifest {manifest.digest.hex()[:12]}'s {name} is over {max_bytes} bytes"
+        )
     return manifest.files[0]
 
 

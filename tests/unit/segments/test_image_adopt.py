@@ -15,6 +15,7 @@ from kit.oci import ImageSpec, device_member, files_layer, layer_tar, write_oci_
 
 from node.base.identity import Identity
 from segments.image.errors import ImageError
+from segments.image.layers import LayerLimits
 from segments.image.library import ImageLibrary
 from segments.image.oci import RunSettings, content_id
 from segments.store.blocks import BlockStore
@@ -26,12 +27,16 @@ SPEC = ImageSpec(
 )
 
 
+asked: list[int] = []  # the caps adopt handed the fetcher
+
+
 def fetcher(source: BlockStore, dest: BlockStore):
     """Copy a manifest's blocks the destination lacks, then the manifest (what a transfer does)."""
 
-    def fetch(digest: bytes) -> Manifest:
+    def fetch(digest: bytes, max_bytes: int) -> Manifest:
         manifest = source.manifest(digest)
         assert manifest is not None, "the owner holds every manifest it names"
+        asked.append(max_bytes)
         for block in dest.missing(manifest):
             dest.put(source.get(block), block)
         dest.add_manifest(manifest)
@@ -115,7 +120,7 @@ def test_a_hostile_layer_from_a_peer_is_refused_as_an_archive_s_would_be(tmp_pat
 )
 def test_a_malformed_record_is_refused_with_one_line(tmp_path: Path, record: bytes) -> None:
     with ImageLibrary(tmp_path / "host") as host, pytest.raises(ImageError):
-        host.adopt(record, lambda digest: pytest.fail("nothing is fetched"))
+        host.adopt(record, lambda digest, cap: pytest.fail("nothing is fetched"))
 
 
 @pytest.mark.skipif(
@@ -164,3 +169,26 @@ def test_the_cache_evicts_taken_images_least_recently_used_first(tmp_path: Path)
         host.touch(taken[2])
         assert host.evict(0) == [taken[2]]
         assert [image.id for image in host.list()] == [own.id]
+
+
+def test_a_layer_over_the_caps_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
+    big = ImageSpec([files_layer({"f": random.Random(9).randbytes(300_000)})])
+    with ImageLibrary(tmp_path / "owner") as owner:
+        image = owner.import_archive(write_oci_archive(tmp_path / "a.tar", big), OWNER, None).image
+        record = owner.record(image.id)
+        limits = LayerLimits(max_layer_bytes=100_000)
+        with ImageLibrary(tmp_path / "host", limits) as host:
+            asked.clear()
+            with pytest.raises(ImageError, match="is over 100000 bytes"):
+                host.adopt(record, fetcher(owner.store, host.store))
+            assert asked == [100_000] and host.list() == []
+            assert list((tmp_path / "host").glob(".import-*")) == []
+
+
+def test_a_record_without_settings_is_refused_not_a_crash(tmp_path: Path) -> None:
+    with ImageLibrary(tmp_path / "owner") as owner, ImageLibrary(tmp_path / "host") as host:
+        image = owner.import_archive(write_oci_archive(tmp_path / "a.tar", SPEC), OWNER, None).image
+        record = json.loads(owner.record(image.id))
+        del record["settings"]
+        with pytest.raises(ImageError, match="settings are not an object"):
+            host.adopt(json.dumps(record).encode(), fetcher(owner.store, host.store))
