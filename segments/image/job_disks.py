@@ -55,6 +55,7 @@ from segments.vm.runtime import Disk
 SCRATCH, IMAGE, JOB, OUTPUTS = "scratch.raw", "image.raw", "job.raw", "outputs.raw"
 MAX_INPUT_BYTES = 1 << 30
 MIN_DISK_BYTES = 16 << 20
+MAX_DISK_BYTES = 1 << 40  # a sparse file's size; the offer and the host's disk cap come first
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -105,8 +106,11 @@ def prepare(
     max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> tuple[Disk, ...]:
     """Write the guest's four disks into `folder`; the Disks in the order the guest wants."""
-    if scratch_bytes < MIN_DISK_BYTES or output_bytes < MIN_DISK_BYTES:
-        raise ImageError(f"scratch and output disks take at least {MIN_DISK_BYTES} bytes")
+    for size in (scratch_bytes, output_bytes):
+        if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES:
+            raise ImageError(
+                f"scratch and output disks take {MIN_DISK_BYTES} to {MAX_DISK_BYTES} bytes"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     library.touch(image.id)  # the cache keeps what runs
     scratch, image_disk = folder / SCRATCH, folder / IMAGE

@@ -100,8 +100,9 @@ def test_the_image_disk_holds_each_layer_at_its_offset(tmp_path: Path) -> None:
             manifest = library.store.manifest(bytes.fromhex(layer["manifest"]))
             assert disk[offset : offset + size] == library.store.read_file(manifest, "layer.tar")
     assert (tmp_path / "d" / JOB).exists()
-    with pytest.raises(ImageError, match="at least"):
-        prepare(library, image, command_for(image), {}, tmp_path / "e", 1 << 20, 16 << 20)
+    for scratch, output in [(1 << 20, 16 << 20), (2**63, 16 << 20), (16 << 20, -1)]:
+        with pytest.raises(ImageError, match="disks take"):
+            prepare(library, image, command_for(image), {}, tmp_path / "e", scratch, output)
 
 
 def test_disks_appear_in_the_domain_in_order_and_follow_the_checkpoint(tmp_path: Path) -> None:
