@@ -42,7 +42,7 @@ from typing import IO
 
 from segments.image.archive_paths import UnsafePath, names_the_root, safe_member_name
 from segments.image.errors import ImageError
-from segments.image.tarstream import ArchiveRefused, open_stream
+from segments.image.tarstream import ArchiveRefused, member_type, open_stream
 
 SANS_IO = True
 
@@ -65,12 +65,6 @@ _KINDS = {
     tarfile.SYMTYPE: KIND_SYMLINK,
     tarfile.LNKTYPE: KIND_HARDLINK,
     tarfile.FIFOTYPE: KIND_FIFO,
-}
-_REFUSED_KINDS = {
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.CONTTYPE: "a contiguous file",
-    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
 }
 
 
@@ -133,11 +127,9 @@ def _take(changes: Changeset, info: tarfile.TarInfo, limits: LayerLimits) -> Non
         raise LayerError(f"layer refused: {exc}") from None
     if CONTROL.search(path):  # the guest reads member lists line by line
         raise LayerError(f"layer refused: {path[:80]!r} has a control character in its name")
-    if info.type in _REFUSED_KINDS:
-        raise LayerError(f"layer refused: {path!r} is {_REFUSED_KINDS[info.type]}")
     kind = _KINDS.get(info.type)
-    if kind is None:
-        raise LayerError(f"layer refused: {path!r} has tar type {info.type!r}")
+    if kind is None:  # devices (the guest's /dev is devtmpfs), sparse and stranger types
+        raise LayerError(f"layer refused: {path!r} is {member_type(info.type)}")
     folder, _, base = path.rpartition("/")
     if base == OPAQUE_MARKER:
         changes.opaque.append(folder)

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, cast
 
 from segments.image.archive_paths import UnsafePath, names_the_root, safe_member_name
-from segments.image.tarstream import ArchiveRefused, open_stream
+from segments.image.tarstream import ArchiveRefused, member_type, open_stream
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -57,15 +57,6 @@ __all__ = ["OutputError", "OutputFile", "OutputLimits", "read_outputs"]
 
 CHUNK_BYTES = 1 << 20
 FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
-KINDS = {
-    tarfile.SYMTYPE: "a symbolic link",
-    tarfile.LNKTYPE: "a hard link",
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a FIFO",
-    tarfile.CONTTYPE: "a contiguous file",
-    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
-}
 
 
 class OutputError(ValueError):
@@ -163,7 +154,7 @@ def _check_member(
     path = safe_member_name(member.name)
     label = f"archive member {path[:80]!r}"
     if member.type not in (*FILE_TYPES, tarfile.DIRTYPE):
-        kind = KINDS.get(member.type, f"of unknown type {member.type!r}")
+        kind = member_type(member.type)
         raise OutputError(f"{label} is {kind}: only files and folders are taken")
     if member.sparse is not None or any(
         key.startswith("GNU.sparse.") for key in member.pax_headers

@@ -42,6 +42,23 @@ META_TYPES = (  # pax, pax global, Solaris pax, GNU long name, GNU long link tar
 )
 
 
+# What each tar member type is, for messages that say why a member is refused.
+MEMBER_TYPES = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
+}
+
+
+def member_type(kind: bytes) -> str:
+    """What a member of tar type `kind` is, in words."""
+    return MEMBER_TYPES.get(kind, f"of unknown type {kind!r}")
+
+
 class ArchiveRefused(ValueError):
     """The stream's metadata is refused before the parser reads it."""
 
