@@ -89,12 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config)
         store = args.store or config.image_store  # where the agent looks for images
+        library_root = args.store or config.library  # and imported ones
         if args.command == "build":
             _print_built([build(args.recipe, store, args.cache)], args.json)
         elif args.command == "import":
-            _print_import(_import(args, config, store), args.json)
+            _print_import(_import(args, config, library_root), args.json)
         elif args.command == "rm":
-            with ImageLibrary(store) as library:
+            with ImageLibrary(library_root) as library:
                 for reference in args.images:
                     removed, freed = library.remove(reference)
                     print(
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
         else:
             _print_built(list_images(store), args.json)
-            with ImageLibrary(store) as library:
+            with ImageLibrary(library_root) as library:
                 _print_imported(library.list(), args.json)
     except (ImageError, ConfigError, OSError) as exc:
         print(f"gleaner image: {exc}", file=sys.stderr)
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _import(args: argparse.Namespace, config: Config, store: Path) -> ImportResult:
     if not args.file.is_file():
         raise ImageError(f"no file {args.file}")
-    fmt = args.format or _guess_format(args.file)
+    fmt = args.format or guess_format(args.file)
     identity = keystore.load_or_create(config.state_dir)  # the store's manifests are ours
     with ImageLibrary(store) as library:
         if fmt == "oci":
@@ -140,7 +141,7 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guess_format(path: Path) -> str | None:
+def guess_format(path: Path) -> str | None:
     """ "oci" for a tar (POSIX and GNU tars say ustar at 257), else None: the disk decides."""
     with open(path, "rb") as file:
         head = file.read(512)

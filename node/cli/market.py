@@ -4,20 +4,27 @@
                    [--redundancy K] [--price-ceiling U] [--deadline S] [--args "..."]
     gleaner jobs                 every job this node owns, a line each
     gleaner watch JOB            live: segments, replicas, winner, payments; a progress bar
-    gleaner fetch JOB [-o DIR]   the job's console output (and its result line)
+    gleaner fetch JOB [-o DIR]   the job's console output (and its result line); with -o,
+                                 console.txt, and for a job's own program exit-status
+                                 and outputs/ (the files it left in /gleaner/out)
     gleaner ledger               balances, chains and payments, paid and received
 
 A job file is a TOML table of the same settings (``image``, ``memory_mib``,
 ``vcpus``, ``extent_s``, ``segments``, ``redundancy``, ``price_ceiling``,
 ``deadline``, ``network``, ``args``); flags override it. ``--image`` takes an
 image id, or the path of a recipe, which is built into the agent's image
-store first. A job id may be shortened to any unique prefix, as with git.
-Every command takes ``--json``.
+store first. A job owner's own program adds ``command``, ``entrypoint``,
+``env``, ``workdir``, ``inputs``, ``disk_mib`` and ``output_mib``
+(node/market/run_requests.py), and its ``image`` is a name or id in the image
+library, or an archive or disk to import (node/cli/job_files.py). A job id
+may be shortened to any unique prefix, as with git. Every command takes
+``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -35,6 +42,7 @@ from node.cli.common import (
     print_json,
     rpc,
 )
+from node.cli.job_files import import_image, input_files
 
 TERMINAL = ("completed", "halted", "expired")
 
@@ -67,18 +75,24 @@ def add_commands(sub: Subcommands) -> None:
     )
     add_target(fetch)
     fetch.add_argument("job")
-    fetch.add_argument("-o", "--output", type=Path, help="write console.txt into this directory")
+    fetch.add_argument(
+        "-o", "--output", type=Path, help="write console.txt (and exit-status, outputs/) here"
+    )
     add_target(add_command(sub, "ledger", cmd_ledger, "balances, hash chains and payments"))
 
 
 def job_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {}
+    base = Path.cwd()
     if args.job_file is not None:
         try:
             settings = tomllib.loads(args.job_file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise CliError(f"{args.job_file}: {exc}", EXIT_USAGE) from None
         settings = settings.get("job", settings)
+        base = args.job_file.resolve().parent
+    if "inputs" in settings:
+        settings["inputs"] = input_files(settings["inputs"], base)
     for name in ("image", "memory_mib", "vcpus", "extent_s", "redundancy", "price_ceiling"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -96,8 +110,13 @@ def job_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings.setdefault("redundancy", 2)
     settings.setdefault("price_ceiling", 100)
     image = settings.get("image")
-    if isinstance(image, str) and Path(image).is_file():
-        settings["image"] = _build_image(args, Path(image))
+    if isinstance(image, str) and (base / image).is_file():
+        path = base / image
+        if path.suffix == ".toml":
+            settings["image"] = _build_image(args, path)
+        else:
+            loaded = load_config(args)
+            settings["image"] = import_image(path, loaded.library, loaded.state_dir)
     return settings
 
 
@@ -207,13 +226,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     output = rpc(args, "job_output", {"job": args.job})
+    own = output.get("own_program", False)
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "console.txt").write_text(output["console"])
+        if own and output["outputs"] is not None:
+            status = output["exit_status"]
+            (args.output / "exit-status").write_text(f"{'' if status is None else status}\n")
+            shutil.copytree(output["outputs"], args.output / "outputs", dirs_exist_ok=True)
     if args.json:
         print_json(output)
     elif args.output is None:
         print(output["console"], end="")
+    elif own:
+        files = len(output["files"])
+        status = output["exit_status"] if output["outputs"] is not None else "(not yet)"
+        print(f"exit status {status}; {files} output file(s) in {args.output}/outputs")
     else:
         print(f"result: {output['result'] or '(none yet)'}; console in {args.output}/console.txt")
     return 0

@@ -100,7 +100,7 @@ def score_bids(
     if not bids:
         return []
     fastest = min(max(b.finish_s, 1) for b in bids)
-    size = offer.checkpoint_size
+    size = offer.fetch_bytes
     total = weights.price + weights.finish + weights.locality
     scored = []
     for b in bids:

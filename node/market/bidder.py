@@ -12,7 +12,8 @@ floor, and what it is (arch, KVM, benchmark score, CPU share, bandwidth).
 
 *Commitments.* Every bid reserves what its run would take: the offer's vCPUs,
 memory and a replica slot, and disk for the incoming checkpoint plus the save
-image it will write (checkpoint size + guest memory). A reservation lives
+image it will write (checkpoint size + guest memory), plus, for a job owner's
+own program, its bundle and its scratch and output disks. A reservation lives
 
     BID       from the bid until an award (won: RUNNING; lost: released), or until
               ``award_grace_s`` past the bid deadline (released)
@@ -36,7 +37,8 @@ guest migrated away) or the usual end of the replica.
 *Price and estimate.* ``price = min(ceiling, ceil(floor * (1 + busy)))`` with
 ``busy`` the share of replica slots already reserved: a host asks more as it
 fills, so work spreads over the swarm. The finish estimate is the seconds to
-fetch the checkpoint bytes not held, plus ``setup_s`` (restore and save), plus
+fetch the checkpoint bytes not held (and a job owner's image and inputs: the
+offer's ``work``), plus ``setup_s`` (restore and save), plus
 the extent (guest vCPU-seconds) over the guest's vCPUs times this host's speed
 (``cpu_share * bench_score / BENCH_REFERENCE``).
 
@@ -272,14 +274,25 @@ class Reservation:
 
 
 def disk_need_mib(offer: Offer) -> int:
-    """Disk for the incoming checkpoint plus the save image the run writes."""
-    return math.ceil(offer.checkpoint_size / MIB) + offer.requirements.memory_mib
+    """Disk for the incoming checkpoint plus the save image the run writes.
+
+    A job owner's own program also needs its image and inputs (at most the
+    bundle) and its scratch and output disks (sparse, but they may fill up).
+    """
+    need = math.ceil(offer.checkpoint_size / MIB) + offer.requirements.memory_mib
+    work = offer.work
+    if work is not None:
+        need += math.ceil(work.bundle_bytes / MIB) + work.disk_mib + work.output_mib
+    return need
 
 
 def estimate_finish_s(offer: Offer, policy: HostPolicy, held_bytes: int) -> int:
-    """Seconds from award to completion on this host (see the module docstring)."""
+    """Seconds from award to completion on this host (see the module docstring).
+
+    `held_bytes` counts what this host holds of ``offer.fetch_bytes``.
+    """
     speed = policy.cpu_share * (policy.bench_score or BENCH_REFERENCE) / BENCH_REFERENCE
-    missing = max(0, offer.checkpoint_size - held_bytes)
+    missing = max(0, offer.fetch_bytes - held_bytes)
     run = offer.extent_s / (offer.requirements.vcpus * speed)
     return math.ceil(missing / policy.bandwidth_bytes_s + policy.setup_s + run)
 
@@ -386,7 +399,7 @@ class Bidder:
             offer.ref,
             price=price,
             finish_s=estimate_finish_s(offer, policy, held_bytes),
-            held_bytes=min(held_bytes, offer.checkpoint_size),
+            held_bytes=min(held_bytes, offer.fetch_bytes),
             capacity=Capacity(free.vcpus, free.memory_mib, free.disk_mib, free.slots),
         )
         expires = offer.bid_deadline + self.config.award_grace_s

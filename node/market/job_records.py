@@ -17,6 +17,7 @@ import msgpack
 
 from node.base.identity import NodeId
 from node.market.jobs import JobSnapshot, JobSpec, JobSpecError
+from node.market.offer_messages import Work
 
 
 class JobRecordError(ValueError):
@@ -33,6 +34,8 @@ def decode_spec(blob: bytes) -> JobSpec:
     fields = _unpack(blob, "job spec")
     try:
         fields["owner"] = NodeId(fields["owner"])
+        if fields.get("work") is not None:
+            fields["work"] = Work(**fields["work"])
         return JobSpec(**fields)
     except (KeyError, TypeError, ValueError, JobSpecError) as exc:
         raise JobRecordError(f"stored job spec: {exc}") from None

@@ -70,8 +70,12 @@ from node.market.offer_messages import (
     MAX_IMAGE_CHARS,
     MAX_MEMORY_MIB,
     MAX_VCPUS,
+    MAX_WORK_BYTES,
+    MAX_WORK_DISK_MIB,
     MIN_MEMORY_MIB,
+    MIN_WORK_DISK_MIB,
     Requirements,
+    Work,
 )
 from overlay.claims import MAX_NONCE_BYTES, MIN_NONCE_BYTES, derive_job_id
 
@@ -98,6 +102,7 @@ class JobSpec:
     arch: str = "x86_64"
     kvm: bool = False
     args: str = ""  # kernel command-line additions (the workload's parameters)
+    work: Work | None = None  # the owner's own program (image, command, inputs, disks)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.owner, NodeId), "owner", "must be a node id")
@@ -126,6 +131,8 @@ class JobSpec:
         _check(args_ok, "args", f"must be a string of at most {MAX_ARGS_CHARS} characters")
         for name in ("network", "kvm"):
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
+        if self.work is not None:
+            _check_work(self.work)
         _check(
             not self.network or self.k == 1,
             "k",
@@ -170,6 +177,15 @@ class JobSpec:
             return cls(owner=owner, nonce=nonce, segments=segments, **fields)
         except TypeError as exc:
             raise JobSpecError(str(exc)) from None
+
+
+def _check_work(work: Work) -> None:
+    _check(isinstance(work, Work), "work", "must describe the job's own program")
+    bundle_ok = isinstance(work.bundle, bytes) and len(work.bundle) == MANIFEST_BYTES
+    _check(bundle_ok, "work", f"its bundle is a {MANIFEST_BYTES}-byte manifest digest")
+    _integer(work.bundle_bytes, "bundle_bytes", 0, MAX_WORK_BYTES, "the image and inputs")
+    for name in ("disk_mib", "output_mib"):
+        _integer(getattr(work, name), name, MIN_WORK_DISK_MIB, MAX_WORK_DISK_MIB)
 
 
 _TOML_KEYS = {

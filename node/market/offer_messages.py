@@ -58,6 +58,9 @@ MAX_EXTENT_S = 2**32
 MAX_CHECKPOINT_BYTES = 2**41
 MAX_UNIX_S = 2**63 - 1  # deadlines are Unix seconds, stored as SQLite integers
 MAX_OFFER_BYTES = 2048 + MAX_ARGS_CHARS
+MAX_WORK_BYTES = 2**41  # a job's image and inputs, uncompressed (a full manifest, as above)
+MIN_WORK_DISK_MIB = 16  # segments/image/job_disks.py: MIN_DISK_BYTES
+MAX_WORK_DISK_MIB = 1 << 20  # ... and MAX_DISK_BYTES (a sparse file's size)
 MAX_BID_BYTES = 1024
 MAX_AWARD_BYTES = 2048 + MAX_K * 1024
 
@@ -82,6 +85,23 @@ class Capacity:
 
 
 @dataclass(frozen=True, slots=True)
+class Work:
+    """A job owner's own program (segments/image/job_disks.py): what a host needs to run it.
+
+    ``bundle`` is the digest of a manifest the owner signed and serves, holding the
+    image's record (``image.json``) and the job's tar (``job.tar``: the command
+    and the inputs). ``bundle_bytes`` is what a host lacking all of it fetches
+    (the image's layers or disk and the tar); ``disk_mib`` and ``output_mib``
+    size the guest's scratch and output disks.
+    """
+
+    bundle: bytes
+    bundle_bytes: int
+    disk_mib: int
+    output_mib: int
+
+
+@dataclass(frozen=True, slots=True)
 class Offer:
     owner: NodeId
     job_nonce: bytes
@@ -97,7 +117,13 @@ class Offer:
     bid_deadline: int
     args: str = ""
     source: NodeId | None = None  # a live hand-off: the guest runs there and migrates
+    work: Work | None = None  # a job owner's own program; None: the image is the whole job
     blob: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def fetch_bytes(self) -> int:
+        """What a host holding nothing of the job fetches before it runs: checkpoint, bundle."""
+        return self.checkpoint_size + (self.work.bundle_bytes if self.work is not None else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +178,7 @@ def sign_offer(
     bid_deadline: int,
     args: str = "",
     source: NodeId | None = None,
+    work: Work | None = None,
 ) -> Offer:
     """As job owner, offer ``segment`` (attempt ``attempt``) of the job ``job_nonce`` names."""
     payload = {
@@ -177,6 +204,8 @@ def sign_offer(
     }
     if source is not None:
         payload["source"] = source.key
+    if work is not None:
+        payload["work"] = [work.bundle, work.bundle_bytes, work.disk_mib, work.output_mib]
     return decode_own(decode_offer, sign_payload(owner, OFFER_CONTEXT, payload))
 
 
@@ -246,7 +275,21 @@ def decode_offer(blob: bytes) -> Offer:
         bid_deadline=uint_field(fields, "deadline", what, 0, MAX_UNIX_S),
         args=optional_text(fields, "args", what, MAX_ARGS_CHARS),
         source=None if fields.get("source") is None else key_field(fields, "source", what),
+        work=None if fields.get("work") is None else _read_work(fields["work"]),
         blob=blob,
+    )
+
+
+def _read_work(row: Any) -> Work:
+    what = "offer work"
+    if not isinstance(row, list) or len(row) != 4:
+        raise RemoteProtocolError(f"{what} is not [bundle, bytes, disk, outputs]")
+    fields = dict(zip(("bundle", "bytes", "disk", "outputs"), row, strict=True))
+    return Work(
+        bundle=bin_field(fields, "bundle", what, DIGEST_BYTES),
+        bundle_bytes=uint_field(fields, "bytes", what, 0, MAX_WORK_BYTES),
+        disk_mib=uint_field(fields, "disk", what, MIN_WORK_DISK_MIB, MAX_WORK_DISK_MIB),
+        output_mib=uint_field(fields, "outputs", what, MIN_WORK_DISK_MIB, MAX_WORK_DISK_MIB),
     )
 
 

@@ -113,6 +113,7 @@ class SegmentActions:
             bid_deadline=math.ceil(now + self.config.auction.bid_window_s),
             args=spec.args,
             source=source,
+            work=spec.work,
         )
 
     def _maybe_close(self, auction: Auctioneer, now: float) -> None:

@@ -52,6 +52,7 @@ from overlay.routes import ROUTE_TOPIC
 from overlay.wireguard.backend import UapiBackend
 from overlay.wireguard.process import WireGuardGo, interface_name
 from overlay.wireguard.service import DATA_PLANE_PRIORITY, OverlayService
+from segments.image.library import ImageLibrary
 from segments.image.store import load as load_image
 from segments.vm.runtime import LibvirtRuntime
 
@@ -137,6 +138,8 @@ class Agent:
             self.image_store,
             functools.partial(LibvirtRuntime, self.config["vm.libvirt_uri"]),
             load_image,
+            ImageLibrary(self.config.library),
+            self.config["vm.image_cache_mib"] << 20,
         )
         self.segments = segments
         market = self._build_market(membership, routes, segments)

@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("membership", "gossip_interval_s", float, lambda: 0.2, _float_range(0.01, 60.0)),
     Setting("vm", "libvirt_uri", str, lambda: "qemu:///system", _nonempty(4096)),
     Setting("vm", "image_store", str, lambda: "", lambda v: None),
+    # Where images job owners import (and images taken from other hosts' jobs) are
+    # kept ("" = the image store): a testbed host gives each host its own.
+    Setting("vm", "library", str, lambda: "", lambda v: None),
     # The image store's blocks: images taken from other hosts' jobs are evicted, least
     # recently used first, to stay under this; images imported here (named) never are.
     Setting("vm", "image_cache_mib", int, lambda: 20_480, _range(64, 1 << 30)),
@@ -208,6 +211,12 @@ class Config:
         """Where this node's guest images are: ``vm.image_store``, else <state_dir>/images."""
         explicit = self.values["vm.image_store"]
         return Path(explicit) if explicit else self.state_dir / "images"
+
+    @property
+    def library(self) -> Path:
+        """This node's image library (imported images): ``vm.library``, else the image store."""
+        explicit = self.values["vm.library"]
+        return Path(explicit) if explicit else self.image_store
 
     @property
     def control_socket(self) -> Path:

@@ -34,6 +34,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, assert_never
 
 import trio
@@ -74,10 +75,9 @@ from node.runtime.guest_address import (
     route_guest,
 )
 from node.runtime.market_owner import guarded
+from node.runtime.replica_orders import ReplicaOrder, ReplicaOutcome
 from node.runtime.routing import RouteService
 from node.runtime.segment_service import (
-    ReplicaOrder,
-    ReplicaOutcome,
     SegmentError,
     SegmentMigrated,
     SegmentService,
@@ -182,8 +182,11 @@ class HostMarket:
         if offer.requirements.network and self.routes is None:
             self.stats["declined_network"] += 1  # no overlay here to route its address
             return None
-        if offer.source is not None and self.migration is None:
-            self.stats["declined_live"] += 1  # no way for a guest to migrate here
+        if offer.source is not None and (self.migration is None or offer.work is not None):
+            self.stats["declined_live"] += 1  # no way for a guest (or its disks) to move here
+            return None
+        if offer.work is not None and self.segments.bundles is None:
+            self.stats["declined_image"] += 1  # no image library here
             return None
         return OfferReceived(blob, self._held_bytes(offer))
 
@@ -199,12 +202,13 @@ class HostMarket:
         return True
 
     def _held_bytes(self, offer: Offer) -> int:
-        if offer.checkpoint is None:
-            return 0
-        manifest = self.segments.store.manifest(offer.checkpoint)
+        held, store, bundles = 0, self.segments.store, self.segments.bundles
+        if offer.work is not None and bundles is not None:
+            held = bundles.image_held(offer.work)
+        manifest = None if offer.checkpoint is None else store.manifest(offer.checkpoint)
         if manifest is None:
-            return 0
-        return manifest.total_size - sum(self.segments.store.missing(manifest).values())
+            return held
+        return held + manifest.total_size - sum(store.missing(manifest).values())
 
     async def _execute(self, effects: list[BidderEffect]) -> None:
         async with self._lock:
@@ -262,6 +266,10 @@ class HostMarket:
                 if checkpoint is None:
                     checkpoint = await fetch_manifest(offer.checkpoint, holders)
             order = _order(offer, grant)
+            if offer.work is not None:
+                owner = self.block_endpoint(offer.owner)
+                others = [e for e in map(self.block_endpoint, offer.holders) if e is not None]
+                order = replace(order, work_holders=tuple(([owner] if owner else []) + others))
             async with lock:  # a stopped replica of this job may still be tearing down
                 outcome = await self._run_addressed(order, checkpoint, holders, cancel, grant)
         except SegmentMigrated as moved:
@@ -570,6 +578,7 @@ def _order(offer: Offer, grant: bytes | None) -> ReplicaOrder:
         tap=market_tap_name(ref.job_id) if grant is not None else None,
         address=str(grant_address(grant)) if grant is not None else None,
         adopt=offer.source is not None,
+        work=offer.work,
     )
 
 

@@ -394,6 +394,7 @@ class OwnerMarket:
             "committed": sum(1 for r in job.history if r["what"] == "committed"),
             "paid_units": sum(r["units"] for r in paid),
             "outcome": job.outcome,
+            "own_program": spec.work is not None,
         }
 
     def detail(self, job_id: bytes) -> dict[str, Any]:

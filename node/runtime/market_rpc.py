@@ -13,17 +13,24 @@ keeps running.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import trio
 
 from node.base.identity import Identity
 from node.market.jobs import JobSpecError
+from node.market.offer_messages import Work
+from node.market.run_requests import split_request, wants_run
 from node.runtime.control import RpcError, RpcTable
+from node.runtime.job_bundles import BundleError
 from node.runtime.ledger_service import LedgerService
 from node.runtime.market_host import HostMarket
 from node.runtime.market_owner import OwnerMarket, spec_from_request
 from node.runtime.policy_service import PolicyService
 from node.runtime.segment_service import SegmentService
+from segments.image.runner import parse_exit
+from segments.image.store import ID_PATTERN, ImageError
 from segments.image.workload import parse_result
 
 
@@ -51,11 +58,37 @@ class MarketRpc:
         if not isinstance(job, dict) or not all(isinstance(key, str) for key in job):
             raise RpcError("parameter 'job' must be a table of job settings")
         try:
+            work = None
+            if wants_run(job) or not await self._recipe_image(job.get("image")):
+                job, work = await self._run_job(job)
             spec = spec_from_request(self.identity, job, time.time())
-            job_id = await self.owner.submit(spec)
-        except JobSpecError as exc:
+            job_id = await self.owner.submit(replace(spec, work=work))
+        except (JobSpecError, BundleError) as exc:
             raise RpcError(str(exc)) from None
         return self.owner.summary(job_id)
+
+    async def _recipe_image(self, image: Any) -> bool:
+        """Whether `image` names an image built from a recipe here (the job is the image)."""
+        if not isinstance(image, str) or not ID_PATTERN.fullmatch(image):
+            return False
+        segments = self.segments
+        try:
+            await trio.to_thread.run_sync(segments.load_image, segments.image_store, image)
+        except ImageError:
+            return False
+        return True
+
+    async def _run_job(self, job: dict[str, Any]) -> tuple[dict[str, Any], Work]:
+        """The job's own program: its bundle made and stored here, booted by a run image."""
+        bundles = self.segments.bundles
+        if bundles is None:
+            raise RpcError("this node has no image library for a job's own image")
+        table, request = split_request(job)
+        boot = await trio.to_thread.run_sync(
+            bundles.boot_image, self.segments.image_store, request.boot
+        )
+        work = await bundles.make(request)
+        return {**table, "image": boot}, work
 
     async def jobs(self, params: dict[str, Any]) -> Any:
         return [self.owner.summary(job_id) for job_id in self.owner.jobs]
@@ -77,11 +110,33 @@ class MarketRpc:
             parts.append(text)
         console = "".join(parts)
         summary = self.owner.summary(job_id)
-        return {
+        output = {
             **summary,
             "console": console,
             "result": parse_result(console),
             "manifest": rows[-1]["manifest"] if rows else None,
+        }
+        if summary["own_program"]:
+            output.update(await self._own_outputs(job_id, summary, console, output["manifest"]))
+        return output
+
+    async def _own_outputs(
+        self, job_id: bytes, summary: dict[str, Any], console: str, manifest: str | None
+    ) -> dict[str, Any]:
+        """A job owner's program's exit status and files, once its guest powered off."""
+        if summary["state"] != "halted" or manifest is None or self.segments.bundles is None:
+            return {"exit_status": None, "outputs": None, "files": []}
+        folder = self.segments.state_dir / "outputs" / job_id.hex()
+        try:
+            files = await trio.to_thread.run_sync(
+                self.segments.bundles.outputs, bytes.fromhex(manifest), folder
+            )
+        except BundleError as exc:
+            raise RpcError(str(exc)) from None
+        return {
+            "exit_status": parse_exit(console),
+            "outputs": str(folder),
+            "files": [[file.path, file.size] for file in files],
         }
 
     async def ledger_view(self, params: dict[str, Any]) -> Any:

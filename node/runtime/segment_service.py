@@ -25,11 +25,13 @@ this service only knows how.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,8 +40,15 @@ from node.base.identity import Identity
 from node.base.records import parse_endpoint
 from node.base.wire import RemoteProtocolError
 from node.market.jobs import JobSpec
+from node.market.offer_messages import Work
 from node.runtime.guest_address import guest_cmdline
-from node.runtime.routing import is_interface_name
+from node.runtime.job_bundles import BlockSources, BundleError, JobBundles
+from node.runtime.replica_orders import (
+    ReplicaOrder,
+    ReplicaOutcome,
+    parse_destination_spec,
+)
+from segments.image.library import ImageLibrary
 from segments.image.store import Image, ImageError
 from segments.store.blocks import BlockStore, BlockStoreError
 from segments.store.manifest import Manifest, decode_manifest
@@ -54,7 +63,7 @@ from segments.vm.replica import (
     SegmentRun,
     replica_spec,
 )
-from segments.vm.runtime import VmError, VmRuntime, VmSpec, VmState
+from segments.vm.runtime import Disk, VmError, VmRuntime, VmSpec, VmState
 from segments.vm.verify import Verdict, VerifyError, VerifySpec, verify_checkpoint
 
 OpenRuntime = Callable[[], contextlib.AbstractContextManager[VmRuntime]]
@@ -63,11 +72,9 @@ log = logging.getLogger("gleaner.segments")
 
 BLOCK_PORT = 7947
 MARKET_VM = re.compile(r"gl-r[0-9a-f]{16}")  # replicas the market starts: gl-r<job id prefix>
-ARRIVAL_TIMEOUT_S = 120.0  # an adopting replica's wait for its guest (a fresh daemon: ~6 s)
 MIGRATION_TIMEOUT_S = 300.0  # migrate_replica's wait for the outcome
 MIGRATION_POLL_S = 0.05
-DESTINATION_KEYS = frozenset({"kernel", "initrd", "serial_log", "tap"})
-MAX_PATH_CHARS = 4096
+DISKS = "disks"  # a replica's work folder: a job owner's program's disks (removed after)
 
 
 def market_vm_name(job_id: bytes) -> str:
@@ -104,15 +111,24 @@ class SegmentService:
         image_store: Path,
         open_runtime: OpenRuntime,
         load_image: LoadImage,
+        library: ImageLibrary | None = None,
+        image_cache_bytes: int = 20 << 30,
     ) -> None:
         """`open_runtime` opens this host's VM runtime for one worker thread (libvirt, or
-        its fake twin in tests); `load_image` reads an image from a store."""
+        its fake twin in tests); `load_image` reads an image from a store; `library`
+        holds job owners' images (None: this node runs only recipe images)."""
         self.identity = identity
         self.state_dir = state_dir
         self.image_store = image_store
         self.open_runtime = open_runtime
         self.load_image = load_image
         self.store = BlockStore(state_dir / "blocks")
+        self.library = library
+        self.bundles = (
+            None
+            if library is None
+            else JobBundles(identity, self.store, library, image_cache_bytes)
+        )
         self.listen: tuple[str, int] | None = None
         self.runs = 0
         self.replicas: dict[str, Replica] = {}
@@ -129,10 +145,14 @@ class SegmentService:
         bound = listeners[0].socket.getsockname()
         self.listen = (host, bound[1])
         log.info("block server on [%s]:%d", host, bound[1])
-        await serve_blocks(self.store, listeners[0], task_status=task_status)
+        stores = [self.store] if self.library is None else [self.store, self.library.store]
+        source = BlockSources(stores)
+        await serve_blocks(source, listeners[0], task_status=task_status)
 
     def close(self) -> None:
         self.store.close()
+        if self.library is not None:
+            self.library.close()
 
     async def run_segment(self, params: dict[str, Any]) -> dict[str, Any]:
         """The ``segment_run`` control request: one replica, run by hand."""
@@ -186,6 +206,36 @@ class SegmentService:
         ``migrate_replica`` ends it with SegmentMigrated.
         """
         run = await self._segment_run(order)
+        work = self._work_dir(order)
+        if order.work is not None:
+            run = replace(run, disks=await self._job_disks(order.work, order.work_holders, work))
+        try:
+            return await self._run_with(run, order, checkpoint, holders, cancel, work)
+        finally:
+            if order.work is not None:
+                await trio.to_thread.run_sync(
+                    functools.partial(shutil.rmtree, work / DISKS, ignore_errors=True)
+                )
+
+    async def _job_disks(
+        self, work: Work, holders: tuple[tuple[str, int], ...], folder: Path
+    ) -> tuple[Disk, ...]:
+        if self.bundles is None:
+            raise SegmentError("this node has no image library for job owners' images")
+        try:
+            return await self.bundles.disks(work, holders, folder / DISKS)
+        except BundleError as exc:
+            raise SegmentError(str(exc)) from None
+
+    async def _run_with(
+        self,
+        run: SegmentRun,
+        order: ReplicaOrder,
+        checkpoint: Manifest | None,
+        holders: list[tuple[str, int]],
+        cancel: trio.Event | None,
+        work: Path,
+    ) -> ReplicaOutcome:
         fetched: dict[str, Any] = {}
         if checkpoint is not None and not order.adopt:
             try:
@@ -197,7 +247,6 @@ class SegmentService:
                 "bytes": stats.bytes_done,
                 "bad_blocks": stats.bad_blocks,
             }
-        work = self._work_dir(order)
         failure: SegmentError | None = None
         async with trio.open_nursery() as nursery:
             if cancel is not None:
@@ -321,6 +370,15 @@ class SegmentService:
             if console is None:
                 raise VerifierUnavailable("the previous checkpoint's console is not held here")
             base = encode_progress(console)
+        disks: tuple[Disk, ...] = ()
+        folder = (
+            self.state_dir / "verify" / f"job-{job.job_id.hex()[:16]}-{manifest.digest.hex()[:16]}"
+        )
+        if job.work is not None and not halted:  # a halted guest is not restored
+            try:
+                disks = await self._job_disks(job.work, (), folder)
+            except SegmentError as exc:
+                raise VerifierUnavailable(str(exc)) from None
         spec = VerifySpec(
             kernel=image.kernel,
             initrd=image.initrd,
@@ -329,6 +387,7 @@ class SegmentService:
             vcpus=job.vcpus,
             work_dir=self.state_dir / "verify",
             tap=f"gv{job.job_id.hex()[:12]}" if job.network else None,  # never a replica's tap
+            disks=disks,
         )
 
         def verify() -> Verdict:
@@ -338,9 +397,25 @@ class SegmentService:
                 )
 
         try:
-            return await trio.to_thread.run_sync(verify)
+            verdict = await trio.to_thread.run_sync(verify)
+            if verdict.ok and halted and job.work is not None:
+                verdict = await self._check_outputs(manifest, folder / "outputs", verdict)
+            return verdict
         except (VerifyError, VmError) as exc:
             raise VerifierUnavailable(f"verifier: {exc}") from None
+        finally:
+            await trio.to_thread.run_sync(
+                functools.partial(shutil.rmtree, folder, ignore_errors=True)
+            )
+
+    async def _check_outputs(self, manifest: Manifest, dest: Path, verdict: Verdict) -> Verdict:
+        """A halted program's outputs must read as a safe tar within the caps (docs/jobs.md)."""
+        assert self.bundles is not None
+        try:
+            files = await trio.to_thread.run_sync(self.bundles.outputs, manifest.digest, dest)
+        except BundleError as exc:
+            return replace(verdict, ok=False, reason=str(exc))
+        return replace(verdict, reason=f"{verdict.reason}; {len(files)} output files read")
 
     async def reap_orphans(self) -> list[str]:
         """Stop market replicas a crashed run of this agent left running in libvirt."""
@@ -425,74 +500,6 @@ class SegmentService:
             raise SegmentMigrated(exc) from None
         except (ReplicaError, VmError) as exc:
             raise SegmentError(str(exc)) from None
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaOrder:
-    """What to run: ``name`` names the VM and its work directory (letters, digits, dashes).
-
-    A restored guest keeps the domain name it was saved with, so every segment of
-    a job runs under the name of its first: one name per job, and a host runs
-    one replica of a job at a time.
-    """
-
-    name: str
-    segment: int
-    image_id: str
-    args: str
-    vcpus: int
-    extent_cpu_s: float
-    memory_mib: int | None = None  # None: the image's default
-    attempt: int = 0
-    tap: str | None = None  # a network job's NIC: the tap libvirt creates here
-    address: str | None = None  # a network job's overlay address (kernel command line)
-    adopt: bool = False  # run the rest of a segment whose guest migrates here (no checkpoint)
-    arrival_timeout_s: float = ARRIVAL_TIMEOUT_S  # adopt: how long to wait for the guest
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaOutcome:
-    result: ReplicaResult
-    fetched: dict[str, Any]
-
-
-def parse_destination_spec(vm_name: str, fields: Any) -> VmSpec:
-    """The destination's files (``destination_spec``, from a peer) as a VmSpec to migrate onto.
-
-    Strict: exactly the keys kernel, initrd, serial_log (absolute paths) and
-    tap (an interface name, or None); anything else raises ValueError. Only
-    the fields ``vm.relocated_xml`` uses are meaningful in the result.
-    """
-    if not isinstance(fields, dict):
-        raise ValueError(f"a destination spec is a map, not {type(fields).__name__}")
-    keys = set(fields)
-    if keys != DESTINATION_KEYS:
-        missing = ", ".join(sorted(str(k) for k in DESTINATION_KEYS - keys)) or "none"
-        extra = ", ".join(sorted(repr(k) for k in keys - DESTINATION_KEYS)) or "none"
-        raise ValueError(f"a destination spec's keys: missing {missing}; unknown {extra}")
-    paths = {key: _absolute_path(fields[key], key) for key in ("kernel", "initrd", "serial_log")}
-    tap = fields["tap"]
-    if tap is not None and not is_interface_name(tap):
-        raise ValueError(f"destination 'tap' must be an interface name or None, not {tap!r:.40}")
-    return VmSpec(
-        name=vm_name,
-        kernel=paths["kernel"],
-        initrd=paths["initrd"],
-        cmdline="",
-        serial_log=paths["serial_log"],
-        tap=tap,
-    )
-
-
-def _absolute_path(value: Any, key: str) -> Path:
-    what = f"destination {key!r}"
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a path (a string), not {type(value).__name__}")
-    if not value.startswith("/") or len(value) > MAX_PATH_CHARS:
-        raise ValueError(f"{what} must be an absolute path of at most {MAX_PATH_CHARS} chars")
-    if not value.isprintable() or ".." in PurePosixPath(value).parts:
-        raise ValueError(f"{what} must be printable, without '..': {value!r:.60}")
-    return Path(value)
 
 
 def _holders(value: Any) -> list[tuple[str, int]]:

@@ -13,6 +13,9 @@
    A summary table (segment, replicas, winner, time, tokens paid) and the
    result, checked against the same computation done outside the VM. Then
    live-migrate a network guest and watch its address follow.
+4b. A job owner's own program (node/testbed/demo_own.py): an OCI image packed
+   here, an input file, outputs fetched home and checked, across segments
+   that run on several hosts, each taking the image into its own library.
 5. Crash one agent (SIGKILL), watch the others declare it dead and drop its
    WireGuard peer, restart it and watch it rejoin.
 6. Tear everything down, on every path.
@@ -55,6 +58,9 @@ def run(hosts: int, root: Path) -> int:
 
             image = demo_vm.build_image(console, root)
             ok &= demo_vm.market_job(console, image, described)
+            from node.testbed import demo_own
+
+            ok &= demo_own.own_program_job(console, root, described)
             demo_vm.live_migration(console, root, image, described)
             _crash_and_rejoin(console, root, described)
         ids = {host["node_id"] for host in described}

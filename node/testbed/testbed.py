@@ -79,10 +79,14 @@ def host_config(
     libvirt_uri: str = "",
     image_store: str = "",
 ) -> str:
+    """A testbed host's config. Each host keeps its own image library (imported images and
+    those taken from other hosts' jobs) in its state folder: only recipe images, the
+    swarm's boot images, come from the testbed's shared `image_store`."""
     peers = ", ".join(f'"{endpoint}"' for endpoint in bootstrap)
-    vm = "\n[vm]\n" if libvirt_uri or image_store else ""
+    vm = "\n[vm]\n"
     vm += f'libvirt_uri = "{libvirt_uri}"\n' if libvirt_uri else ""
     vm += f'image_store = "{image_store}"\n' if image_store else ""
+    vm += f'library = "{state_dir / "library"}"\n'
     return (
         "[node]\n"
         f'name = "{name}"\n'
@@ -139,8 +143,8 @@ def up(
         "vms": {},
         "segments": segments,
         "libvirt": libvirt,
-        # One image store for the whole testbed, like an image server: images are
-        # content-addressed and reproducible, so every host would build the same.
+        # One store of recipe images (the swarm's boot images) for the whole testbed,
+        # like an image server; each host's image library is its own (host_config).
         "image_store": str(root / "images"),
     }
     save_state(root, state)

@@ -106,12 +106,40 @@ def prepare(
     max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> tuple[Disk, ...]:
     """Write the guest's four disks into `folder`; the Disks in the order the guest wants."""
+    check_disk_sizes(scratch_bytes, output_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_job_tar(command, inputs, folder / JOB, max_input_bytes)
+    return prepare_disks(library, image, folder / JOB, folder, scratch_bytes, output_bytes)
+
+
+def check_disk_sizes(scratch_bytes: int, output_bytes: int) -> None:
     for size in (scratch_bytes, output_bytes):
         if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES:
             raise ImageError(
                 f"scratch and output disks take {MIN_DISK_BYTES} to {MAX_DISK_BYTES} bytes"
             )
+
+
+def prepare_disks(
+    library: ImageLibrary,
+    image: ImportedImage,
+    job_tar: Path,
+    folder: Path,
+    scratch_bytes: int,
+    output_bytes: int,
+) -> tuple[Disk, ...]:
+    """The four disks, with a job tar already made (``write_job_tar``, here or by the owner).
+
+    `job_tar` is used as it is (copied into `folder` unless it is already there):
+    the guest reads it, the host never parses it. Its size must be whole sectors.
+    """
+    check_disk_sizes(scratch_bytes, output_bytes)
     folder.mkdir(parents=True, exist_ok=True)
+    job = folder / JOB
+    if job_tar.resolve() != job.resolve():
+        _copy_sparse(job_tar, job)
+    if job.stat().st_size % 512 or job.stat().st_size == 0:
+        raise ImageError("the job tar is not whole 512-byte sectors")
     library.touch(image.id)  # the cache keeps what runs
     scratch, image_disk = folder / SCRATCH, folder / IMAGE
     with open(scratch, "wb") as out:
@@ -135,8 +163,6 @@ def prepare(
                 library.store.write_into(manifest, LAYER_FILE, out.fileno(), offset)
             end = placed[-1][0] + sizes[-1]
             out.truncate(end + (-end % 512))  # a block device is whole sectors
-    job = folder / JOB
-    write_job_tar(command, inputs, job, max_input_bytes)
     with open(folder / OUTPUTS, "wb") as out:
         out.truncate(output_bytes)
     return (
@@ -145,6 +171,16 @@ def prepare(
         Disk(job, read_only=True),
         Disk(folder / OUTPUTS),
     )
+
+
+def _copy_sparse(source: Path, dest: Path) -> None:
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            if chunk.count(0) == len(chunk):
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+        out.truncate(src.tell())
 
 
 def write_job_tar(
@@ -189,4 +225,4 @@ def _manifest(library: ImageLibrary, digest_hex: str) -> Manifest:
     return manifest
 
 
-__all__ = ["Command", "command_for", "prepare", "write_job_tar"]
+__all__ = ["Command", "command_for", "prepare", "prepare_disks", "write_job_tar"]

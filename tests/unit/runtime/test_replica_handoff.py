@@ -33,13 +33,8 @@ from kit.replica import (
     wait_until,
 )
 
-from node.runtime.segment_service import (
-    ReplicaOrder,
-    SegmentError,
-    SegmentMigrated,
-    SegmentService,
-    parse_destination_spec,
-)
+from node.runtime.replica_orders import ReplicaOrder, parse_destination_spec
+from node.runtime.segment_service import SegmentError, SegmentMigrated, SegmentService
 from segments.image import workload
 from segments.store.blocks import BlockStore
 from segments.vm import replica as replica_module
