@@ -34,7 +34,12 @@ def user_image(
     folder: Path, applets: Sequence[str], scripts: Mapping[str, str], cmd: Sequence[str]
 ) -> Path:
     """``folder/image.tar``: an OCI archive of busybox, `applets` and `scripts` (0755)."""
-    root = folder / "root"
+    root = user_root(folder / "root", applets, scripts)
+    return pack([root], folder / "image.tar", RunSettings(cmd=tuple(cmd)))
+
+
+def user_root(root: Path, applets: Sequence[str], scripts: Mapping[str, str]) -> Path:
+    """`root` as a root file system: busybox, a link per applet, the scripts, and /data."""
     (root / "bin").mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     for applet in applets:
@@ -45,7 +50,7 @@ def user_image(
         target.write_text(text)
         target.chmod(0o755)
     (root / "data").mkdir()  # the program's own files, on the scratch disk
-    return pack([root], folder / "image.tar", RunSettings(cmd=tuple(cmd)))
+    return root
 
 
 def build_run_image(root: Path) -> Image:

@@ -13,6 +13,8 @@ every checkpoint. ``gleaner fetch -o`` brings the output files home.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from node.testbed.own_program import (
     fetch_outputs,
     submit_job_file,
     user_image,
+    user_root,
     write_job_file,
 )
 
@@ -43,6 +46,10 @@ while [ "$i" -lt {LINES} ]; do
 done
 cp /data/log /gleaner/out/log
 cp /gleaner/in/seed.txt /gleaner/out/seed-copy.txt
+"""
+SUM = """#!/bin/sh
+awk '{ s += $1 } END { print s }' /gleaner/in/n.txt > /gleaner/out/sum.txt
+cat /gleaner/out/sum.txt
 """
 
 
@@ -119,3 +126,42 @@ def test_a_job_s_own_program_runs_across_hosts_with_its_disk_inputs_and_outputs(
 def _first_winner(owner, job_id: str) -> str | None:
     rows = job(owner, job_id)["rows"]
     return rows[0]["winner"] if rows else None
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+def test_a_qcow2_root_disk_runs_the_job_s_command_on_its_inputs(swarm, tmp_path):
+    root, hosts = swarm
+    owner = hosts[0]
+    build_run_image(root)
+    folder = user_root(
+        tmp_path / "root", ("sh", "awk", "cat"), {"app/sum.sh": SUM}
+    )  # a root file system on an ext4 disk, converted to qcow2, as people bring them
+    raw, qcow2 = tmp_path / "root.raw", tmp_path / "root.qcow2"
+    subprocess.run(
+        ["/usr/sbin/mkfs.ext4", "-q", "-F", "-d", str(folder), str(raw), "32M"], check=True
+    )
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True
+    )
+    (tmp_path / "numbers.txt").write_text("".join(f"{n}\n" for n in range(1, 101)))
+    job_file = write_job_file(
+        tmp_path / "job.toml",
+        {
+            "image": qcow2.name,
+            "command": ["/bin/sh", "/app/sum.sh"],
+            "inputs": {"n.txt": "numbers.txt"},
+            "memory_mib": 128,
+            "extent_s": 30,
+            "segments": "until-poweroff",
+            "redundancy": 2,
+            "price_ceiling": 20,
+            "disk_mib": 64,
+            "output_mib": 16,
+        },
+    )
+    job_id = submit_job_file(owner, job_file)["job_id"]
+    detail = wait_job(owner, job_id, JOB_TIMEOUT_S)
+    assert detail["outcome"] == "halted", detail["history"][-5:]
+    out = fetch_outputs(owner, job_id, tmp_path / "fetched")
+    assert out["exit_status"] == 0, (tmp_path / "fetched" / "console.txt").read_text()[-2000:]
+    assert (tmp_path / "fetched" / "outputs" / "sum.txt").read_text() == "5050\n"

@@ -168,6 +168,8 @@ def test_spec_from_toml_table():
         JobSpec.from_mapping(OWNER.node_id, NONCE, {"image": "tiny"})
     with pytest.raises(JobSpecError, match=r"^k: "):
         JobSpec.from_mapping(OWNER.node_id, NONCE, table | {"redundancy": 0})
+    with pytest.raises(JobSpecError, match=r"^memory_mib: must be an integer in 72\.\."):
+        JobSpec.from_mapping(OWNER.node_id, NONCE, table | {"memory_mib": (1 << 20) + 1})
 
 
 def test_deadline_must_leave_time_for_a_segment():
