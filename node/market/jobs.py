@@ -80,6 +80,7 @@ from node.market.offer_messages import (
 from overlay.claims import MAX_NONCE_BYTES, MIN_NONCE_BYTES, derive_job_id
 
 MANIFEST_BYTES = 32
+VERIFY_MODES = ("restore", "rerun")
 
 
 class JobSpecError(ValueError):
@@ -103,6 +104,7 @@ class JobSpec:
     kvm: bool = False
     args: str = ""  # kernel command-line additions (the workload's parameters)
     work: Work | None = None  # the owner's own program (image, command, inputs, disks)
+    verify: str = "restore"  # or "rerun": the owner re-runs the last segment (docs/jobs.md)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.owner, NodeId), "owner", "must be a node id")
@@ -133,6 +135,12 @@ class JobSpec:
             _check(isinstance(getattr(self, name), bool), name, "must be true or false")
         if self.work is not None:
             _check_work(self.work)
+        _check(self.verify in VERIFY_MODES, "verify", f"must be one of {', '.join(VERIFY_MODES)}")
+        _check(
+            self.verify != "rerun" or self.work is not None,
+            "verify",
+            '"rerun" compares a program\'s outputs: the job must run its own program',
+        )
         _check(
             not self.network or self.k == 1,
             "k",
@@ -161,8 +169,13 @@ class JobSpec:
             )
 
     @classmethod
-    def from_mapping(cls, owner: NodeId, nonce: bytes, data: Mapping[str, Any]) -> JobSpec:
-        """A spec from a TOML table; ``segments = "until-poweroff"`` runs open-ended."""
+    def from_mapping(
+        cls, owner: NodeId, nonce: bytes, data: Mapping[str, Any], work: Work | None = None
+    ) -> JobSpec:
+        """A spec from a TOML table; ``segments = "until-poweroff"`` runs open-ended.
+
+        `work` is the job owner's own program, made from the table's other keys
+        (node/market/run_requests.py) by the owner's node."""
         unknown = set(data) - set(_TOML_KEYS)
         if unknown:
             raise JobSpecError(f"unknown job key(s): {', '.join(sorted(unknown))}")
@@ -174,7 +187,7 @@ class JobSpec:
             segments = None
         fields = {_TOML_KEYS[key]: value for key, value in data.items() if key != "segments"}
         try:
-            return cls(owner=owner, nonce=nonce, segments=segments, **fields)
+            return cls(owner=owner, nonce=nonce, segments=segments, work=work, **fields)
         except TypeError as exc:
             raise JobSpecError(str(exc)) from None
 
@@ -201,6 +214,7 @@ _TOML_KEYS = {
     "arch": "arch",
     "kvm": "kvm",
     "args": "args",
+    "verify": "verify",
 }
 _REQUIRED = ("image", "memory_mib", "vcpus", "extent_s", "redundancy", "price_ceiling", "deadline")
 

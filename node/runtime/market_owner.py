@@ -66,6 +66,7 @@ from node.market.jobs import (
 )
 from node.market.message_fields import MarketKind
 from node.market.messages import SendStatement
+from node.market.offer_messages import Work
 from node.market.owner_effects import (
     FeedLater,
     FrameRefused,
@@ -460,8 +461,10 @@ def segment_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rows[s] for s in sorted(rows)]
 
 
-def spec_from_request(owner: Identity, data: dict[str, Any], now: float) -> JobSpec:
+def spec_from_request(
+    owner: Identity, data: dict[str, Any], now: float, work: Work | None = None
+) -> JobSpec:
     """A new job's spec from a ``job_submit`` request (the TOML keys of ``gleaner submit``)."""
     data = dict(data)
     data.setdefault("deadline", int(now) + 86400)
-    return JobSpec.from_mapping(owner.node_id, os.urandom(16), data)
+    return JobSpec.from_mapping(owner.node_id, os.urandom(16), data, work)

@@ -13,7 +13,7 @@ keeps running.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -61,8 +61,8 @@ class MarketRpc:
             work = None
             if wants_run(job) or not await self._recipe_image(job.get("image")):
                 job, work = await self._run_job(job)
-            spec = spec_from_request(self.identity, job, time.time())
-            job_id = await self.owner.submit(replace(spec, work=work))
+            spec = spec_from_request(self.identity, job, time.time(), work)
+            job_id = await self.owner.submit(spec)
         except (JobSpecError, BundleError) as exc:
             raise RpcError(str(exc)) from None
         return self.owner.summary(job_id)

@@ -48,6 +48,7 @@ from node.runtime.replica_orders import (
     ReplicaOutcome,
     parse_destination_spec,
 )
+from node.runtime.rerun_check import RERUN_SLACK, RerunCheck, RerunUnavailable
 from segments.image.library import ImageLibrary
 from segments.image.store import Image, ImageError
 from segments.store.blocks import BlockStore, BlockStoreError
@@ -400,6 +401,8 @@ class SegmentService:
             verdict = await trio.to_thread.run_sync(verify)
             if verdict.ok and halted and job.work is not None:
                 verdict = await self._check_outputs(manifest, folder / "outputs", verdict)
+            if verdict.ok and halted and job.verify == "rerun":
+                verdict = await self._rerun(job, image, manifest, base_checkpoint, folder, verdict)
             return verdict
         except (VerifyError, VmError) as exc:
             raise VerifierUnavailable(f"verifier: {exc}") from None
@@ -416,6 +419,39 @@ class SegmentService:
         except BundleError as exc:
             return replace(verdict, ok=False, reason=str(exc))
         return replace(verdict, reason=f"{verdict.reason}; {len(files)} output files read")
+
+    async def _rerun(
+        self,
+        job: JobSpec,
+        image: Image,
+        manifest: Manifest,
+        base_checkpoint: bytes | None,
+        folder: Path,
+        verdict: Verdict,
+    ) -> Verdict:
+        assert job.work is not None and self.bundles is not None
+        base = None if base_checkpoint is None else self.store.manifest(base_checkpoint)
+        if base_checkpoint is not None and base is None:
+            raise VerifierUnavailable("rerun: the segment's starting checkpoint is not held here")
+        try:
+            disks = await self._job_disks(job.work, (), folder / "rerun")
+        except SegmentError as exc:
+            raise VerifierUnavailable(f"rerun: {exc}") from None
+        run = SegmentRun(
+            vm_name=f"gl-{market_vm_name(job.job_id)}",  # a restore keeps the saved name
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=f"{image.cmdline} {job.args}".strip(),
+            memory_mb=job.memory_mib,
+            vcpus=job.vcpus,
+            extent_cpu_s=float(job.extent_s) * RERUN_SLACK,
+            disks=disks,
+        )
+        check = RerunCheck(self.open_runtime, self.store, self.identity, self.bundles)
+        try:
+            return await check.run(run, base, manifest, folder, verdict)
+        except RerunUnavailable as exc:
+            raise VerifierUnavailable(str(exc)) from None
 
     async def reap_orphans(self) -> list[str]:
         """Stop market replicas a crashed run of this agent left running in libvirt."""

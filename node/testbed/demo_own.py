@@ -25,7 +25,7 @@ from node.testbed import own_program
 from node.testbed.checks import rpc, wait_for
 from node.testbed.market import job, wait_job
 
-ROUNDS = 40_000
+ROUNDS = 15_000
 NUMBERS = [7 * n + 3 for n in range(24)]
 JOB_TIMEOUT_S = 900.0
 PROGRAM = f"""#!/bin/sh
@@ -70,7 +70,7 @@ def own_program_job(console: Console, root: Path, hosts: list[dict[str, Any]]) -
             "image": archive.name,
             "inputs": ["numbers.txt"],
             "memory_mib": 128,
-            "extent_s": 3,
+            "extent_s": 2,
             "segments": "until-poweroff",
             "redundancy": 2,
             "price_ceiling": 20,

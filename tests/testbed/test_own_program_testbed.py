@@ -149,6 +149,7 @@ def test_a_qcow2_root_disk_runs_the_job_s_command_on_its_inputs(swarm, tmp_path)
         {
             "image": qcow2.name,
             "command": ["/bin/sh", "/app/sum.sh"],
+            "verify": "rerun",  # the owner runs it again itself and compares the outputs
             "inputs": {"n.txt": "numbers.txt"},
             "memory_mib": 128,
             "extent_s": 30,
@@ -165,3 +166,7 @@ def test_a_qcow2_root_disk_runs_the_job_s_command_on_its_inputs(swarm, tmp_path)
     out = fetch_outputs(owner, job_id, tmp_path / "fetched")
     assert out["exit_status"] == 0, (tmp_path / "fetched" / "console.txt").read_text()[-2000:]
     assert (tmp_path / "fetched" / "outputs" / "sum.txt").read_text() == "5050\n"
+    verified = [r for r in detail["history"] if r["what"] == "verified"]
+    assert any("a rerun here made the same 1 outputs" in r.get("reason", "") for r in verified), (
+        verified
+    )

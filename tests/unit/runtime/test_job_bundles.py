@@ -7,6 +7,7 @@ host fetches over a real block server on loopback, as the agents do.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -26,9 +27,12 @@ from node.runtime.job_bundles import (
     BundleError,
     JobBundles,
 )
+from node.runtime.rerun_check import RerunCheck
 from segments.image.job_disks import JOB
 from segments.image.library import ImageLibrary
 from segments.store.blocks import BlockStore
+from segments.vm.replica import CONSOLE_FILE
+from segments.vm.verify import Verdict
 
 OWNER = Identity.from_seeds(b"\x31" * 32, b"\x32" * 32)
 HOST = Identity.from_seeds(b"\x33" * 32, b"\x34" * 32)
@@ -164,3 +168,43 @@ def test_outputs_are_read_from_the_final_checkpoint_s_output_disk(tmp_path, node
     no_disk = owner.store.put_files({"console": disk}, OWNER)
     with pytest.raises(BundleError, match="no output disk"):
         owner.bundles.outputs(no_disk.digest, tmp_path / "other")
+
+
+def _finished(owner: Node, tmp_path: Path, name: str, files: dict[str, bytes], exit_status: int):
+    """A halted checkpoint: a console ending in the exit line, and an output disk of `files`."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        for path, data in files.items():
+            info = tarfile.TarInfo(f"./{path}")
+            info.size, info.mtime = len(data), 1000 * len(name)  # mtimes differ by run
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / f"{name}.raw").write_bytes(raw.getvalue().ljust(1 << 20, b"\0"))
+    (tmp_path / f"{name}.console").write_text(f"working\ngleaner-exit {exit_status}\n")
+    return owner.store.put_files(
+        {CONSOLE_FILE: tmp_path / f"{name}.console", OUTPUT_DISK: tmp_path / f"{name}.raw"},
+        OWNER,
+    )
+
+
+@pytest.mark.parametrize(
+    ("theirs", "exit_status", "reason"),
+    [
+        ({"result.txt": b"42\n"}, 0, None),
+        ({"result.txt": b"41\n"}, 0, r"outputs differ \(\['result\.txt'\]\)"),
+        ({"result.txt": b"42\n", "extra": b""}, 0, "outputs differ"),
+        ({"result.txt": b"42\n"}, 1, "exit status 0, not 1"),
+    ],
+)
+def test_a_rerun_passes_only_with_the_same_exit_status_and_output_files(
+    tmp_path, nodes, theirs, exit_status, reason
+):
+    owner, _ = nodes
+    mine = _finished(owner, tmp_path, "mine", {"result.txt": b"42\n"}, 0)
+    claimed = _finished(owner, tmp_path, "claimed", theirs, exit_status)
+    check = RerunCheck(lambda: None, owner.store, OWNER, owner.bundles)  # type: ignore[arg-type,return-value]
+    before = Verdict(True, "powered off", 0, 0, 0.0)
+    verdict = check._compare(claimed, mine, tmp_path / "compare", before)
+    if reason is None:
+        assert verdict.ok and "same 1 outputs" in verdict.reason
+    else:
+        assert not verdict.ok and re.search(reason, verdict.reason), verdict.reason
