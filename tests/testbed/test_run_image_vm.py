@@ -1,4 +1,6 @@
-"""A job owner's own program, from an imported OCI archive and from a qcow2 root disk, in a real VM.
+"""A job owner's own program, from an imported OCI archive, in a real VM (whiteouts, PATH).
+
+The same through the market, and a qcow2 root disk: tests/testbed/test_own_program_testbed.py.
 
 One private libvirtd in a namespace (``one_host`` of tests/kit/vm_lab.py), QEMU TCG, the
 ``run`` recipe's kernel and initramfs. The image is packed here from a root folder holding
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -141,21 +142,3 @@ def test_an_oci_image_runs_its_command_with_inputs_and_outputs(
     assert "working in /app as hi" in console
     assert "old:gone keep:c," in console  # the whiteout and the opaque folder, in the guest
     assert parse_exit(console) == 3
-
-
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
-def test_a_qcow2_root_disk_runs_the_command_the_job_gives(
-    runtime: LibvirtRuntime, boot: image_store.Image, tmp_path: Path
-) -> None:
-    root = root_folder(tmp_path / "root")
-    raw, qcow2 = tmp_path / "root.raw", tmp_path / "root.qcow2"
-    subprocess.run(
-        ["/usr/sbin/mkfs.ext4", "-q", "-F", "-d", str(root), str(raw), "32M"], check=True
-    )
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True
-    )
-    with ImageLibrary(tmp_path / "store") as library:
-        imported = library.import_disk(qcow2, IDENTITY, "test/disk").image
-        console, _ = run_job(runtime, boot, library, imported, tmp_path, ["/bin/sh", "/app/run.sh"])
-    assert "hello from the job" in console and parse_exit(console) == 3
