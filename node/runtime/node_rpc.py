@@ -87,6 +87,8 @@ class NodeRpc:
             "frames_out": sum(stats.frames_out.values()),
             "protocol_errors": stats.protocol_errors_total + self.membership.record_errors,
             "protocol_errors_by_peer": dict(stats.protocol_errors.most_common(20)),
+            "handler_errors": dict(stats.handler_errors),
+            "receive_errors": stats.receive_errors,
             "membership": core.statistics(),
             "policy": self.policy_status(),
             "state_dir": str(self.config.state_dir),

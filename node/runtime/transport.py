@@ -59,6 +59,8 @@ class TransportStatistics:
     frames_out: Counter[str] = field(default_factory=Counter)
     protocol_errors: Counter[str] = field(default_factory=Counter)
     send_errors: int = 0
+    receive_errors: int = 0  # the socket said no (an ICMP error, a full buffer): we go on
+    handler_errors: Counter[str] = field(default_factory=Counter)  # by message type: a bug
 
     @property
     def protocol_errors_total(self) -> int:
@@ -192,7 +194,12 @@ class Transport:
         sock = self.underlay if via == UNDERLAY else self.overlay
         assert sock is not None
         while True:
-            data, source = await sock.recvfrom(RECV_BUFFER)
+            try:
+                data, source = await sock.recvfrom(RECV_BUFFER)
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier send's ICMP error
+                self.stats.receive_errors += 1
+                log.debug("%s receive: %s", via, exc)
+                continue
             self.stats.frames_in[via] += 1
             origin = (source[0], source[1])
             try:
@@ -201,7 +208,28 @@ class Transport:
                 self.stats.protocol_errors[f"{origin[0]}:{origin[1]}"] += 1
                 log.debug("dropped %s frame from %s: %s", via, origin, exc)
                 continue
+            await self._supervised(deliver, envelope, via, origin)
+
+    async def _supervised(
+        self, deliver: Deliver, envelope: Envelope, via: str, origin: tuple[str, int]
+    ) -> None:
+        """Hand one checked frame on. No frame ends the loop: a handler's failure (a bug
+        its input found) is counted by message type and logged, the first of each type
+        with its traceback, and the next frame is read."""
+        try:
             await deliver(envelope, via, origin)
+        except Exception:
+            kind = envelope.type.name
+            self.stats.handler_errors[kind] += 1
+            first = self.stats.handler_errors[kind] == 1
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "handling a %s frame from %s failed (%d so far); the agent goes on",
+                kind,
+                envelope.sender.short,
+                self.stats.handler_errors[kind],
+                exc_info=first,
+            )
 
     def check(self, data: bytes, via: str, source_ip: str) -> Envelope:
         envelope = decode_frame(data)

@@ -1,4 +1,5 @@
 import pytest
+import trio
 
 from node.base.identity import Identity
 from node.base.wire import MessageType, RemoteProtocolError, encode_frame
@@ -61,3 +62,34 @@ def test_frames_claiming_to_be_from_us_are_refused():
     frame = encode_frame(me, MessageType.PING, 1, {"nonce": 1}, sign=True)
     with pytest.raises(RemoteProtocolError, match="ourselves"):
         transport.check(frame, UNDERLAY, "198.51.100.1")
+
+
+def test_no_frame_ends_the_receive_loop_a_failing_handler_is_counted():
+    me, peer = Identity.generate(), Identity.generate()
+    transport = Transport(me, SWARM, "127.0.0.1:0", boot=1)
+    handled: list[int] = []
+
+    async def deliver(envelope, via, origin) -> None:
+        if envelope.seq == 1:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        handled.append(envelope.seq)
+
+    async def main() -> None:
+        await transport.open_underlay()
+        sender = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.receive_loop, UNDERLAY, deliver)
+            for seq in (1, 2, 3):
+                frame = encode_frame(peer, MessageType.PING, seq, {"nonce": seq}, sign=True)
+                await sender.sendto(frame, transport.underlay_address)
+            with trio.fail_after(10):
+                while len(handled) < 2:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        sender.close()
+        assert transport.underlay is not None
+        transport.underlay.close()
+
+    trio.run(main)
+    assert handled == [2, 3]
+    assert transport.stats.handler_errors == {"PING": 1}
