@@ -12,7 +12,10 @@ The protocol and the receiver's logic are sans-IO in ``segments.store.transfer_c
   every connection from any ``BlockSource`` (a ``BlockStore``; a corrupt block
   there is answered with LACK, never sent, and so is a manifest it lacks or one
   too big for a frame). A connection that breaks the protocol or idles is
-  closed.
+  closed; one whose handling fails is logged and closed. Nothing a peer does
+  ends the server: at most ``MAX_CONNECTIONS`` are open, and
+  ``MAX_CONNECTIONS_PER_PEER`` from one address (more are closed at once),
+  and running out of descriptors pauses accepting instead of raising.
 - ``fetch(manifest, holders, store, progress)`` connects only to the
   ``(host, port)`` pairs it is given, one task and one connection per holder.
   Queries go one at a time (1024 ids each), so replies never pile up behind
@@ -44,8 +47,9 @@ signature, both checked before ``fetch_manifest`` returns it.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, assert_never
 
@@ -116,6 +120,10 @@ __all__ = [
 log = logging.getLogger("gleaner.transfer")
 
 TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 256  # a block server's open connections, in all
+MAX_CONNECTIONS_PER_PEER = 32  # ... and from one address (a fetch uses one per holder)
+ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE_S = 0.1
 RECEIVE_BYTES = 256 * 1024
 WRITE_QUEUE = 64
 SERVE_BATCH = 16
@@ -151,7 +159,9 @@ async def serve_blocks(
 ) -> None:
     """Answer QUERY, GET and MANIFEST_GET from `store` on every connection `listener` accepts."""
 
-    async def handle(stream: trio.abc.Stream) -> None:
+    open_by_peer: Counter[str] = Counter()
+
+    async def handle(stream: trio.abc.Stream, peer: str) -> None:
         async with stream:
             try:
                 await _serve_connection(store, stream, timeout_s)
@@ -162,12 +172,39 @@ async def serve_blocks(
                 trio.ClosedResourceError,
             ) as exc:
                 log.info("block server: dropped a connection: %s", exc)
+            except Exception:  # a bug a peer's request found: that connection only
+                log.exception("block server: a connection from %s failed", peer)
+            finally:
+                open_by_peer[peer] -= 1
+                if open_by_peer[peer] <= 0:
+                    del open_by_peer[peer]
 
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            stream = await listener.accept()
-            nursery.start_soon(handle, stream)
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # out of descriptors or memory: wait, never end the agent
+                if exc.errno in ACCEPT_PAUSE_ERRNOS:
+                    log.warning("block server: accept: %s; pausing", exc)
+                    await trio.sleep(ACCEPT_PAUSE_S)
+                continue
+            peer = _peer_of(stream)
+            if open_by_peer[peer] >= MAX_CONNECTIONS_PER_PEER or (
+                sum(open_by_peer.values()) >= MAX_CONNECTIONS
+            ):
+                log.info("block server: refused a connection from %s (connection caps)", peer)
+                await stream.aclose()
+                continue
+            open_by_peer[peer] += 1
+            nursery.start_soon(handle, stream, peer)
+
+
+def _peer_of(stream: trio.abc.Stream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])  # type: ignore[attr-defined]
+    except (AttributeError, OSError, IndexError):
+        return "?"
 
 
 async def _serve_connection(store: BlockSource, stream: trio.abc.Stream, timeout_s: float) -> None:

@@ -20,6 +20,7 @@ from node.base.wire import RemoteProtocolError
 from segments.store.blocks import BlockStore
 from segments.store.manifest import block_digest
 from segments.store.transfer import (
+    MAX_CONNECTIONS_PER_PEER,
     BlockArrived,
     BlockLacked,
     BlockMessage,
@@ -580,3 +581,54 @@ def test_a_block_queued_at_a_holder_that_dies_goes_back_to_the_faulty_one() -> N
         effects = core.handle(BlockArrived("a", digest, blocks[digest]))
         assert effects[0] == StoreBlock(digest, blocks[digest])
     assert sorted(asked) == sorted([d0, d1])
+
+
+class _BuggySource:
+    """A store whose reads fail the way a bug would (not a protocol error)."""
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+        self.broken = True
+
+    def has_many(self, digests: Iterable[bytes]) -> set[bytes]:
+        return self.store.has_many(digests)
+
+    def get(self, digest: bytes) -> bytes:
+        if self.broken:
+            raise ValueError("a bug in a block source")
+        return self.store.get(digest)
+
+    def manifest_bytes(self, digest: bytes) -> bytes | None:
+        return self.store.manifest_bytes(digest)
+
+
+async def test_no_peer_ends_the_server_connections_are_capped_and_failures_contained(
+    tmp_path: Path,
+) -> None:
+    source_file(tmp_path / "f", blocks=5)
+    producer = BlockStore(tmp_path / "p", block_size=BS)
+    manifest = producer.put_file(tmp_path / "f", IDENTITY, created=1)
+    source = _BuggySource(producer)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            scope, port = await start_server(nursery, source)
+            with pytest.raises(FetchError):  # the handler's failure closed that connection
+                await fetch(
+                    manifest, [("127.0.0.1", port)], BlockStore(tmp_path / "r0"), timeout_s=2
+                )
+            idle = [
+                await trio.open_tcp_stream("127.0.0.1", port)
+                for _ in range(MAX_CONNECTIONS_PER_PEER)
+            ]
+            await trio.sleep(0.2)  # all accepted and counted
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await extra.receive_some(100) == b""  # over the cap: closed at once
+            await extra.aclose()
+            for stream in idle:
+                await stream.aclose()
+            await trio.sleep(0.2)
+            source.broken = False
+            receiver = BlockStore(tmp_path / "r", block_size=BS)
+            await fetch(manifest, [("127.0.0.1", port)], receiver)  # still serving
+            scope.cancel()
+    assert receiver.missing(manifest) == {}
