@@ -34,7 +34,6 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any, assert_never
 
 import trio
@@ -258,18 +257,18 @@ class HostMarket:
         name = _vm_name(offer)
         lock = self._job_locks.setdefault(ref.job_id, trio.Lock())
         try:
-            checkpoint, holders = None, []
-            adopt = offer.source is not None
-            if offer.checkpoint is not None and not adopt:
-                holders = [e for e in map(self.block_endpoint, offer.holders) if e is not None]
+            holders = [e for e in map(self.block_endpoint, offer.holders) if e is not None]
+            checkpoint = None
+            if offer.checkpoint is not None and offer.source is None:
                 checkpoint = self.segments.store.manifest(offer.checkpoint)
                 if checkpoint is None:
                     checkpoint = await fetch_manifest(offer.checkpoint, holders)
-            order = _order(offer, grant)
-            if offer.work is not None:
-                owner = self.block_endpoint(offer.owner)
-                others = [e for e in map(self.block_endpoint, offer.holders) if e is not None]
-                order = replace(order, work_holders=tuple(([owner] if owner else []) + others))
+                if checkpoint.total_size > offer.checkpoint_size:  # what the bid reserved
+                    raise SegmentError(
+                        f"a checkpoint of {checkpoint.total_size} bytes, not offered"
+                    )
+            owner = self.block_endpoint(offer.owner)
+            order = _order(offer, grant, tuple(([owner] if owner else []) + holders))
             async with lock:  # a stopped replica of this job may still be tearing down
                 outcome = await self._run_addressed(order, checkpoint, holders, cancel, grant)
         except SegmentMigrated as moved:
@@ -563,8 +562,11 @@ class HostMarket:
         }
 
 
-def _order(offer: Offer, grant: bytes | None) -> ReplicaOrder:
-    """What the replica of `offer` runs: a live offer's guest is adopted, not restored."""
+def _order(
+    offer: Offer, grant: bytes | None, sources: tuple[tuple[str, int], ...] = ()
+) -> ReplicaOrder:
+    """What the replica of `offer` runs: a live offer's guest is adopted, not restored;
+    a job's own program takes its bundle and image from `sources`."""
     ref = offer.ref
     return ReplicaOrder(
         name=_vm_name(offer),
@@ -579,6 +581,7 @@ def _order(offer: Offer, grant: bytes | None) -> ReplicaOrder:
         address=str(grant_address(grant)) if grant is not None else None,
         adopt=offer.source is not None,
         work=offer.work,
+        work_holders=sources if offer.work is not None else (),
     )
 
 

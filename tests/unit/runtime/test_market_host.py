@@ -70,3 +70,46 @@ def test_a_replica_that_fails_is_withdrawn_from_its_owner_and_counted(
     assert withdraw.ref == offer.ref and "qemu died" in withdraw.reason and not withdraw.live
     assert market.view()["statistics"]["replicas_failed"] >= 1
     assert market.running == {} and market.offers == {}
+
+
+def test_a_checkpoint_larger_than_its_offer_said_is_refused_before_it_is_fetched(
+    tmp_path: Path,
+) -> None:
+    image = SimpleNamespace(
+        kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img", cmdline="", memory_mb=96
+    )
+    segments = fake_host_service(tmp_path, "a", FakeVmRuntime("fake:///a", {}), image)
+    (tmp_path / "big").write_bytes(b"x" * 100_000)
+    held = segments.store.put_file(tmp_path / "big", OWNER)  # as if fetched earlier
+    sent: list[tuple[Any, MarketKind, bytes]] = []
+
+    async def send(target: Any, kind: MarketKind, blob: bytes) -> None:
+        sent.append((target, kind, blob))
+
+    market = HostMarket(HOST, POLICY, segments, send, lambda _node: None)
+    offer = sign_offer(
+        OWNER, job_nonce=NONCE, segment=1, attempt=1, image="0" * 64,
+        requirements=Requirements(96, 1), extent_s=10, checkpoint=held.digest,
+        checkpoint_size=1000, holders=(OWNER.node_id,), k=1, ceiling=10,
+        bid_deadline=int(time.time()) + 60,
+    )  # fmt: skip
+
+    def of(kind: MarketKind) -> list[bytes]:
+        return [blob for _, k, blob in sent if k is kind]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(market.run)
+            await market.deliver(OWNER.node_id, MarketKind.OFFER, offer.blob)
+            [bid] = of(MarketKind.BID)
+            award = sign_award(OWNER, offer.ref, (Winner(HOST.node_id, decode_bid(bid).price),))
+            await market.deliver(OWNER.node_id, MarketKind.AWARD, award.blob)
+            with trio.fail_after(10):
+                while not of(MarketKind.WITHDRAW):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    segments.close()
+    [withdraw] = [decode_withdraw(blob) for blob in of(MarketKind.WITHDRAW)]
+    assert "a checkpoint of 100000 bytes, not offered" in withdraw.reason
