@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -69,6 +70,7 @@ RECORD_FILE, JOB_TAR = "image.json", "job.tar"
 OUTPUT_DISK = "disk-3"  # a checkpoint's copy of the fourth disk (job_disks: outputs)
 MAX_JOB_TAR_BYTES = MAX_INPUT_BYTES + (64 << 20)  # the inputs, the script and tar headers
 MIB = 1 << 20
+MAX_TAKEN_BUNDLES = 8  # bundles of other owners' jobs kept (their inputs can be large)
 Holders = Sequence[tuple[str, int]]
 
 
@@ -116,7 +118,14 @@ class JobBundles:
         self.library = library
         self.cache_bytes = cache_bytes
         self.in_use: dict[str, int] = {}  # image id -> runs preparing or using it here
-        self.stats = {"bundles_made": 0, "images_adopted": 0, "images_evicted": 0}
+        self._taken: dict[bytes, None] = {}  # bundles other nodes made, oldest first
+        self._image_ids: dict[bytes, str] = {}  # bundle digest -> its image's id
+        self.stats = {
+            "bundles_made": 0,
+            "bundles_dropped": 0,
+            "images_adopted": 0,
+            "images_evicted": 0,
+        }
 
     # -- the owner ------------------------------------------------------------------------
 
@@ -174,12 +183,13 @@ class JobBundles:
         except ImageError as exc:
             raise BundleError(str(exc)) from None
 
-    def outputs(self, checkpoint: bytes, dest: Path) -> list[OutputFile]:
+    def outputs(self, checkpoint: bytes, dest: Path, fresh: bool = False) -> list[OutputFile]:
         """The files the guest left in /gleaner/out, from a final checkpoint held here.
 
         They are read from the output disk's tar stream (never mounted), with
-        ``outputs.read_outputs``' caps and path checks, into `dest` (made here;
-        if it exists, it is what an earlier call extracted, and is listed).
+        ``outputs.read_outputs``' caps and path checks, into `dest` (made here). If
+        `dest` exists it is what an earlier call extracted, and is listed (without
+        hashes), unless `fresh` asks for it to be read again.
         """
         manifest = self.store.manifest(checkpoint)
         if manifest is None:
@@ -190,6 +200,8 @@ class JobBundles:
             raise BundleError(
                 f"the job's last checkpoint has no output disk ({OUTPUT_DISK})"
             ) from None
+        if fresh:
+            shutil.rmtree(dest, ignore_errors=True)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="outputs-", dir=dest.parent) as folder:
@@ -198,7 +210,9 @@ class JobBundles:
                     self.store.materialize(replace(manifest, files=(entry,)), raw)
                     return read_outputs(raw, dest)
                 except (OutputError, BlockStoreError, OSError) as exc:
-                    raise BundleError(f"the job's outputs: {exc}") from None
+                    if not (dest.is_dir() and isinstance(exc, OSError)):
+                        raise BundleError(f"the job's outputs: {exc}") from None
+                    # another call extracted them meanwhile: list what it wrote
         return [
             OutputFile(path.relative_to(dest).as_posix(), path.stat().st_size, "")
             for path in sorted(dest.rglob("*"))
@@ -208,17 +222,27 @@ class JobBundles:
     # -- a host (and the owner, to verify) ------------------------------------------------
 
     async def disks(self, work: Work, holders: Holders, folder: Path) -> tuple[Disk, ...]:
-        """The guest's four disks for `work`, written into `folder` (fetched as needed)."""
+        """The guest's four disks for `work`, written into `folder` (fetched as needed).
+
+        What is fetched never exceeds ``work.bundle_bytes`` (the size the offer
+        declared, which the bid reserved disk for): the bundle and then the image's
+        layers or disk count against it.
+        """
         bundle = await self._bundle(work, holders)
         record = await trio.to_thread.run_sync(self._read_record, bundle)
-        image = await self._image(record, holders)
-        self.in_use[image.id] = self.in_use.get(image.id, 0) + 1
         try:
+            image_id = _record_id(record)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
+        self.in_use[image_id] = self.in_use.get(image_id, 0) + 1  # before eviction can see it
+        try:
+            budget = work.bundle_bytes - bundle.total_size
+            image = await self._image(image_id, record, holders, budget)
             return await trio.to_thread.run_sync(self._write_disks, bundle, image, work, folder)
         finally:
-            self.in_use[image.id] -= 1
-            if not self.in_use[image.id]:
-                del self.in_use[image.id]
+            self.in_use[image_id] -= 1
+            if not self.in_use[image_id]:
+                del self.in_use[image_id]
 
     def image_held(self, work: Work) -> int:
         """The bytes of `work`'s bundle and image this node holds already (for a bid)."""
@@ -226,31 +250,46 @@ class JobBundles:
         if bundle is None:
             return 0
         held = bundle.total_size - sum(self.store.missing(bundle).values())
+        image_id = self._image_ids.get(work.bundle)
         try:
-            image = self.library.load(_record_id(self._read_record(bundle)))
+            if image_id is None:
+                image_id = self._image_ids[work.bundle] = _record_id(self._read_record(bundle))
+            return held + self.library.load(image_id).size_bytes
         except (BundleError, ImageError, ValueError):
             return held
-        return held + image.size_bytes
 
     async def _bundle(self, work: Work, holders: Holders) -> Manifest:
-        manifest = self.store.manifest(work.bundle)
-        if manifest is None:
-            if not holders:
-                raise BundleError("the job's bundle is not here and nobody holds it")
-            try:
+        try:
+            manifest = self.store.manifest(work.bundle)
+            if manifest is None:
+                if not holders:
+                    raise BundleError("the job's bundle is not here and nobody holds it")
                 manifest = await fetch_manifest(work.bundle, list(holders))
-            except FetchError as exc:
-                raise BundleError(f"fetching the job's bundle: {exc}") from None
-            _check_bundle(manifest)
-            await trio.to_thread.run_sync(self.store.add_manifest, manifest)
-        else:
-            _check_bundle(manifest)
-        if self.store.missing(manifest):
-            try:
+                _check_bundle(manifest, work)
+                await trio.to_thread.run_sync(self.store.add_manifest, manifest)
+            else:
+                _check_bundle(manifest, work)
+            self._taken_bundle(manifest)
+            if self.store.missing(manifest):
                 await fetch(manifest, list(holders), self.store)
-            except FetchError as exc:
-                raise BundleError(f"fetching the job's bundle: {exc}") from None
+        except FetchError as exc:
+            raise BundleError(f"fetching the job's bundle: {exc}") from None
+        except BlockStoreError as exc:
+            raise BundleError(f"storing the job's bundle: {exc}") from None
         return manifest
+
+    def _taken_bundle(self, manifest: Manifest) -> None:
+        """Keep the newest ``MAX_TAKEN_BUNDLES`` bundles other nodes made; drop the rest."""
+        if manifest.producer == self.identity.node_id:
+            return  # ours: the owner serves and verifies from it for the job's life
+        self._taken.pop(manifest.digest, None)
+        self._taken[manifest.digest] = None
+        while len(self._taken) > MAX_TAKEN_BUNDLES:
+            oldest = next(iter(self._taken))
+            del self._taken[oldest]
+            self._image_ids.pop(oldest, None)
+            self.store.remove_manifest(oldest)
+            self.stats["bundles_dropped"] += 1
 
     def _read_record(self, bundle: Manifest) -> bytes:
         try:
@@ -258,21 +297,20 @@ class JobBundles:
         except (BlockStoreError, KeyError) as exc:
             raise BundleError(f"the bundle's image record: {exc}") from None
 
-    async def _image(self, record: bytes, holders: Holders) -> ImportedImage:
-        try:
-            image_id = _record_id(record)
-        except ValueError as exc:
-            raise BundleError(str(exc)) from None
+    async def _image(
+        self, image_id: str, record: bytes, holders: Holders, budget: int
+    ) -> ImportedImage:
         try:
             return await trio.to_thread.run_sync(self.library.load, image_id)
         except ImageError:
             pass  # not here: adopt it
-        token = trio.lowlevel.current_trio_token()
+        remaining = [budget]
 
         def fetch_layer(digest: bytes, max_bytes: int) -> Manifest:
-            return trio.from_thread.run(
-                self._fetch_layer, digest, max_bytes, holders, trio_token=token
-            )
+            cap = min(max_bytes, remaining[0])
+            manifest = trio.from_thread.run(self._fetch_layer, digest, cap, holders)
+            remaining[0] -= manifest.total_size
+            return manifest
 
         def adopt() -> ImportedImage:
             adopted = self.library.adopt(record, fetch_layer)
@@ -284,7 +322,7 @@ class JobBundles:
 
         try:
             image = await trio.to_thread.run_sync(adopt)
-        except (ImageError, BlockStoreError) as exc:
+        except (ImageError, BlockStoreError, OSError) as exc:
             raise BundleError(f"taking the job's image: {exc}") from None
         log.info("adopted image %s (%d MiB)", image.id[:12], image.size_bytes // MIB)
         return image
@@ -321,7 +359,9 @@ class JobBundles:
             raise BundleError(f"preparing the job's disks: {exc}") from None
 
 
-def _check_bundle(manifest: Manifest) -> None:
+def _check_bundle(manifest: Manifest, work: Work) -> None:
+    if manifest.total_size > work.bundle_bytes:
+        raise BundleError(f"a job bundle of {manifest.total_size} bytes, over what was offered")
     names = {entry.name: entry.size for entry in manifest.files}
     if set(names) != {RECORD_FILE, JOB_TAR} or len(manifest.files) != 2:
         raise BundleError(f"a job bundle holds {RECORD_FILE} and {JOB_TAR}, not {sorted(names)}")

@@ -368,7 +368,7 @@ class HostMarket:
                 await self._execute(
                     self.bidder.handle(ReplicaFailed(offer.ref, reason), time.time())
                 )
-            elif offer.requirements.network and self.migration is not None:
+            elif offer.requirements.network and self.migration and offer.work is None:
                 if digest not in self._hand_offs_asked:  # a drain, then a grace: ask once
                     self._hand_offs_asked.add(digest)
                     await self._request_hand_off(offer, reason)

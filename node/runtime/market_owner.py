@@ -307,6 +307,13 @@ class OwnerMarket:
                     continue
             except (FetchError, SegmentError) as exc:
                 reason = str(exc)
+            except Exception as exc:  # a bug of ours: logged, and judged as unavailable
+                reason = f"verifier failed: {exc!r}"
+                self.stats["verifier_unavailable"] += 1
+                log.exception("verifying (try %d of %d)", attempt, VERIFY_TRIES)
+                if attempt < VERIFY_TRIES:
+                    await trio.sleep(VERIFY_RETRY_S * attempt)
+                    continue
             break
         elapsed_ms = round((time.monotonic() - started) * 1000)
         await self._record(

@@ -57,13 +57,16 @@ class MarketRpc:
         job = params.get("job")
         if not isinstance(job, dict) or not all(isinstance(key, str) for key in job):
             raise RpcError("parameter 'job' must be a table of job settings")
+        work = None
         try:
-            work = None
             if wants_run(job) or not await self._recipe_image(job.get("image")):
                 job, work = await self._run_job(job)
             spec = spec_from_request(self.identity, job, time.time(), work)
             job_id = await self.owner.submit(spec)
         except (JobSpecError, BundleError) as exc:
+            if work is not None:  # refused after its bundle was stored: drop the bundle
+                await trio.to_thread.run_sync(self.segments.store.remove_manifest, work.bundle)
+                await trio.to_thread.run_sync(self.segments.store.gc)
             raise RpcError(str(exc)) from None
         return self.owner.summary(job_id)
 

@@ -25,15 +25,24 @@ from node.runtime.job_bundles import BundleError, JobBundles
 from segments.image.runner import parse_exit
 from segments.store.blocks import BlockStore, BlockStoreError
 from segments.store.manifest import Manifest
-from segments.vm.replica import CONSOLE_FILE, Replica, ReplicaError, ReplicaResult, SegmentRun
+from segments.vm.replica import (
+    CONSOLE_FILE,
+    Replica,
+    ReplicaCancelled,
+    ReplicaError,
+    ReplicaResult,
+    SegmentRun,
+)
 from segments.vm.runtime import VmError, VmRuntime
 from segments.vm.verify import Verdict
 
 RERUN_SLACK = 2.0  # a rerun of the last segment may take this many times its extent
+RERUN_WALL_PER_CPU_S = 4.0  # wall seconds allowed per vCPU-second of it (TCG, a busy host)
 
 
 class RerunUnavailable(Exception):
-    """This node could not rerun (its libvirt or store failed): not the completer's fault."""
+    """This node could not rerun (its libvirt or store failed). The owner retries; if it
+    keeps failing, the completion is rejected (the owner cannot tell it from a bad one)."""
 
 
 class RerunCheck:
@@ -56,17 +65,34 @@ class RerunCheck:
         claimed: Manifest,
         folder: Path,
         verdict: Verdict,
+        timeout_s: float,
     ) -> Verdict:
-        """`verdict` as it stands, or a failed one saying how the rerun differs."""
+        """`verdict` as it stands, or a failed one saying how the rerun differs.
+
+        The rerun is stopped after `timeout_s` of wall time (a program that waits
+        rather than computes never reaches its extent): a failed verdict.
+        """
+        started: list[Replica] = []
 
         def rerun() -> ReplicaResult:
             with self.open_runtime() as runtime:
-                return Replica(runtime, self.store, self.identity, folder / "run").run(run, base)
+                replica = Replica(runtime, self.store, self.identity, folder / "run")
+                started.append(replica)
+                return replica.run(run, base)
 
-        try:
-            result = await trio.to_thread.run_sync(rerun)
-        except (ReplicaError, VmError) as exc:
-            raise RerunUnavailable(f"rerun: {exc}") from None
+        result: ReplicaResult | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_after, started, timeout_s)
+            try:
+                result = await trio.to_thread.run_sync(rerun)
+            except ReplicaCancelled:
+                pass  # stopped by _stop_after: result stays None
+            except (ReplicaError, VmError, BlockStoreError, OSError) as exc:
+                raise RerunUnavailable(f"rerun: {exc}") from None
+            finally:
+                nursery.cancel_scope.cancel()
+        if result is None:
+            return replace(verdict, ok=False, reason=f"rerun: no power-off in {timeout_s:.0f} s")
         try:
             if not result.powered_off:
                 return replace(
@@ -78,14 +104,26 @@ class RerunCheck:
                 self._compare, claimed, result.checkpoint, folder, verdict
             )
         finally:
-            await trio.to_thread.run_sync(self.store.remove_manifest, result.checkpoint.digest)
+            await trio.to_thread.run_sync(self._drop, result.checkpoint)
+
+    async def _stop_after(self, started: list[Replica], timeout_s: float) -> None:
+        await trio.sleep(timeout_s)
+        while not started:
+            await trio.sleep(0.05)
+        started[0].cancel()
+
+    def _drop(self, checkpoint: Manifest) -> None:
+        self.store.remove_manifest(checkpoint.digest)
+        self.store.gc()
 
     def _compare(
         self, claimed: Manifest, mine: Manifest, folder: Path, verdict: Verdict
     ) -> Verdict:
         try:
-            theirs_files = self.bundles.outputs(claimed.digest, folder / "claimed-outputs")
-            my_files = self.bundles.outputs(mine.digest, folder / "rerun-outputs")
+            theirs_files = self.bundles.outputs(
+                claimed.digest, folder / "claimed-outputs", fresh=True
+            )
+            my_files = self.bundles.outputs(mine.digest, folder / "rerun-outputs", fresh=True)
             exits = [
                 parse_exit(self.store.read_file(m, CONSOLE_FILE).decode("utf-8", "replace"))
                 for m in (claimed, mine)

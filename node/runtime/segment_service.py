@@ -48,7 +48,12 @@ from node.runtime.replica_orders import (
     ReplicaOutcome,
     parse_destination_spec,
 )
-from node.runtime.rerun_check import RERUN_SLACK, RerunCheck, RerunUnavailable
+from node.runtime.rerun_check import (
+    RERUN_SLACK,
+    RERUN_WALL_PER_CPU_S,
+    RerunCheck,
+    RerunUnavailable,
+)
 from segments.image.library import ImageLibrary
 from segments.image.store import Image, ImageError
 from segments.store.blocks import BlockStore, BlockStoreError
@@ -208,9 +213,10 @@ class SegmentService:
         """
         run = await self._segment_run(order)
         work = self._work_dir(order)
-        if order.work is not None:
-            run = replace(run, disks=await self._job_disks(order.work, order.work_holders, work))
         try:
+            if order.work is not None:
+                disks = await self._job_disks(order.work, order.work_holders, work)
+                run = replace(run, disks=disks)
             return await self._run_with(run, order, checkpoint, holders, cancel, work)
         finally:
             if order.work is not None:
@@ -225,7 +231,7 @@ class SegmentService:
             raise SegmentError("this node has no image library for job owners' images")
         try:
             return await self.bundles.disks(work, holders, folder / DISKS)
-        except BundleError as exc:
+        except (BundleError, BlockStoreError, OSError) as exc:
             raise SegmentError(str(exc)) from None
 
     async def _run_with(
@@ -371,40 +377,41 @@ class SegmentService:
             if console is None:
                 raise VerifierUnavailable("the previous checkpoint's console is not held here")
             base = encode_progress(console)
-        disks: tuple[Disk, ...] = ()
-        folder = (
-            self.state_dir / "verify" / f"job-{job.job_id.hex()[:16]}-{manifest.digest.hex()[:16]}"
-        )
-        if job.work is not None and not halted:  # a halted guest is not restored
-            try:
+        folder = self.state_dir / "verify" / f"job-{job.job_id.hex()[:16]}"
+        await trio.to_thread.run_sync(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+        try:  # one verification of a job at a time (the owner's machine asks so)
+            disks: tuple[Disk, ...] = ()
+            if job.work is not None and not halted:  # a halted guest is not restored
                 disks = await self._job_disks(job.work, (), folder)
-            except SegmentError as exc:
-                raise VerifierUnavailable(str(exc)) from None
-        spec = VerifySpec(
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=f"{image.cmdline} {job.args}".strip(),
-            memory_mb=job.memory_mib,
-            vcpus=job.vcpus,
-            work_dir=self.state_dir / "verify",
-            tap=f"gv{job.job_id.hex()[:12]}" if job.network else None,  # never a replica's tap
-            disks=disks,
-        )
+            spec = VerifySpec(
+                kernel=image.kernel,
+                initrd=image.initrd,
+                cmdline=f"{image.cmdline} {job.args}".strip(),
+                memory_mb=job.memory_mib,
+                vcpus=job.vcpus,
+                work_dir=self.state_dir / "verify",
+                tap=f"gv{job.job_id.hex()[:12]}" if job.network else None,  # not a replica's
+                disks=disks,
+            )
 
-        def verify() -> Verdict:
-            with self.open_runtime() as runtime:
-                return verify_checkpoint(
-                    runtime, self.store, spec, manifest, claimed, base, halted, timeout_s
-                )
+            def verify() -> Verdict:
+                with self.open_runtime() as runtime:
+                    return verify_checkpoint(
+                        runtime, self.store, spec, manifest, claimed, base, halted, timeout_s
+                    )
 
-        try:
             verdict = await trio.to_thread.run_sync(verify)
             if verdict.ok and halted and job.work is not None:
                 verdict = await self._check_outputs(manifest, folder / "outputs", verdict)
             if verdict.ok and halted and job.verify == "rerun":
-                verdict = await self._rerun(job, image, manifest, base_checkpoint, folder, verdict)
+                rerun_s = timeout_s + job.extent_s * RERUN_SLACK * RERUN_WALL_PER_CPU_S
+                verdict = await self._rerun(
+                    job, image, manifest, base_checkpoint, folder, verdict, rerun_s
+                )
             return verdict
-        except (VerifyError, VmError) as exc:
+        except SegmentError as exc:
+            raise VerifierUnavailable(str(exc)) from None
+        except (VerifyError, VmError, BlockStoreError, OSError) as exc:
             raise VerifierUnavailable(f"verifier: {exc}") from None
         finally:
             await trio.to_thread.run_sync(
@@ -428,15 +435,13 @@ class SegmentService:
         base_checkpoint: bytes | None,
         folder: Path,
         verdict: Verdict,
+        timeout_s: float,
     ) -> Verdict:
         assert job.work is not None and self.bundles is not None
         base = None if base_checkpoint is None else self.store.manifest(base_checkpoint)
         if base_checkpoint is not None and base is None:
             raise VerifierUnavailable("rerun: the segment's starting checkpoint is not held here")
-        try:
-            disks = await self._job_disks(job.work, (), folder / "rerun")
-        except SegmentError as exc:
-            raise VerifierUnavailable(f"rerun: {exc}") from None
+        disks = await self._job_disks(job.work, (), folder / "rerun")
         run = SegmentRun(
             vm_name=f"gl-{market_vm_name(job.job_id)}",  # a restore keeps the saved name
             kernel=image.kernel,
@@ -449,7 +454,7 @@ class SegmentService:
         )
         check = RerunCheck(self.open_runtime, self.store, self.identity, self.bundles)
         try:
-            return await check.run(run, base, manifest, folder, verdict)
+            return await check.run(run, base, manifest, folder, verdict, timeout_s)
         except RerunUnavailable as exc:
             raise VerifierUnavailable(str(exc)) from None
 

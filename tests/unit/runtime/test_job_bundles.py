@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from kit.transfer import start_server
 from node.base.identity import Identity
 from node.market.offer_messages import Work
 from node.market.run_requests import RunRequest
+from node.runtime import job_bundles
 from node.runtime.job_bundles import (
     JOB_TAR,
     OUTPUT_DISK,
@@ -28,6 +30,7 @@ from node.runtime.job_bundles import (
     JobBundles,
 )
 from node.runtime.rerun_check import RerunCheck
+from segments.image.errors import ImageError
 from segments.image.job_disks import JOB
 from segments.image.library import ImageLibrary
 from segments.store.blocks import BlockStore
@@ -117,7 +120,7 @@ def test_a_bundle_with_other_files_is_refused_before_its_blocks_are_fetched(tmp_
     odd = owner.store.put_files(
         {RECORD_FILE: tmp_path / "x", JOB_TAR: tmp_path / "x", "extra": tmp_path / "x"}, OWNER
     )
-    work = Work(odd.digest, 3, 16, 16)
+    work = Work(odd.digest, 1 << 30, 16, 16)
     with pytest.raises(BundleError, match=r"holds image\.json and job\.tar"):
         trio.run(_disks_at_host, owner, host, work, tmp_path / "host-disks")
     assert host.store.manifest(odd.digest) is None
@@ -134,7 +137,7 @@ def test_a_record_that_is_not_its_image_is_refused(tmp_path, nodes):
         {RECORD_FILE: tmp_path / "record", JOB_TAR: tmp_path / "tar"}, OWNER
     )
     with pytest.raises(BundleError, match="does not hash to its id"):
-        trio.run(_disks_at_host, owner, host, Work(forged.digest, 0, 16, 16), tmp_path / "d")
+        trio.run(_disks_at_host, owner, host, Work(forged.digest, 1 << 30, 16, 16), tmp_path / "d")
 
 
 def test_outputs_are_read_from_the_final_checkpoint_s_output_disk(tmp_path, nodes):
@@ -208,3 +211,35 @@ def test_a_rerun_passes_only_with_the_same_exit_status_and_output_files(
         assert verdict.ok and "same 1 outputs" in verdict.reason
     else:
         assert not verdict.ok and re.search(reason, verdict.reason), verdict.reason
+
+
+def test_a_host_fetches_no_more_than_the_offer_declared(tmp_path, nodes):
+    owner, host = nodes
+    work = trio.run(owner.bundles.make, _request(tmp_path, owner))
+    bundle = owner.store.manifest(work.bundle)
+    assert bundle is not None
+    small = replace(work, bundle_bytes=bundle.total_size - 1)  # a lie about the bundle
+    with pytest.raises(BundleError, match="over what was offered"):
+        trio.run(_disks_at_host, owner, host, small, tmp_path / "a")
+    assert host.store.manifest(work.bundle) is None  # refused before it was kept
+    no_room = replace(work, bundle_bytes=bundle.total_size + 10)  # ... or about the image
+    with pytest.raises(BundleError, match="over"):
+        trio.run(_disks_at_host, owner, host, no_room, tmp_path / "b")
+    image = owner.library.resolve("tools:1")
+    with pytest.raises(ImageError):
+        host.library.load(image.id)  # not taken
+
+
+def test_a_host_keeps_only_the_newest_bundles_other_owners_made(tmp_path, nodes, monkeypatch):
+    owner, host = nodes
+    monkeypatch.setattr(job_bundles, "MAX_TAKEN_BUNDLES", 2)
+    works = []
+    for n in range(3):
+        (tmp_path / f"in{n}").write_text(str(n))
+        request = _request(tmp_path, owner, inputs={"n": str(tmp_path / f"in{n}")})
+        works.append(trio.run(owner.bundles.make, request))
+    for n, work in enumerate(works):
+        trio.run(_disks_at_host, owner, host, work, tmp_path / f"d{n}")
+    held = [host.store.manifest(work.bundle) is not None for work in works]
+    assert held == [False, True, True] and host.bundles.stats["bundles_dropped"] == 1
+    assert all(owner.store.manifest(work.bundle) is not None for work in works)  # the owner's
