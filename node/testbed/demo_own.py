@@ -25,7 +25,7 @@ from node.testbed import own_program
 from node.testbed.checks import rpc, wait_for
 from node.testbed.market import job, wait_job
 
-ROUNDS = 15_000
+ROUNDS = 8_000
 NUMBERS = [7 * n + 3 for n in range(24)]
 JOB_TIMEOUT_S = 900.0
 PROGRAM = f"""#!/bin/sh
