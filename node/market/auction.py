@@ -124,6 +124,8 @@ class Auctioneer:
         self._reputation = reputation
         self._bids: dict[NodeId, Bid] = {}
         self._expected: int | None = None
+        self._hosts: frozenset[NodeId] | None = None  # the offer's recipients, once known
+        self.dropped = 0  # bids taken before the recipients were known, from others
 
     @property
     def bids(self) -> tuple[Bid, ...]:
@@ -136,6 +138,8 @@ class Auctioneer:
             raise MarketRefused(MarketRefusal.UNKNOWN_OFFER, "bid for another job")
         if bid.ref != offer.ref:
             raise MarketRefused(MarketRefusal.STALE, "bid for another segment or attempt")
+        if self._hosts is not None and bid.host not in self._hosts:
+            raise MarketRefused(MarketRefusal.NOT_OFFERED, f"{bid.host.short} was not offered it")
         if now > self.deadline:
             raise MarketRefused(MarketRefusal.LATE, f"bid from {bid.host.short} after the deadline")
         if bid.price > offer.ceiling:
@@ -157,9 +161,19 @@ class Auctioneer:
         self._bids[bid.host] = bid
         return BidOutcome.ACCEPTED
 
-    def expect(self, recipients: int) -> None:
-        """The offer reached ``recipients`` hosts: close as soon as all of them have bid."""
+    def expect(self, recipients: int, hosts: frozenset[NodeId] | None = None) -> None:
+        """The offer reached ``recipients`` hosts: close as soon as all of them have bid.
+
+        With ``hosts`` (who they are), only they may bid: a bid already taken from
+        another host is dropped (counted in ``dropped``), later ones are refused.
+        """
         self._expected = recipients
+        if hosts is not None:
+            self._hosts = hosts
+            strangers = [node for node in self._bids if node not in hosts]
+            for node in strangers:
+                del self._bids[node]
+            self.dropped += len(strangers)
 
     def ready(self, now: float) -> bool:
         answered = self._expected is not None and len(self._bids) >= self._expected

@@ -270,10 +270,15 @@ class BidReceived:
 
 @dataclass(frozen=True, slots=True)
 class OfferDelivered:
-    """The offer of ``attempt`` went to ``recipients`` hosts: close once all have bid."""
+    """The offer of ``attempt`` went to ``recipients`` hosts: close once all have bid.
+
+    ``hosts`` names them (None: not known, any host may bid): bids from others are
+    refused, and any taken before this event are dropped.
+    """
 
     attempt: int
     recipients: int
+    hosts: frozenset[NodeId] | None = None
 
 
 @dataclass(frozen=True, slots=True)

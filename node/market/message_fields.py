@@ -55,6 +55,7 @@ class MarketRefusal(enum.Enum):
     NOT_AWARDED = "not_awarded"  # a completion from a host that was not awarded
     EQUIVOCATION = "equivocation"  # a second, different bid or completion from one host
     MISMATCH = "mismatch"  # an award naming another price, or a grant the job needs lacks
+    NOT_OFFERED = "not_offered"  # a bid from a host the offer was not sent to
 
 
 class MarketRefused(RemoteProtocolError):

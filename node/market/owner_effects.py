@@ -273,7 +273,8 @@ class JobOwner:
                         checkpoint=offer.checkpoint.hex() if offer.checkpoint else None,
                         live_from=str(offer.source) if offer.source else None,
                     )
-                yield FeedLater(job_id, OfferDelivered(offer.ref.attempt, len(targets)))
+                delivered = OfferDelivered(offer.ref.attempt, len(targets), frozenset(targets))
+                yield FeedLater(job_id, delivered)
             case SendStatement(target=target, kind=kind, blob=blob):
                 yield effect
                 if history and kind is MarketKind.AWARD:

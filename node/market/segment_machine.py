@@ -143,10 +143,10 @@ class SegmentMachine(SegmentActions):
                 auction = self._round.auction if self._round else None
                 move = self._round.move if self._round else None
                 if auction is not None and auction.offer.ref.attempt == event.attempt:
-                    auction.expect(event.recipients)
+                    self._expect(auction, event)
                     self._maybe_close(auction, now)
                 elif move is not None and move.offer.ref.attempt == event.attempt:
-                    move.auction.expect(event.recipients)
+                    self._expect(move.auction, event)
                     self._maybe_close_move(now)
             elif isinstance(event, ReplicaStarted):
                 replica = self._replica(event.node)
@@ -165,6 +165,12 @@ class SegmentMachine(SegmentActions):
         except RemoteProtocolError as exc:
             self._stats[f"refused_{refusal_of(exc).value}"] += 1
         return self._drain()
+
+    def _expect(self, auction: Auctioneer, event: OfferDelivered) -> None:
+        before = auction.dropped
+        auction.expect(event.recipients, event.hosts)
+        if auction.dropped > before:  # bids from hosts the offer never reached
+            self._stats[f"refused_{MarketRefusal.NOT_OFFERED.value}"] += auction.dropped - before
 
     def tick(self, now: float) -> list[OwnerEffect]:
         if self._state is _S.DONE:

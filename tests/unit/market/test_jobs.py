@@ -984,3 +984,19 @@ def test_only_a_network_jobs_sole_replica_moves_live():
     withdraw = sign_withdraw(HOSTS[0], offer.ref, "draining", live=True, used_ms=1)
     assert of(BroadcastOffer, m.handle(WithdrawReceived(withdraw.blob), NOW + 5)) == []
     assert m.statistics()["moves_refused"] == 1 and m.statistics().get("replicas_lost", 0) == 0
+
+
+def test_bids_from_hosts_the_offer_never_reached_are_dropped_and_counted():
+    m = machine()
+    offer = offered(m)
+    m.handle(BidReceived(bid_blob(STRANGER, offer, price=1, finish_s=1)), NOW)  # it raced ahead
+    m.handle(OfferDelivered(offer.ref.attempt, 1, frozenset({HOSTS[0].node_id})), NOW)
+    assert m.state is SegmentState.OFFERED  # the recipient has not bid: no award yet
+    m.handle(BidReceived(bid_blob(HOSTS[1], offer)), NOW)  # not a recipient either
+    assert m.statistics()["refused_not_offered"] == 2
+    [award] = [
+        decode_award(e.blob)
+        for e in of(SendStatement, m.handle(BidReceived(bid_blob(HOSTS[0], offer)), NOW))
+        if e.kind is MarketKind.AWARD
+    ][:1]
+    assert [w.node for w in award.winners] == [HOSTS[0].node_id]

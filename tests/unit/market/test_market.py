@@ -707,3 +707,18 @@ def test_bidder_never_bids_beyond_its_caps(data):
         else:
             now += data.draw(st.integers(0, 20))
             b.tick(now)
+
+
+def test_only_the_offer_s_recipients_bid_and_close_the_auction():
+    auction = Auctioneer(OFFER, NOW, AuctionConfig(), Reputation())
+    auction.add_bid(make_bid(STRANGER, price=1, finish_s=1), NOW)  # before the delivery is known
+    auction.add_bid(make_bid(H1, price=9), NOW)
+    auction.expect(2, frozenset({H1.node_id, H2.node_id}))
+    assert auction.dropped == 1 and [b.host for b in auction.bids] == [H1.node_id]
+    assert not auction.ready(NOW)  # the stranger's bid does not count towards closing
+    with pytest.raises(MarketRefused) as refused:
+        auction.add_bid(make_bid(H3, price=1), NOW)
+    assert refused.value.reason is MarketRefusal.NOT_OFFERED
+    auction.add_bid(make_bid(H2, price=5), NOW)
+    assert auction.ready(NOW)
+    assert {s.bid.host for s in auction.select(random.Random(1))} == {H1.node_id, H2.node_id}

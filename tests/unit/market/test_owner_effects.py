@@ -76,7 +76,8 @@ def test_an_offer_goes_to_the_live_members_but_the_owner_and_its_delivery_is_fed
     assert send.targets == tuple(LIVE)  # the owner itself is skipped
     [offered] = [a for a in actions if isinstance(a, RecordHistory)]
     assert offered.what == "offered" and dict(offered.detail)["hosts"] == len(LIVE)
-    assert actions[-1] == FeedLater(job_id, OfferDelivered(send.offer.ref.attempt, len(LIVE)))
+    delivered = OfferDelivered(send.offer.ref.attempt, len(LIVE), frozenset(LIVE))
+    assert actions[-1] == FeedLater(job_id, delivered)
 
 
 def test_a_fanout_draws_that_many_targets_from_the_random_source_handed_in():
