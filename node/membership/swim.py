@@ -159,7 +159,7 @@ STAT_NAMES = (  # noqa: SIM905 - the counters statistics() reports
     "indirect_probes fallback_pings probe_retries relays nacks nacks_sent nacks_unexpected "
     "suspicions confirmations deaths leaves refutations updates_in "
     "updates_applied updates_duplicate updates_stale updates_ignored updates_rejected "
-    "broadcasts_delivered joins_sent"
+    "broadcasts_delivered joins_sent claims_from_strangers"
 ).split()
 
 
@@ -413,6 +413,8 @@ class Membership:
                 self._apply_alive(update.blob, now)
             elif isinstance(update, Claim) and update.node == self._id:
                 self._answer_claim(update.incarnation, now)
+            elif isinstance(update, Claim) and sender not in self._table.live:
+                self._stats["claims_from_strangers"] += 1  # only members may accuse others
             elif isinstance(update, Claim):
                 self._table.accuse(update, now)
             elif self._seen.add(update):

@@ -459,6 +459,7 @@ def test_alive_update_adds_a_member_and_announces_it_once():
 def test_swim_precedence_by_incarnation():
     core, _ = lone_core()
     peer, accuser = Peer(1), Peer(2)
+    core.handle(gossip(accuser, alive(accuser.record)), T0)  # only members accuse
     core.handle(gossip(accuser, alive(peer.record)), T0)
     core.handle(gossip(accuser, claim(UpdateKind.SUSPECT, peer, 1, accuser)), T0)
     assert state_of(core, peer) == (MemberState.SUSPECT, 1)
@@ -479,6 +480,19 @@ def test_swim_precedence_by_incarnation():
     core.handle(gossip(accuser, claim(UpdateKind.DEAD, peer, 3, peer)), T0)  # by itself
     assert state_of(core, peer) == (MemberState.LEFT, 3)
     assert core.statistics()["leaves"] == 1
+
+
+def test_a_stranger_s_claims_about_members_are_ignored_and_counted():
+    # One GOSSIP from a fresh key used to turn a member LEFT (its accuser field is free text)
+    core, _ = lone_core()
+    peer, stranger = Peer(1), Peer(2)
+    core.handle(gossip(peer, alive(peer.record)), T0)
+    for kind, accuser in ((UpdateKind.SUSPECT, stranger), (UpdateKind.DEAD, peer)):
+        core.handle(gossip(stranger, claim(kind, peer, 1, accuser)), T0)
+    assert state_of(core, peer) == (MemberState.ALIVE, 1)
+    assert core.statistics()["claims_from_strangers"] == 2
+    core.handle(gossip(peer, claim(UpdateKind.DEAD, peer, 1, peer)), T0)  # its own leave
+    assert state_of(core, peer) == (MemberState.LEFT, 1)
 
 
 def test_bad_updates_are_rejected_and_counted_without_raising():
@@ -513,6 +527,7 @@ def test_bad_updates_are_rejected_and_counted_without_raising():
 def test_claims_about_unknown_nodes_are_ignored():
     core, _ = lone_core()
     stranger, accuser = Peer(1), Peer(2)
+    core.handle(gossip(accuser, alive(accuser.record)), T0)  # a member accuses
     core.handle(gossip(accuser, claim(UpdateKind.DEAD, stranger, 1, accuser)), T0)
     assert core.member(stranger.node_id) is None
     assert core.statistics()["updates_ignored"] == 1
