@@ -92,6 +92,22 @@ def console() -> Any:
     return console if console.is_terminal else Console(width=200)
 
 
+def terminal_safe(text: str) -> str:
+    """A guest's console text, safe to print: control characters (escape sequences that
+    could retitle, recolour or rewrite the terminal) are shown as ``\\xNN``; line ends
+    and tabs are kept, and a serial console's CR LF becomes LF."""
+    text = text.replace("\r\n", "\n")
+    return "".join(
+        ch if ch in "\n\t" or (ch.isprintable() and not 0x80 <= ord(ch) < 0xA0) else _escaped(ch)
+        for ch in text
+    )
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     days, seconds = divmod(seconds, 86400)

@@ -41,6 +41,7 @@ from node.cli.common import (
     load_config,
     print_json,
     rpc,
+    terminal_safe,
 )
 from node.cli.job_files import import_image, input_files
 
@@ -237,7 +238,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print_json(output)
     elif args.output is None:
-        print(output["console"], end="")
+        print(terminal_safe(output["console"]), end="")
     elif own:
         files = len(output["files"])
         status = output["exit_status"] if output["outputs"] is not None else "(not yet)"
