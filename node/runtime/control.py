@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -100,11 +102,16 @@ class ControlServer:
         if self.path.is_socket() or self.path.exists():
             self.path.unlink()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
+        # Bound in a private folder, made owner-only, then moved into place: no moment
+        # when others may connect, and no process-wide umask change (other threads
+        # create files meanwhile).
+        private = Path(tempfile.mkdtemp(prefix=".ctl-", dir=self.path.parent))
         try:
-            await sock.bind(str(self.path))
+            await sock.bind(str(private / "s"))
+            os.chmod(private / "s", 0o600)
+            os.rename(private / "s", self.path)
         finally:
-            os.umask(old_umask)
+            shutil.rmtree(private, ignore_errors=True)
         sock.listen(16)
         listener = trio.SocketListener(sock)
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,24 @@ def test_a_reply_msgpack_cannot_carry_is_an_error_and_the_server_serves_on(
     error, again = trio.run(main)
     assert error.startswith("internal error: reply") and again == "pong"
     assert server.internal_errors == 1
+
+
+def test_the_socket_is_owner_only_from_the_start_and_the_umask_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    server = ControlServer(tmp_path / "control.sock", handler)
+    before = os.umask(0o022)
+    os.umask(before)
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            mode = stat.S_IMODE(server.path.stat().st_mode)
+            assert await trio.to_thread.run_sync(call, server.path, "ping") == "pong"
+            nursery.cancel_scope.cancel()
+        return mode
+
+    assert trio.run(main) == 0o600
+    after = os.umask(before)
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == []  # no private folder left, socket gone
