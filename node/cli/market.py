@@ -3,7 +3,8 @@
     gleaner submit [JOB.toml] --image ID|RECIPE --memory MIB --extent S [--segments N]
                    [--redundancy K] [--price-ceiling U] [--deadline S] [--args "..."]
     gleaner jobs                 every job this node owns, a line each
-    gleaner watch JOB            live: segments, replicas, winner, payments; a progress bar
+    gleaner watch JOB            live: segments, replicas, winner, payments; a progress bar;
+                                 for a job's own program, its latest output lines
     gleaner fetch JOB [-o DIR]   the job's console output (and its result line); with -o,
                                  console.txt, and for a job's own program exit-status
                                  and outputs/ (the files it left in /gleaner/out)
@@ -46,6 +47,7 @@ from node.cli.common import (
 from node.cli.job_files import import_image, input_files
 
 TERMINAL = ("completed", "halted", "expired")
+WATCH_LINES = 12  # of a program's output under the table
 
 
 def add_commands(sub: Subcommands) -> None:
@@ -206,9 +208,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.text import Text
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     task = progress.add_task("segments", total=None)
+    seen, tail = -1, ""
     with Live(console=console(), refresh_per_second=4) as live:
         while True:
             detail = rpc(args, "job", {"job": args.job})
@@ -218,7 +222,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 completed=detail["committed"],
                 description=f"job {detail['job_id'][:12]} {detail['state']}",
             )
-            live.update(Group(progress, segment_table(detail)))
+            if detail.get("own_program") and detail["committed"] != seen:
+                seen = detail["committed"]  # the program's output, as segments commit
+                console_text = rpc(args, "job_output", {"job": args.job})["console"]
+                tail = "\n".join(terminal_safe(console_text).splitlines()[-WATCH_LINES:])
+            parts: list[Any] = [progress, segment_table(detail)]
+            if tail:
+                parts.append(Text(tail))
+            live.update(Group(*parts))
             if detail["state"] in TERMINAL:
                 break
             time.sleep(0.5)
