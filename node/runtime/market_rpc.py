@@ -30,7 +30,7 @@ from node.runtime.market_owner import OwnerMarket, spec_from_request
 from node.runtime.policy_service import PolicyService
 from node.runtime.segment_service import SegmentService
 from segments.image.runner import parse_exit
-from segments.image.store import ID_PATTERN, ImageError
+from segments.image.store import ImageError
 from segments.image.workload import parse_result
 
 
@@ -59,7 +59,7 @@ class MarketRpc:
             raise RpcError("parameter 'job' must be a table of job settings")
         work = None
         try:
-            if wants_run(job) or not await self._recipe_image(job.get("image")):
+            if wants_run(job) or await self._library_image(job.get("image")):
                 job, work = await self._run_job(job)
             spec = spec_from_request(self.identity, job, time.time(), work)
             job_id = await self.owner.submit(spec)
@@ -70,13 +70,14 @@ class MarketRpc:
             raise RpcError(str(exc)) from None
         return self.owner.summary(job_id)
 
-    async def _recipe_image(self, image: Any) -> bool:
-        """Whether `image` names an image built from a recipe here (the job is the image)."""
-        if not isinstance(image, str) or not ID_PATTERN.fullmatch(image):
+    async def _library_image(self, image: Any) -> bool:
+        """Whether `image` names an image in this node's library (not a recipe image): a
+        job of it runs that image's own command. Anything else is a recipe image's job."""
+        bundles = self.segments.bundles
+        if not isinstance(image, str) or bundles is None:
             return False
-        segments = self.segments
         try:
-            await trio.to_thread.run_sync(segments.load_image, segments.image_store, image)
+            await trio.to_thread.run_sync(bundles.library.resolve, image)
         except ImageError:
             return False
         return True
@@ -87,6 +88,10 @@ class MarketRpc:
         if bundles is None:
             raise RpcError("this node has no image library for a job's own image")
         table, request = split_request(job)
+        try:  # the image first: the error a user most needs
+            await trio.to_thread.run_sync(bundles.library.resolve, request.image)
+        except ImageError as exc:
+            raise RpcError(f"image: {exc}") from None
         boot = await trio.to_thread.run_sync(
             bundles.boot_image, self.segments.image_store, request.boot
         )

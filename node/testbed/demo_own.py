@@ -87,7 +87,7 @@ def own_program_job(console: Console, root: Path, hosts: list[dict[str, Any]]) -
     console.print(f"{owner['name']} imported it and submitted job {job_id[:12]} (k = 2)")
     started = time.monotonic()
     drained = None
-    if len(bidders) > 2:  # k = 2 hosts must remain
+    if len(bidders) > 2:  # k = 2 hosts must remain (demo.py runs this with four or more)
         wait_for(lambda: _winner(owner, job_id, 0) is not None, JOB_TIMEOUT_S, "segment 0")
         drained = next(h for h in bidders if h["node_id"] == _winner(owner, job_id, 0))
         rpc(drained, "drain")

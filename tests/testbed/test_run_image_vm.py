@@ -1,6 +1,6 @@
 """A job owner's own program, from an imported OCI archive, in a real VM (whiteouts, PATH).
 
-The same through the market, and a qcow2 root disk: tests/testbed/test_own_program_testbed.py.
+The same through the market, and a qcow2 root disk: tests/testbed/test_market_testbed.py.
 
 One private libvirtd in a namespace (``one_host`` of tests/kit/vm_lab.py), QEMU TCG, the
 ``run`` recipe's kernel and initramfs. The image is packed here from a root folder holding
